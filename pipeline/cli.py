@@ -1,0 +1,223 @@
+"""The ``isostack`` command line (also ``python -m pipeline``).
+
+Each command exits 0 on success; on failure it prints one paragraph naming the
+cause and the fix and exits non-zero. Heavy imports (torch, Ray) happen inside
+the commands that need them, so `validate` and friends answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.errors import IsostackError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="a YAML file or a preset name (default: norb-synthetic)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.epochs=3 --set stack.m2.train.lr=1e-4")
+    p.add_argument("--store", default=None, help="store root URI (local path, s3://, gs://); overrides store.uri")
+
+
+def _add_run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id (under --store) or the path/URI of the run's folder")
+    p.add_argument("--store", default=None, help="store root the run lives under (default ./isostack-runs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="isostack", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="validate, ingest, train every module on its own Ray actor, evaluate and export")
+    _add_config_args(p)
+    p.add_argument("--run-id", default=None, help="name of the run's folder (default: <name>-<timestamp>)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local instance)")
+    p.add_argument("--no-final-stage", action="store_true", help="stop after training (evaluate/export later)")
+
+    p = sub.add_parser("validate", help="build the plan and report every problem of a config at once")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("ingest", help="write the dataset into the store as the input stage")
+    _add_config_args(p)
+    p.add_argument("--run-id", default=None, help="run folder to ingest into")
+
+    p = sub.add_parser("status", help="each module's state, versions, lineage and staleness")
+    _add_run_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("retrain", help="re-train one module from its upstream's final version")
+    _add_run_arg(p)
+    p.add_argument("--module", required=True, help="name of the module to re-train")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override keys of this module (stack.NAME.*) or train.* for the retrain")
+    p.add_argument("--address", default=None, help="Ray address")
+
+    p = sub.add_parser("resume", help="continue an interrupted run from the store")
+    _add_run_arg(p)
+    p.add_argument("--address", default=None, help="Ray address")
+
+    for name, text in (("evaluate", "re-run the final stage's classifiers and pose metrics"),
+                       ("export", "re-write embeddings, pose exports, plots, report and the composed model")):
+        p = sub.add_parser(name, help=text)
+        _add_run_arg(p)
+
+    p = sub.add_parser("embed", help="embed new images with a run's composed encoder")
+    _add_run_arg(p)
+    p.add_argument("input", help="a .npy of images (N, H, W) / (N, C, H, W) or an image folder")
+    p.add_argument("--out", default=None, help="output Parquet file (default: <input stem>.embeddings.parquet)")
+
+    p = sub.add_parser("verify", help="check every committed version's checksums; list orphan files")
+    _add_run_arg(p)
+
+    p = sub.add_parser("gc", help="delete orphan files (uncommitted versions, temp files) and apply retention")
+    _add_run_arg(p)
+
+    sub.add_parser("presets", help="list the packaged presets")
+    sub.add_parser("schema", help="print the config's JSON Schema")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = globals()[f"cmd_{args.command}"]
+    try:
+        return handler(args) or 0
+    except IsostackError as exc:
+        print(f"isostack {args.command}: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"isostack {args.command}: interrupted; checkpoints and committed versions are kept "
+              "(continue with `isostack resume RUN`)", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_presets(args) -> int:
+    from pipeline.config import DEFAULT_PRESET, preset_description, preset_names
+
+    for name in preset_names():
+        mark = " (default)" if name == DEFAULT_PRESET else ""
+        print(f"{name:<16}{preset_description(name)}{mark}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from schemas.config import RunConfig
+
+    print(json.dumps(RunConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.plan import build_plan, describe
+
+    cfg = load_config(args.config, args.overrides, args.store)
+    plan = build_plan(cfg)
+    print(plan.model_dump_json(indent=2) if args.json else describe(plan, cfg))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.driver import prepare_run
+
+    cfg = load_config(args.config, args.overrides, args.store)
+    store, _, manifest = prepare_run(cfg, args.run_id)
+    print(f"ingested {manifest.rows} samples {manifest.splits} as input/v{manifest.version:04d} in {store.root_uri}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.driver import run
+
+    cfg = load_config(args.config, args.overrides, args.store)
+    return run(cfg, run_id=args.run_id, address=args.address, final_stage=not args.no_final_stage)
+
+
+def cmd_status(args) -> int:
+    from pipeline.driver import status_report
+    from pipeline.runs import open_run
+
+    store, info = open_run(args.run, args.store)
+    report = status_report(store, info)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"run {info['run_id']}: {report['status']}  ({store.root_uri})")
+        for name, m in report["modules"].items():
+            stale = "  STALE" if m["stale"] else ""
+            print(f"  {name:<10}{m['state']:<18}versions {m['versions']}  final v{m['final_version'] or '-'}"
+                  f"  upstream {m['upstream_version'] or '-'}  node {m.get('node') or '-'}{stale}")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from pipeline.driver import retrain
+
+    return retrain(args.run, args.module, store_uri=args.store, overrides=args.overrides, address=args.address)
+
+
+def cmd_resume(args) -> int:
+    from pipeline.driver import resume
+
+    return resume(args.run, store_uri=args.store, address=args.address)
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.final import evaluate_run
+
+    return evaluate_run(args.run, store_uri=args.store)
+
+
+def cmd_export(args) -> int:
+    from pipeline.final import export_run
+
+    return export_run(args.run, store_uri=args.store)
+
+
+def cmd_embed(args) -> int:
+    from pipeline.final import embed_command
+
+    return embed_command(args.run, args.input, out=args.out, store_uri=args.store)
+
+
+def cmd_verify(args) -> int:
+    from pipeline.runs import open_run
+
+    store, _ = open_run(args.run, args.store)
+    problems = store.verify()
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) in {store.root_uri}; orphan files are removed by `isostack gc {args.run}`",
+              file=sys.stderr)
+        return 1
+    print(f"ok: every committed version of {store.root_uri} matches its manifest; no orphan files")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from pipeline.runs import open_run, run_config
+
+    store, info = open_run(args.run, args.store)
+    removed = store.gc()
+    keep = run_config(info).schedule.keep_versions
+    dropped = {}
+    for stage in store.stages():
+        pinned = {int(v) for v in info.get("pinned", {}).get(stage, [])}
+        gone = store.apply_retention(stage, keep, pinned)
+        if gone:
+            dropped[stage] = gone
+    print(f"removed {len(removed)} orphan path(s); retention dropped {dropped or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The plan: shapes inferred through the stack and every check that can run before Ray.
+
+``build_plan`` reports ALL problems at once as a ``ConfigError``, each naming
+its key path. It imports torch (for shape inference on the meta device) but
+never Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from pipeline.data import capabilities
+from pipeline.errors import ConfigError
+from pipeline.modules import ShapeError, infer_shape
+from pipeline.pairing import PAIRING_NEEDS
+from schemas.config import RunConfig
+
+# Datasets whose size the plan can state without loading them.
+_KNOWN_SIZES = {"digits": 1797, "cifar10": 60000, "stl10": 13000}
+_NEEDS_PATH = {"smallnorb", "image_folder", "cifar10", "stl10"}
+_CODEC_BYTES = {"float16": 2, "float32": 4}
+
+
+class ModulePlan(BaseModel):
+    name: str = Field(description="Module name (its stage in the store).")
+    index: int = Field(description="Position in the stack, 0 = bottom.")
+    upstream: str = Field(description="Stage this module reads: 'input' or the module below.")
+    in_shape: list[int] = Field(description="Per-sample input shape.")
+    out_shape: list[int] = Field(description="Per-sample output shape (what it publishes).")
+    params: int = Field(description="Trainable parameters of the module (objective heads excluded).")
+    objective: str = Field(description="Local loss.")
+    pairing: str | None = Field(description="Positive pairing used by the loss.")
+    epochs: int = Field(description="Training epochs (settle epochs come on top).")
+    batch_size: int = Field(description="Samples per step.")
+    lr: float = Field(description="Adam learning rate.")
+    bytes_per_version: int | None = Field(description="Estimated bytes of one full version of its activations.")
+
+
+class RunPlan(BaseModel):
+    dataset: str = Field(description="Dataset kind.")
+    input_shape: list[int] = Field(description="Per-sample image shape (C, H, W).")
+    num_classes: int | None = Field(description="Classes of the dataset, where known.")
+    rows: int | None = Field(description="Estimated samples (train + test), where known without loading.")
+    modules: list[ModulePlan] = Field(description="The stack, bottom to top.")
+
+    def module(self, name: str) -> ModulePlan:
+        return next(m for m in self.modules if m.name == name)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+
+def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool | None = None) -> RunPlan:
+    """Infer every module's shapes and check the config; ConfigError lists every problem."""
+    problems: list[tuple[str, str]] = []
+    ds = cfg.dataset
+    caps = capabilities(ds.kind)
+    problems += _dataset_problems(cfg, caps, check_paths)
+
+    shape: tuple[int, ...] = (ds.channels, ds.image_size, ds.image_size)
+    input_shape = shape
+    rows = estimate_rows(cfg)
+    modules: list[ModulePlan] = []
+    upstream = "input"
+    for index, (name, mod) in enumerate(cfg.stack.items()):
+        key = f"stack.{name}"
+        train = cfg.module_train(name)
+        obj = mod.objective
+        if mod.patches is not None and index > 0:
+            problems.append((f"{key}.patches", "only the first module can cut images into patches"))
+        out_shape, params = None, 0
+        if shape is not None:
+            try:
+                out_shape, params = infer_shape(mod, shape)
+            except ShapeError as exc:
+                for layer_index, msg in exc.problems:
+                    where = f"{key}.layers[{layer_index}]" if layer_index is not None else key
+                    problems.append((where, f"{msg} (input to {name} is {_fmt(shape)})"))
+        pairing = getattr(obj, "pairing", None)
+        if obj.kind != "supervised_local" and pairing is not None:
+            problems += _pairing_problems(key, name, index, pairing, ds.kind, caps)
+        if out_shape is not None:
+            problems += _objective_problems(key, obj, out_shape, train.batch_size)
+        modules.append(ModulePlan(
+            name=name, index=index, upstream=upstream, in_shape=list(shape or ()), out_shape=list(out_shape or ()),
+            params=params, objective=obj.kind, pairing=pairing if obj.kind != "supervised_local" else None,
+            epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
+            bytes_per_version=(rows * math.prod(out_shape) * _CODEC_BYTES[cfg.store.codec]) if rows and out_shape else None,
+        ))
+        shape, upstream = out_shape, name
+
+    problems += _resource_problems(cfg, local_cluster)
+    if problems:
+        raise ConfigError(problems)
+    return RunPlan(dataset=ds.kind, input_shape=list(input_shape), num_classes=caps.num_classes, rows=rows, modules=modules)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _dataset_problems(cfg: RunConfig, caps, check_paths: bool) -> list[tuple[str, str]]:
+    ds, out = cfg.dataset, []
+    if ds.kind in _NEEDS_PATH:
+        if not ds.path:
+            out.append(("dataset.path", f"dataset {ds.kind!r} reads local files and needs dataset.path "
+                                        f"(e.g. --set dataset.path=/data/{ds.kind})"))
+        elif check_paths and "://" not in ds.path and not Path(ds.path).expanduser().is_dir():
+            out.append(("dataset.path", f"{ds.path!r} is not a directory; dataset {ds.kind!r} expects its files there"))
+    if ds.split == "lighting" and not caps.has_lighting:
+        out.append(("dataset.split", f"'lighting' needs lighting metadata, which dataset {ds.kind!r} lacks; use 'instances'"))
+    norb_like = caps.has_pose
+    for key, values, top in (("instances", ds.instances, 9), ("azimuths", ds.azimuths, 17),
+                             ("elevations", ds.elevations, 8), ("lightings", ds.lightings, 5)):
+        if values is None:
+            continue
+        if key == "instances" and not caps.has_instance or key != "instances" and not norb_like:
+            out.append((f"dataset.{key}", f"dataset {ds.kind!r} has no {key}; remove the key"))
+        elif any(v < 0 or v > top for v in values) or not values:
+            out.append((f"dataset.{key}", f"indices must be within 0..{top}, found {values}"))
+    if ds.categories is not None and caps.num_classes is not None:
+        bad = [c for c in ds.categories if c < 0 or c >= caps.num_classes]
+        if bad or not ds.categories:
+            out.append(("dataset.categories", f"labels must be within 0..{caps.num_classes - 1}, found {ds.categories}"))
+    if ds.kind in {"synthetic_norb", "smallnorb"} and ds.split == "instances" and ds.instances is not None:
+        train_ids, test_ids = {4, 6, 7, 8, 9}, {0, 1, 2, 3, 5}
+        if not set(ds.instances) & train_ids or not set(ds.instances) & test_ids:
+            out.append(("dataset.instances", f"{ds.instances} leaves a split empty under split 'instances' "
+                                             "(train 4,6,7,8,9; test 0,1,2,3,5); keep one of each or use split 'lighting'"))
+    if ds.split == "lighting" and ds.lightings is not None:
+        if not set(ds.lightings) & {0, 2, 4} or not set(ds.lightings) & {1, 3, 5}:
+            out.append(("dataset.lightings", f"{ds.lightings} leaves a split empty under split 'lighting' "
+                                             "(train 0,2,4; test 1,3,5)"))
+    return out
+
+
+def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, str]]:
+    have = {"label"}
+    if caps.has_instance:
+        have.add("instance")
+    if caps.has_pose:
+        have |= {"azimuth", "elevation"}
+    missing = sorted(PAIRING_NEEDS[pairing] - have)
+    out = []
+    if missing:
+        out.append((f"{key}.objective.pairing",
+                    f"{pairing!r} needs {' and '.join(missing)}, which dataset {kind!r} lacks; "
+                    "use 'augment' (first module) or 'patch_grid'"))
+    if pairing == "augment" and index > 0:
+        out.append((f"{key}.objective.pairing",
+                    f"'augment' makes two views of an image, so only the first module can use it ({name} is module {index + 1})"))
+    return out
+
+
+def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]]:
+    out = []
+    pooled = out_shape[-3] if len(out_shape) >= 3 else out_shape[0]
+    spatial = len(out_shape) >= 3
+    if obj.kind == "infonce_grid":
+        if not spatial:
+            out.append((f"{key}.objective.kind", f"'infonce_grid' needs a grid (patches or a feature map), "
+                                                 f"but the module outputs {_fmt(out_shape)}"))
+        else:
+            rows = math.isqrt(out_shape[0]) if len(out_shape) == 4 else out_shape[-2]
+            if rows < 3:
+                out.append((f"{key}.objective.steps", f"the grid has {rows} rows; predicting rows below needs at least 3"))
+    if getattr(obj, "pairing", None) == "patch_grid" and obj.kind != "infonce_grid" and not spatial:
+        out.append((f"{key}.objective.pairing", f"'patch_grid' pairs positions of a feature map, "
+                                                f"but the module outputs a vector {_fmt(out_shape)}"))
+    if obj.kind == "sfa":
+        width = obj.projection_dim or pooled
+        if batch_size <= width:
+            out.append((f"{key}.train.batch_size", f"SFA whitens each batch, so the batch ({batch_size}) must exceed "
+                                                   f"the output width ({width})"))
+    return out
+
+
+def _resource_problems(cfg: RunConfig, local_cluster: bool | None) -> list[tuple[str, str]]:
+    res, out = cfg.resources, []
+    gpus = res.gpus_per_module
+    if isinstance(gpus, float) and gpus > 1 and not gpus.is_integer():
+        out.append(("resources.gpus_per_module", f"above 1 a module needs whole GPUs, found {gpus}"))
+    if local_cluster is None:
+        local_cluster = not (res.address or os.environ.get("RAY_ADDRESS"))
+    if local_cluster and isinstance(gpus, float) and gpus > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        need = gpus if cfg.schedule.mode == "sequential" else gpus * len(cfg.stack)
+        if have < need:
+            out.append(("resources.gpus_per_module",
+                        f"{gpus} GPU(s) per module for {len(cfg.stack)} module(s) needs {need:g} GPUs, this machine has {have}; "
+                        "use 'auto' (CPU when there is no GPU) or pass a cluster address"))
+    return out
+
+
+def estimate_rows(cfg: RunConfig) -> int | None:
+    """Samples the dataset will have, when known without loading it."""
+    ds = cfg.dataset
+    if ds.kind in {"synthetic_norb", "smallnorb"}:
+        count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731
+        rows = (count(ds.categories, 5) * count(ds.instances, 10) * count(ds.azimuths, 18)
+                * count(ds.elevations, 9) * count(ds.lightings, 6))
+    else:
+        rows = _KNOWN_SIZES.get(ds.kind)
+    if rows is not None and ds.max_per_split is not None:
+        rows = min(rows, 2 * ds.max_per_split)
+    return rows
+
+
+def describe(plan: RunPlan, cfg: RunConfig) -> str:
+    """A one-screen summary of the plan for `isostack validate`."""
+    lines = [f"dataset {plan.dataset}: input {_fmt(plan.input_shape)}, "
+             f"{plan.rows if plan.rows is not None else 'unknown'} samples, {plan.num_classes or '?'} classes",
+             f"schedule {cfg.schedule.mode}, publish every {cfg.schedule.publish_every} epoch(s), "
+             f"store {cfg.store.uri} ({cfg.store.codec})",
+             f"{'module':<10}{'reads':<10}{'in':<18}{'out':<18}{'params':>10}  {'objective':<26}{'epochs':>7}{'batch':>7}"
+             f"{'MB/version':>12}"]
+    total = 0
+    for m in plan.modules:
+        mb = f"{m.bytes_per_version / 1e6:,.1f}" if m.bytes_per_version is not None else "?"
+        total += m.bytes_per_version or 0
+        objective = f"{m.objective}/{m.pairing}" if m.pairing else m.objective
+        lines.append(f"{m.name:<10}{m.upstream:<10}{_fmt(m.in_shape):<18}{_fmt(m.out_shape):<18}{m.params:>10,}  "
+                     f"{objective:<26}{m.epochs:>7}{m.batch_size:>7}{mb:>12}")
+    lines.append(f"all modules: {sum(m.params for m in plan.modules):,} parameters, "
+                 f"{total / 1e6:,.1f} MB per full set of versions")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Run directories: ids, ``run.json`` and resolving ``RUN`` arguments of the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+
+from pipeline.errors import RunError
+from pipeline.store import Store
+from schemas.config import RunConfig
+
+DEFAULT_STORE = "./isostack-runs"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id(name: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{name}-{stamp}"
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id):
+        raise RunError(f"run id {run_id!r} is not a plain name", "use letters, digits, '.', '_' or '-' (at most 128)")
+    return run_id
+
+
+def split_run(run: str, store: str | None) -> tuple[str, str]:
+    """``RUN`` is a run id (under --store) or a path/URI of the run's folder."""
+    run = run.rstrip("/")
+    if "/" in run or "://" in run:
+        uri, _, run_id = run.rpartition("/")
+        if store is not None and os.path.abspath(store) != os.path.abspath(uri) and "://" not in run:
+            raise RunError(f"RUN {run!r} lies outside --store {store!r}", "pass either a run id with --store, or the run's path alone")
+        return uri or "/", check_run_id(run_id)
+    return store or os.environ.get("ISOSTACK_STORE", DEFAULT_STORE), check_run_id(run)
+
+
+def open_run(run: str, store: str | None = None) -> tuple[Store, dict]:
+    """The store of an existing run and its ``run.json``; RunError when there is none."""
+    uri, run_id = split_run(run, store)
+    st = Store(uri, run_id)
+    info = st.read_json("run.json")
+    if info is None:
+        raise RunError(f"no run {run_id!r} under store {uri!r} (no run.json at {st.root_uri}/run.json)",
+                       "check the run id with `ls` of the store, or pass --store with the store the run was started on")
+    if info.get("run_id") != run_id:
+        raise RunError(f"{st.root_uri}/run.json belongs to run {info.get('run_id')!r}, not {run_id!r}",
+                       "the store folder was copied or renamed; pass the run's own folder")
+    return st, info
+
+
+def run_config(info: dict) -> RunConfig:
+    return RunConfig.model_validate(info["config"])

@@ -1,0 +1,243 @@
+"""The run configuration: every key a user can write in YAML or address with ``--set``.
+
+Pydantic models only (no logic beyond validation). ``extra="forbid"`` everywhere
+so a misspelt key is an error that names its path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DatasetKind = Literal["synthetic_norb", "smallnorb", "digits", "image_folder", "cifar10", "stl10"]
+PairingKind = Literal["same_instance", "neighbor_pose", "patch_grid", "augment"]
+
+
+class DatasetConfig(Strict):
+    kind: DatasetKind = Field("synthetic_norb", description="Which dataset adapter to use.")
+    path: str | None = Field(
+        None, description="Directory holding the dataset files (smallnorb, image_folder, cifar10, stl10). Never downloaded."
+    )
+    image_size: int = Field(32, ge=4, le=512, description="Images are resized to image_size x image_size pixels.")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB (datasets that only have gray are repeated).")
+    categories: list[int] | None = Field(None, description="Subset of class labels to keep (null = all).")
+    instances: list[int] | None = Field(None, description="Subset of object instances to keep (NORB-like datasets; null = all).")
+    split: Literal["instances", "lighting"] = Field(
+        "instances",
+        description="'instances': the dataset's own train/test split (small-NORB: train instances 4,6,7,8,9, test 0,1,2,3,5); "
+        "'lighting': train on lightings 0,2,4 and test on 1,3,5.",
+    )
+    azimuths: list[int] | None = Field(None, description="Subset of azimuth indices 0..17 (20 degree steps) to keep; null = all.")
+    elevations: list[int] | None = Field(None, description="Subset of elevation indices 0..8 (30 + 5*i degrees) to keep; null = all.")
+    lightings: list[int] | None = Field(None, description="Subset of lighting indices 0..5 to keep; null = all.")
+    max_per_split: int | None = Field(None, ge=1, description="Keep at most this many samples per split (a deterministic subset).")
+    seed: int = Field(0, description="Seed of the procedural renderer and of subset choices.")
+    cache_dir: str | None = Field(
+        None, description="Where rendered synthetic data is cached (default: ~/.cache/isostack or $ISOSTACK_CACHE)."
+    )
+
+
+# ---------------------------------------------------------------- layers
+
+
+class ConvLayer(Strict):
+    type: Literal["conv"] = "conv"
+    channels: int = Field(..., ge=1, description="Output channels.")
+    kernel: int = Field(5, ge=1, description="Kernel size (the seed thesis uses 5x5).")
+    stride: int = Field(1, ge=1, description="Stride.")
+    padding: int | Literal["same"] = Field("same", description="Zero padding in pixels, or 'same' (kernel // 2).")
+    activation: Literal["relu", "none"] = Field("relu", description="Non-linearity after the convolution.")
+
+
+class PoolLayer(Strict):
+    type: Literal["maxpool", "avgpool"] = Field(..., description="Max or average pooling.")
+    kernel: int = Field(2, ge=1, description="Window size.")
+    stride: int | None = Field(None, description="Stride (default: the window size).")
+
+
+class GlobalPoolLayer(Strict):
+    type: Literal["global_pool"] = "global_pool"
+    mode: Literal["avg", "max"] = Field("avg", description="Pool every spatial position into one vector per sample.")
+
+
+class FlattenLayer(Strict):
+    type: Literal["flatten"] = "flatten"
+
+
+class LinearLayer(Strict):
+    type: Literal["linear"] = "linear"
+    features: int = Field(..., ge=1, description="Output features (e.g. 3 for a 3-D pose embedding).")
+    activation: Literal["relu", "none"] = Field("none", description="Non-linearity after the layer.")
+
+
+class ResNetStage(Strict):
+    type: Literal["resnet_stage"] = "resnet_stage"
+    block: Literal["basic", "bottleneck"] = Field("bottleneck", description="Pre-activation block type, no batch norm (as in GIM).")
+    channels: int = Field(..., ge=1, description="Width of the stage (bottleneck output is 4x this).")
+    blocks: int = Field(..., ge=1, description="Number of residual blocks.")
+    stride: int = Field(1, ge=1, description="Stride of the first block.")
+
+
+class StemLayer(Strict):
+    type: Literal["stem"] = "stem"
+    channels: int = Field(64, ge=1, description="Output channels of the 3x3 stem convolution of a pre-activation ResNet.")
+
+
+Layer = Annotated[
+    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer],
+    Field(discriminator="type"),
+]
+
+
+# ---------------------------------------------------------------- objectives
+
+
+class _ObjectiveBase(Strict):
+    pairing: PairingKind = Field("same_instance", description="Where the positive x+ of each sample comes from.")
+    projection_dim: int | None = Field(
+        None, ge=1, description="Width of a projection head used only by the loss (discarded after training); null = none."
+    )
+
+
+class InfoNCEPair(_ObjectiveBase):
+    kind: Literal["infonce_pair"] = "infonce_pair"
+    temperature: float = Field(0.1, gt=0, description="Softmax temperature of the scores.")
+    bilinear: bool = Field(False, description="Score pairs with a learned bilinear W (z^T W z+) instead of cosine similarity.")
+
+
+class InfoNCEGrid(_ObjectiveBase):
+    kind: Literal["infonce_grid"] = "infonce_grid"
+    pairing: Literal["patch_grid"] = Field("patch_grid", description="The grid objective always pairs within the image.")
+    steps: int = Field(5, ge=1, description="Prediction steps k = 1..steps (rows below).")
+    negatives: int = Field(16, ge=1, description="Negatives per positive, drawn from all positions and images of the batch.")
+
+
+class SFA(_ObjectiveBase):
+    kind: Literal["sfa"] = "sfa"
+    eps: float = Field(1e-3, gt=0, description="Ridge added to the batch covariance before its Cholesky factor.")
+
+
+class VInfoNCE(_ObjectiveBase):
+    kind: Literal["vinfonce"] = "vinfonce"
+    temperature: float = Field(0.1, gt=0, description="Softmax temperature of the InfoNCE scores on z.")
+    kl_weight: float = Field(1e-3, ge=0, description="lambda: weight of KL(q(z|x) || N(0, I)).")
+    latent_dim: int | None = Field(None, ge=1, description="Width of z (default: the module's output features).")
+
+
+class SupervisedLocal(_ObjectiveBase):
+    kind: Literal["supervised_local"] = "supervised_local"
+    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
+        None, description="Unused: the supervised baseline needs labels, not pairs."
+    )
+
+
+Objective = Annotated[
+    Union[InfoNCEPair, InfoNCEGrid, SFA, VInfoNCE, SupervisedLocal],
+    Field(discriminator="kind"),
+]
+
+
+# ---------------------------------------------------------------- training
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(4, ge=1, description="Epochs per module (the final settle epochs come on top).")
+    batch_size: int = Field(64, ge=2, description="Samples per step.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    seed: int = Field(0, description="Seed of weights, pairing and shuffling.")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch (null = a full pass).")
+
+
+class TrainOverrides(Strict):
+    epochs: int | None = Field(None, ge=1, description="Overrides train.epochs for this module.")
+    batch_size: int | None = Field(None, ge=2, description="Overrides train.batch_size for this module.")
+    lr: float | None = Field(None, gt=0, description="Overrides train.lr for this module.")
+    weight_decay: float | None = Field(None, ge=0, description="Overrides train.weight_decay for this module.")
+    seed: int | None = Field(None, description="Overrides train.seed for this module.")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Overrides train.max_steps_per_epoch for this module.")
+
+
+class PatchConfig(Strict):
+    size: int = Field(16, ge=2, description="Patch side in pixels.")
+    stride: int = Field(8, ge=1, description="Step between patches (16 with stride 8 on 64x64 gives the 7x7 GIM grid).")
+
+
+class ModuleConfig(Strict):
+    layers: list[Layer] = Field(..., min_length=1, description="The module's layers, applied in order.")
+    objective: Objective = Field(default_factory=InfoNCEPair, description="The module's local loss.")
+    train: TrainOverrides = Field(default_factory=TrainOverrides, description="Per-module overrides of the train defaults.")
+    patches: PatchConfig | None = Field(
+        None, description="First module only: cut each image into a grid of overlapping patches, each encoded separately (GIM)."
+    )
+
+
+class ScheduleConfig(Strict):
+    mode: Literal["async", "sequential"] = Field("async", description="async: all modules at once; sequential: greedy, one after another.")
+    publish_every: int = Field(1, ge=1, description="Commit a new version of a module's activations every N epochs.")
+    publish_fraction: float = Field(
+        1.0, gt=0, le=1, description="Intermediate versions cover this random fraction of samples (final versions cover all)."
+    )
+    settle_epochs: int = Field(1, ge=0, description="Epochs trained on the upstream's final version before a module's own final.")
+    poll_seconds: float = Field(0.5, gt=0, description="How often a waiting module looks for a new upstream version.")
+    keep_versions: int = Field(3, ge=1, description="Retention: newest N versions per stage kept (plus final and pinned ones).")
+
+
+class ResourcesConfig(Strict):
+    gpus_per_module: float | Literal["auto"] = Field(
+        "auto", description="GPUs per module actor (fractions allowed); 'auto' = 1 when the cluster has GPUs, else 0."
+    )
+    cpus_per_module: int = Field(1, ge=1, description="CPUs (torch threads) per module actor.")
+    placement: Literal["none", "spread", "pack"] = Field("none", description="Placement group strategy for the module actors.")
+    max_restarts: int = Field(3, ge=0, description="How often Ray restarts a crashed module actor (it resumes from its checkpoint).")
+    address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a new local instance.")
+
+
+class EvaluateConfig(Strict):
+    per_module: bool = Field(False, description="Also evaluate every module's final activations (accuracy by depth).")
+    knn_k: int = Field(5, ge=1, description="Neighbours for the kNN classifier and kNN pose regression.")
+    linear_probe_epochs: int = Field(100, ge=1, description="Iterations of the logistic-regression probe.")
+    baselines: bool = Field(True, description="Also score raw pixels as the baseline row.")
+
+
+class ExportConfig(Strict):
+    plots: bool = Field(True, description="Write PNG plots.")
+    report: bool = Field(True, description="Write report.html.")
+    model: bool = Field(True, description="Write the composed encoder to model/.")
+
+
+class StoreConfig(Strict):
+    uri: str = Field("./isostack-runs", description="Store root: a local path or an s3://, gs://, hdfs:// URI.")
+    codec: Literal["float16", "float32"] = Field("float16", description="How activation tensors are stored.")
+    rows_per_shard: int = Field(4096, ge=1, description="Rows per Parquet shard.")
+
+
+class RunConfig(Strict):
+    name: str = Field("run", description="A label for the run (the run id defaults to name + timestamp).")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="What data to train on.")
+    stack: dict[str, ModuleConfig] = Field(..., min_length=1, description="The modules, bottom to top, by name.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training defaults for every module.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How modules are scheduled and publish.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each module actor asks Ray for.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="The final stage's classifiers.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="What the final stage writes.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="Where activations, checkpoints and results go.")
+
+    @field_validator("stack")
+    @classmethod
+    def _names_are_identifiers(cls, stack: dict[str, ModuleConfig]) -> dict[str, ModuleConfig]:
+        for name in stack:
+            if not name.replace("_", "").replace("-", "").isalnum() or name in {"input", "model"}:
+                raise ValueError(f"module name {name!r} must be letters, digits, '_' or '-', and not 'input' or 'model'")
+        return stack
+
+    def module_train(self, name: str) -> TrainConfig:
+        """The effective train settings of one module (defaults + its overrides)."""
+        overrides = self.stack[name].train.model_dump(exclude_none=True)
+        return self.train.model_copy(update=overrides)
