@@ -22,9 +22,10 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/isostack run $(PRESET) $(ARGS)
 
-# pytest exits 5 when it collected nothing; that is a failure of the suite, not a pass.
+# pytest exits 5 when it collected nothing: say so plainly and fail, a suite that ran no test proves nothing.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): the suite is missing" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -1,0 +1,206 @@
+"""Writing one version of a stage: stream rows in, shards out, manifest last."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.errors import StoreError
+from pipeline.store.codec import Codec, as_tensor, get_codec
+from pipeline.store.columns import META_COLUMNS, TENSOR_COLUMN, conform_meta, shard_schema
+from pipeline.store.fs import RunFS
+from schemas.manifest import Manifest, ShardEntry
+
+MANIFEST = "_MANIFEST.json"
+
+# Parquet options: the tensor column is incompressible and unique per row, so
+# dictionaries, statistics and compression would only cost time there. Large
+# pages keep the per-page overhead small next to ~100 KB rows.
+_WRITE_OPTIONS: dict[str, Any] = dict(
+    compression={**{c: "zstd" for c in META_COLUMNS}, TENSOR_COLUMN: "none"},
+    use_dictionary=["split"],
+    write_statistics=["sample_id"],
+    data_page_size=8 << 20,
+)
+
+
+def version_dir(stage: str, version: int) -> str:
+    return f"store/{stage}/v{version:04d}"
+
+
+class VersionWriter:
+    """Streams ``(meta, tensor)`` batches into shards of ``rows_per_shard`` rows.
+
+    Nothing is visible to readers until ``commit`` writes the manifest. A
+    writer that dies leaves only shard files nobody lists (``Store.orphans``).
+    """
+
+    def __init__(self, fs: RunFS, stage: str, version: int, *, codec: str, final: bool,
+                 producer: dict[str, Any] | None, upstream: dict[str, Any] | None,
+                 sample_fraction: float, rows_per_shard: int) -> None:
+        if rows_per_shard < 1:
+            raise StoreError(f"rows_per_shard={rows_per_shard} for stage {stage!r}", "pass rows_per_shard >= 1")
+        if not 0 < sample_fraction <= 1:
+            raise StoreError(f"sample_fraction={sample_fraction} for stage {stage!r}", "pass 0 < sample_fraction <= 1")
+        get_codec(codec, ())  # unknown codec names fail here, before any data moves
+        self.stage, self.version = stage, version
+        self.dir = version_dir(stage, version)
+        self._fs = fs
+        self._codec_name = codec
+        self._final = final
+        self._producer = dict(producer or {})
+        self._upstream = dict(upstream) if upstream is not None else None
+        self._sample_fraction = sample_fraction
+        self._rows_per_shard = rows_per_shard
+        self._codec: Codec | None = None
+        self._schema: pa.Schema | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._shards: list[ShardEntry] = []
+        self._written: list[str] = []  # relpaths, including ones that may be half written
+        self._ids: list[np.ndarray] = []
+        self._splits: dict[str, int] = {}
+        self._state = "open"
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self._shards) + self._pending_rows
+
+    def write(self, meta: pa.Table | Mapping[str, Any], tensor: torch.Tensor | np.ndarray) -> None:
+        """Append rows: ``meta`` (N rows of metadata columns), ``tensor: (N, *shape)``."""
+        self._check_open("write to")
+        x = as_tensor(tensor)
+        if x.dim() < 1:
+            raise StoreError(f"stage {self.stage!r}: a tensor of shape {tuple(x.shape)} has no row dimension",
+                             "pass a tensor shaped (N, *shape)")
+        n = x.shape[0]
+        table = conform_meta(meta, n)
+        if self._codec is None:
+            self._codec = get_codec(self._codec_name, tuple(x.shape[1:]))
+        elif tuple(x.shape[1:]) != self._codec.shape:
+            raise StoreError(f"stage {self.stage!r} v{self.version}: rows of shape {tuple(x.shape[1:])} after rows of "
+                             f"shape {self._codec.shape}", "write tensors of one shape per version")
+        encoded = self._codec.encode(x)
+        if self._schema is None:
+            # After the first encode: codecs with learned parameters have fixed them now.
+            c = self._codec
+            self._schema = shard_schema(c.name, c.dtype, c.shape, c.row_bytes, c.params)
+        table = pa.Table.from_arrays(list(table.columns) + [encoded], schema=self._schema)
+        self._ids.append(table.column("sample_id").to_numpy())
+        for value, count in _value_counts(table.column("split")):
+            self._splits[value] = self._splits.get(value, 0) + count
+        # Fill the open shard. Rows that go into a shard now are written from the
+        # caller's memory. Rows left pending must not share it (the caller may
+        # reuse its tensor once write() returns): a tail of at least half a shard
+        # becomes a short shard at once, a smaller one is copied.
+        shared = _shares_memory(encoded, x)
+        start = 0
+        while start < n:
+            take = min(self._rows_per_shard - self._pending_rows, n - start)
+            piece = table.slice(start, take)
+            start += take
+            filled = self._pending_rows + take
+            if filled == self._rows_per_shard or (shared and 2 * filled >= self._rows_per_shard):
+                self._write_shard(pa.concat_tables(self._pending + [piece]))
+                self._pending, self._pending_rows = [], 0
+            else:
+                self._pending.append(_owned(piece) if shared else piece)
+                self._pending_rows = filled
+
+    def commit(self) -> Manifest:
+        """Write the remaining rows and then the manifest: the version now exists."""
+        self._check_open("commit")
+        if self._schema is None or self._codec is None:
+            raise StoreError(f"stage {self.stage!r} v{self.version} has no rows to commit",
+                             "call write() at least once before commit(), or abort() the version")
+        ids = np.concatenate(self._ids)
+        if len(np.unique(ids)) != len(ids):
+            self._state = "failed"
+            raise StoreError(f"stage {self.stage!r} v{self.version}: sample_id values repeat",
+                             "write each sample once per version; abort() this writer and begin a new version")
+        if self._pending_rows:
+            self._write_shard(pa.concat_tables(self._pending))
+            self._pending, self._pending_rows = [], 0
+        manifest = Manifest(
+            stage=self.stage, version=self.version, final=self._final,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(), codec=self._codec.name, dtype=self._codec.dtype,
+            shape=list(self._codec.shape), rows=len(ids), shards=list(self._shards), splits=dict(sorted(self._splits.items())),
+            sample_fraction=self._sample_fraction, producer=self._producer, upstream=self._upstream,
+            arrow_schema=self._schema.to_string(),
+        )
+        if self._fs.local:
+            self._fs.fsync_dir(self._fs.path(self.dir))  # the shard renames, before the commit
+        self._fs.write_atomic(f"{self.dir}/{MANIFEST}", json.dumps(manifest.model_dump(mode="json"), indent=1).encode())
+        self._state = "committed"
+        return manifest
+
+    def abort(self) -> None:
+        """Best effort: delete what this writer wrote; the version number stays used."""
+        if self._state == "committed":
+            return
+        self._state = "aborted"
+        self._pending, self._pending_rows = [], 0
+        for rel in self._written:
+            try:
+                self._fs.delete(rel)
+            except StoreError:
+                pass  # left for Store.gc(); it lists files no manifest names
+
+    def __enter__(self) -> "VersionWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An exception aborts; a clean exit without commit() is also an abort, never an implicit commit.
+        if self._state == "open":
+            self.abort()
+
+    # ------------------------------------------------------------ internals
+
+    def _check_open(self, action: str) -> None:
+        if self._state != "open":
+            raise StoreError(f"cannot {action} stage {self.stage!r} v{self.version}: the writer is {self._state}",
+                             "begin a new version with store.begin_version()")
+
+    def _write_shard(self, shard: pa.Table) -> None:
+        rows = shard.num_rows
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        rel = f"{self.dir}/{name}"
+        self._written.append(rel)
+        try:
+            with self._fs.write_stream(rel) as f:
+                pq.write_table(shard, f, row_group_size=max(rows, 1), **_WRITE_OPTIONS)
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._shards.append(ShardEntry(path=name, rows=rows, bytes=f.nbytes, sha256=f.hexdigest()))
+
+
+def _shares_memory(encoded: pa.FixedSizeBinaryArray, x: torch.Tensor) -> bool:
+    if x.device.type != "cpu":
+        return False
+    storage = x.untyped_storage()
+    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    buf = encoded.buffers()[1]
+    return buf.address < hi and buf.address + buf.size > lo
+
+
+def _owned(table: pa.Table) -> pa.Table:
+    """``table`` with its tensor column copied out of whatever memory it shares."""
+    col = table.column(TENSOR_COLUMN).combine_chunks()
+    width = col.type.byte_width
+    data = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * width, offset=col.offset * width).copy()
+    x = pa.FixedSizeBinaryArray.from_buffers(col.type, len(col), [None, pa.py_buffer(data)])
+    return table.set_column(table.schema.get_field_index(TENSOR_COLUMN), table.schema.field(TENSOR_COLUMN), x)
+
+
+def _value_counts(col: pa.ChunkedArray) -> list[tuple[str, int]]:
+    counts = pc.value_counts(col)
+    return [(v.as_py(), c.as_py()) for v, c in zip(counts.field("values"), counts.field("counts"))]
