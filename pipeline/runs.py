@@ -31,19 +31,26 @@ def check_run_id(run_id: str) -> str:
 
 def split_run(run: str, store: str | None) -> tuple[str, str]:
     """``RUN`` is a run id (under --store) or a path/URI of the run's folder."""
+    run, _, query = run.partition("?")  # s3://bucket/runs/ID?endpoint_override=... keeps its query on the root
     run = run.rstrip("/")
     if "/" in run or "://" in run:
         uri, _, run_id = run.rpartition("/")
+        uri = f"{uri}?{query}" if query else uri
         if store is not None and os.path.abspath(store) != os.path.abspath(uri) and "://" not in run:
             raise RunError(f"RUN {run!r} lies outside --store {store!r}", "pass either a run id with --store, or the run's path alone")
         return uri or "/", check_run_id(run_id)
     return store or os.environ.get("ISOSTACK_STORE", DEFAULT_STORE), check_run_id(run)
 
 
+def abs_uri(uri: str) -> str:
+    """A local store path made absolute: Ray workers do not share the driver's working directory."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def open_run(run: str, store: str | None = None) -> tuple[Store, dict]:
     """The store of an existing run and its ``run.json``; RunError when there is none."""
     uri, run_id = split_run(run, store)
-    st = Store(uri, run_id)
+    st = Store(abs_uri(uri), run_id, create=False)
     info = st.read_json("run.json")
     if info is None:
         raise RunError(f"no run {run_id!r} under store {uri!r} (no run.json at {st.root_uri}/run.json)",

@@ -1,0 +1,151 @@
+"""Classifiers on frozen embeddings: the final stage's accuracy numbers.
+
+Pure functions of numpy arrays (no store, no Ray). Four readings of one embedding:
+
+- ``nearest_centroid``: scikit-learn's ``NearestCentroid`` on the raw embedding, no scaling, as in
+  the seed thesis (GIM vs SFA), so the number is comparable with it. Also per-class accuracy and the
+  confusion matrix (rows = true label, columns = predicted, in the order of ``labels``).
+- ``linear_probe``: ``LogisticRegression`` on features standardised with the train split's mean and
+  std: GIM's linear evaluation of frozen features.
+- ``knn``: ``KNeighborsClassifier(k)`` on the raw embedding.
+- ``kmeans``: ``KMeans(#classes)`` on the test embeddings alone, scored after matching clusters to
+  labels (Hungarian): how much class structure the embedding has without any labels.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from pipeline.errors import DataError
+
+__all__ = ["classify", "cluster_accuracy"]
+
+
+def classify(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    knn_k: int = 5,
+    probe_iters: int = 100,
+    seed: int = 0,
+) -> dict:
+    """Score one embedding with four classifiers fit on the train split and scored on the test split.
+
+    train_x: (N, D), train_y: (N,), test_x: (M, D), test_y: (M,). Labels may be any sortable values.
+    Returns plain Python types (JSON-serialisable), accuracies as floats in [0, 1]::
+
+        {"nearest_centroid": {"train_accuracy", "test_accuracy", "per_class_accuracy": {str(label): acc},
+                              "confusion": [[int]], "labels": [label, ...]},
+         "linear_probe": {"train_accuracy", "test_accuracy"},
+         "knn": {"test_accuracy", "k"},
+         "kmeans": {"test_accuracy"}}
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import confusion_matrix
+    from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+
+    train_x, train_y = _check_xy(train_x, train_y, "train")
+    test_x, test_y = _check_xy(test_x, test_y, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise DataError(f"train embeddings have {train_x.shape[1]} columns but test embeddings {test_x.shape[1]}",
+                        "embed both splits with the same stage of the same run")
+    classes = np.unique(train_y)
+    if len(classes) < 2:
+        raise DataError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
+                        "select at least two categories (dataset.categories)")
+    labels = np.unique(np.concatenate([train_y, test_y]))
+
+    nc = NearestCentroid().fit(train_x, train_y)
+    nc_test = nc.predict(test_x)
+    confusion = confusion_matrix(test_y, nc_test, labels=labels)
+    per_class = {}
+    for label in np.unique(test_y):
+        mask = test_y == label
+        per_class[str(_plain(label))] = float(np.mean(nc_test[mask] == label))
+
+    # Standardise with train statistics only; constant columns keep scale 1 (no division by zero).
+    mean = train_x.mean(axis=0)
+    std = train_x.std(axis=0)
+    std[std == 0] = 1.0
+    train_s, test_s = (train_x - mean) / std, (test_x - mean) / std
+    probe = LogisticRegression(max_iter=probe_iters, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped number of iterations is the protocol
+        probe.fit(train_s, train_y)
+    probe_train, probe_test = probe.score(train_s, train_y), probe.score(test_s, test_y)
+    del train_s, test_s
+
+    k = int(min(knn_k, len(train_x)))
+    knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
+
+    n_clusters = int(min(len(np.unique(test_y)), len(test_x)))
+    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(test_x)
+
+    return {
+        "nearest_centroid": {
+            "train_accuracy": _accuracy(nc.predict(train_x), train_y),
+            "test_accuracy": _accuracy(nc_test, test_y),
+            "per_class_accuracy": per_class,
+            "confusion": confusion.astype(int).tolist(),
+            "labels": [_plain(v) for v in labels],
+        },
+        "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
+        "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
+        "kmeans": {"test_accuracy": cluster_accuracy(test_y, km.labels_)},
+    }
+
+
+def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Accuracy of cluster ids ``y_pred`` against labels ``y_true`` (both (N,)) under the best one-to-one map.
+
+    The map is the Hungarian assignment (``scipy.optimize.linear_sum_assignment``) on the
+    cluster x label contingency table; with more clusters than labels the extra clusters count as wrong.
+    """
+    y_true = np.asarray(y_true).reshape(-1)
+    y_pred = np.asarray(y_pred).reshape(-1)
+    if len(y_true) != len(y_pred):
+        raise DataError(f"cluster_accuracy got {len(y_true)} labels but {len(y_pred)} cluster ids",
+                        "pass one cluster id per labelled sample")
+    if len(y_true) == 0:
+        return 0.0
+    _, t = np.unique(y_true, return_inverse=True)
+    _, p = np.unique(y_pred, return_inverse=True)
+    table = np.zeros((p.max() + 1, t.max() + 1), dtype=np.int64)  # (clusters, labels)
+    np.add.at(table, (p, t), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / len(y_true))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_xy(x, y, split: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x)
+    y = np.asarray(y).reshape(-1)
+    if x.ndim != 2:
+        raise DataError(f"{split} embeddings have shape {x.shape}; expected (samples, features)",
+                        "pool or flatten each sample's activations into one vector first")
+    if len(x) == 0:
+        raise DataError(f"the {split} split is empty", "check dataset.split and the subset selected in the config")
+    if len(x) != len(y):
+        raise DataError(f"{split} split: {len(x)} embeddings but {len(y)} labels", "pass one label per embedding row")
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{split} embeddings contain NaN or inf",
+                        "a module diverged: lower its lr or re-train it (`isostack retrain RUN --module NAME`)")
+    return x, y
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(pred == y))
+
+
+def _plain(v):
+    """A numpy scalar as the Python scalar json can write."""
+    return v.item() if isinstance(v, np.generic) else v

@@ -1,0 +1,160 @@
+"""Feeding a trainer from a committed upstream version.
+
+The version is decoded once into one tensor (its stored dtype: uint8 pixels
+or float16 activations) and batches are gathered from it by index, cast to
+float32 on the trainer's device. A background thread prepares the next batch
+(gather, cast, pin) while the current one trains.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.pairing import partner_index
+from pipeline.store import Store
+from schemas.manifest import Manifest
+
+
+@dataclass
+class Upstream:
+    """One upstream version held in memory."""
+
+    manifest: Manifest
+    meta: "pa.Table"               # metadata columns, carried into published versions
+    x: torch.Tensor                # (N, *shape) uint8 or float16, as stored
+    sample_id: np.ndarray          # (N,)
+    split: np.ndarray              # (N,) "train" / "test"
+    label: np.ndarray              # (N,) int64, -1 where null
+    instance: np.ndarray
+    azimuth: np.ndarray            # float degrees, NaN where null
+    elevation: np.ndarray
+    lighting: np.ndarray
+
+    @property
+    def pixels(self) -> bool:
+        return self.x.dtype == torch.uint8
+
+    def train_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.split == "train")
+
+
+def _column(table, name: str, dtype, fill) -> np.ndarray:
+    col = table.column(name)
+    return np.asarray(col.fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def load_upstream(store: Store, stage: str, version: int) -> Upstream:
+    reader = store.read(stage, version)
+    meta = reader.meta
+    native = torch.uint8 if reader.manifest.codec == "uint8" else torch.float16
+    if reader.manifest.codec == "float32":
+        native = torch.float32
+    return Upstream(
+        manifest=reader.manifest,
+        meta=meta,
+        x=reader.tensor(dtype=native),
+        sample_id=_column(meta, "sample_id", np.int64, 0),
+        split=np.asarray(meta.column("split").to_pylist(), dtype=object),
+        label=_column(meta, "label", np.int64, -1),
+        instance=_column(meta, "instance", np.int64, -1),
+        azimuth=_column(meta, "azimuth", np.float64, np.nan),
+        elevation=_column(meta, "elevation", np.float64, np.nan),
+        lighting=_column(meta, "lighting", np.int64, -1),
+    )
+
+
+def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stored values -> float32 on ``device``; pixels scale to [0, 1]."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+@dataclass
+class TrainBatch:
+    x: torch.Tensor                # (B, *shape) float32 on device
+    x_pos: torch.Tensor | None     # positives, same shape, or None
+    labels: torch.Tensor           # (B,) long on device
+
+
+class PairedBatches:
+    """An epoch of shuffled train batches with their positives, prefetched one ahead.
+
+    ``pairing`` is a metadata pairing (same_instance, neighbor_pose) or None;
+    augment and patch_grid pairs are formed by the trainer from ``x`` alone.
+    """
+
+    def __init__(self, up: Upstream, *, batch_size: int, pairing: str | None, rng: np.random.Generator,
+                 device: torch.device, max_steps: int | None = None, prefetch: int = 2) -> None:
+        rows = up.train_rows()
+        order = rows[rng.permutation(len(rows))]
+        n_batches = len(order) // batch_size if len(order) >= batch_size else 1
+        if max_steps is not None:
+            n_batches = min(n_batches, max_steps)
+        self._batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+        self._partner = None
+        if pairing in ("same_instance", "neighbor_pose"):
+            # Partners come from the train rows only: test images never enter training.
+            local = partner_index(pairing, label=up.label[rows], instance=up.instance[rows], azimuth=up.azimuth[rows],
+                                  elevation=up.elevation[rows], lighting=up.lighting[rows], rng=rng)
+            self._partner = np.empty(len(up.label), dtype=np.int64)
+            self._partner[rows] = rows[local]
+        self._up, self._device, self._prefetch = up, device, prefetch
+        self._pin = device.type == "cuda"
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def _make(self, idx: np.ndarray) -> TrainBatch:
+        index = torch.from_numpy(idx)
+        x = self._up.x.index_select(0, index)
+        x_pos = self._up.x.index_select(0, torch.from_numpy(self._partner[idx])) if self._partner is not None else None
+        if self._pin:
+            x = x.pin_memory()
+            x_pos = x_pos.pin_memory() if x_pos is not None else None
+        labels = torch.from_numpy(self._up.label[idx]).to(self._device)
+        return TrainBatch(to_float(x, self._device), to_float(x_pos, self._device) if x_pos is not None else None, labels)
+
+    def __iter__(self):
+        q: queue.Queue = queue.Queue(maxsize=self._prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                for idx in self._batches:
+                    if stop.is_set():
+                        return
+                    q.put(self._make(idx))
+                q.put(done)
+            except BaseException as exc:  # surfaced in the consumer
+                q.put(exc)
+
+        thread = threading.Thread(target=produce, daemon=True, name="isostack-prefetch")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+
+def inference_chunks(up: Upstream, rows: np.ndarray, chunk: int):
+    """Row-index chunks in stored order for publishing (no shuffling: shards stay sorted)."""
+    for start in range(0, len(rows), chunk):
+        yield rows[start:start + chunk]

@@ -1,0 +1,84 @@
+"""The CLI's quick commands, in-process: presets, schema, validate and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import preset_names
+
+NEEDS_PATH = {"smallnorb", "stl10-gim"}
+
+
+def test_presets_lists_default(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "norb-synthetic" in out and "(default)" in out and "stl10-gim" in out
+
+
+def test_schema_is_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "stack" in schema["properties"] and "dataset" in schema["properties"]
+    assert schema["$defs"]["TrainConfig"]["properties"]["epochs"]["description"]
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_validates(preset, tmp_path, capsys):
+    args = ["validate", preset]
+    if preset in NEEDS_PATH:
+        args += ["--set", f"dataset.path={tmp_path}"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "module" in out and "params" in out
+
+
+def test_validate_prints_shapes_and_bytes(capsys):
+    assert main(["validate", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    m1 = plan["modules"][0]
+    assert m1["in_shape"] == [1, 32, 32] and m1["out_shape"][0] == 32 and m1["bytes_per_version"] > 0
+    assert [m["upstream"] for m in plan["modules"]] == ["input", "m1", "m2"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["validate", "--set", "train.epoch=3"], ["train.epoch", "did you mean 'epochs'"]),
+    (["validate", "--set", "train.epochs=three"], ["train.epochs", "valid integer"]),
+    (["validate", "nope-preset"], ["unknown preset 'nope-preset'"]),
+    (["validate", "--set", "stack.m7.train.lr=1"], ["no module 'm7'"]),
+    (["validate", "--set", "stack.m2.layers.0.kernel=40"], ["stack.m2.layers[0]", "input to m2 is (32, 16, 16)"]),
+    (["validate", "digits", "--set", "stack.m1.objective.pairing=same_instance"],
+     ["stack.m1.objective.pairing", "'same_instance' needs instance, which dataset 'digits' lacks"]),
+    (["validate", "digits", "--set", "stack.m2.objective.pairing=augment"], ["only the first module"]),
+    (["validate", "--set", "stack.m1.objective.kind=sfa", "--set", "stack.m1.objective.projection_dim=200"],
+     ["stack.m1.train.batch_size", "must exceed the output width (200)"]),
+    (["validate", "smallnorb"], ["dataset.path", "needs dataset.path"]),
+    (["validate", "smallnorb", "--set", "dataset.path=/no/such/dir"], ["'/no/such/dir' is not a directory"]),
+    (["validate", "digits", "--set", "dataset.split=lighting"], ["dataset.split", "lacks"]),
+    (["validate", "--set", "resources.gpus_per_module=2"], ["resources.gpus_per_module"]),
+])
+def test_bad_input_exits_nonzero_naming_cause(args, words, capsys):
+    if "resources.gpus_per_module=2" in args:
+        import torch
+
+        if torch.cuda.device_count() >= 6:
+            pytest.skip("this machine has enough GPUs")
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+    assert "fix:" in err
+
+
+def test_all_problems_at_once(capsys):
+    code = main(["validate", "digits", "--set", "stack.m1.objective.pairing=same_instance",
+                 "--set", "stack.m2.layers.0.kernel=40"])
+    err = capsys.readouterr().err
+    assert code != 0 and "stack.m1.objective.pairing" in err and "stack.m2.layers[0]" in err
+
+
+def test_status_of_missing_run(tmp_path, capsys):
+    assert main(["status", "nosuchrun", "--store", str(tmp_path)]) != 0
+    assert "no run 'nosuchrun'" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""The real CLI end to end on tiny data: run, status, retrain, resume after a killed driver, evaluate.
+
+Each `isostack` call is a subprocess that starts (and stops) its own local Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_NORB
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+TINY = TINY_NORB + ["train.epochs=2", "train.batch_size=32", "schedule.poll_seconds=0.1",
+                    "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16", "stack.m3.layers.0.channels=16"]
+
+
+def isostack(*args, timeout=420, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"isostack {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def tree_hashes(root: Path, *prefixes: str) -> dict[str, str]:
+    out = {}
+    for prefix in prefixes:
+        for path in sorted((root / prefix).rglob("*")):
+            if path.is_file():
+                out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    proc = isostack("run", *_sets(TINY), "--store", str(store), "--run-id", "e2e")
+    return store, store / "e2e", proc
+
+
+def test_run_trains_every_module_on_its_own_actor(finished_run):
+    store, root, proc = finished_run
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert list(summary["modules"]) == ["m1", "m2", "m3"]
+    for name, m in summary["modules"].items():
+        assert m["final_version"] >= 1 and m["epochs"] >= 2 and m["samples_per_second"] > 0
+        for key in ("final_loss", "train_seconds", "peak_memory_bytes", "started_at", "finished_at", "node"):
+            assert m[key] is not None, (name, key)
+    # Each module ran in its own actor process.
+    assert len({m["node"] for m in summary["modules"].values()}) == 3
+    # async: m2 started training before m1 was final (the windows overlap).
+    mods = summary["modules"]
+    assert mods["m2"]["started_at"] <= mods["m1"]["finished_at"]
+    assert "nearest centroid" in proc.stdout
+
+
+def test_status_json_reports_final_modules(finished_run):
+    store, root, _ = finished_run
+    report = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)
+    assert [m["state"] for m in report["modules"].values()] == ["final"] * 3
+    assert not any(m["stale"] for m in report["modules"].values())
+
+
+def test_verify_passes_on_a_finished_run(finished_run):
+    store, _, _ = finished_run
+    assert "ok" in isostack("verify", "e2e", "--store", str(store)).stdout
+
+
+def test_retrain_touches_only_its_module_and_marks_above_stale(finished_run):
+    store, root, _ = finished_run
+    before = tree_hashes(root, "store/m1", "store/m3", "store/input", "checkpoints/m1", "checkpoints/m3")
+    old_final = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)["modules"]["m2"]["final_version"]
+    isostack("retrain", "e2e", "--module", "m2", "--store", str(store))
+    after = tree_hashes(root, "store/m1", "store/m3", "store/input", "checkpoints/m1", "checkpoints/m3")
+    assert before == after
+    report = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)
+    assert report["modules"]["m2"]["final_version"] > old_final
+    assert report["modules"]["m3"]["stale"] and report["modules"]["m3"]["state"] == "stale"
+    assert not report["modules"]["m1"]["stale"]
+
+
+def test_unknown_module_in_retrain_is_refused(finished_run):
+    store, _, _ = finished_run
+    proc = isostack("retrain", "e2e", "--module", "m9", "--store", str(store), check=False)
+    assert proc.returncode != 0 and "no module 'm9'" in proc.stderr
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    args = [sys.executable, "-m", "pipeline", "run", *_sets(TINY + ["train.epochs=3"]), "--store", str(tmp_path),
+            "--run-id", "killed", "--no-final-stage"]
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = tmp_path / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((root / "checkpoints" / "m1").glob("*.json")):
+        time.sleep(0.5)
+    # Kill the driver and everything it started (its own local Ray), as a crash would.
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    summary = root / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text())["status"] != "finished"
+    isostack("resume", "killed", "--store", str(tmp_path))
+    done = json.loads(summary.read_text())
+    assert done["status"] == "finished"
+    assert all(m["final_version"] for m in done["modules"].values())

@@ -1,0 +1,213 @@
+"""The final stage's worker: classifiers, pose metrics, exports, plots, report and the composed model.
+
+A plain class (``setup / run / shutdown``) that reads only the store: the top
+module's final version, the input version (raw-pixel baselines) and the
+metrics the trainers wrote. The maths lives in ``pipeline.evaluation`` and
+``pipeline.pose`` and takes arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import dump_yaml
+from pipeline.data import capabilities
+from pipeline.encoder import compose_from_store, save_model
+from pipeline.evaluation import classify
+from pipeline.modules import pool_to_vector
+from pipeline.pose import pose_metrics
+from pipeline.runs import now_iso
+from pipeline.store import Store
+from schemas.config import RunConfig
+
+_META = ["sample_id", "split", "label", "instance", "azimuth", "elevation", "lighting"]
+
+
+class Evaluator:
+    """Evaluate and export one run from the store alone."""
+
+    def __init__(self, store_uri: str, run_id: str, config: dict) -> None:
+        self.store_uri, self.run_id = store_uri, run_id
+        self.cfg = RunConfig.model_validate(config)
+
+    def setup(self) -> None:
+        self.store = Store(self.store_uri, self.run_id, create=False)
+        self.names = list(self.cfg.stack)
+        self.caps = capabilities(self.cfg.dataset.kind)
+
+    def run(self, *, evaluate: bool = True, export: bool = True) -> dict:
+        """Returns the summary sections it produced: evaluation, pose, exports."""
+        self.setup()
+        top = self.names[-1]
+        meta, emb = self.embeddings(top)
+        out: dict = {}
+        if evaluate:
+            out["evaluation"] = self._evaluate(meta, emb)
+            if self.caps.has_pose:
+                out["pose"] = self._pose(meta, emb)
+        if export:
+            out["exports"] = self._export(meta, emb, out)
+        return out
+
+    def shutdown(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ data
+
+    def embeddings(self, stage: str) -> tuple[pa.Table, np.ndarray]:
+        """(metadata, (N, D) float32) of a stage's final version, pooled per sample."""
+        final = self.store.final(stage)
+        reader = self.store.read(stage, final.version)
+        x = reader.tensor()
+        if stage == "input":
+            return reader.meta, (x.reshape(len(x), -1).float() / 255.0).numpy()
+        return reader.meta, pool_to_vector(x).numpy().astype(np.float32)
+
+    def _split(self, meta: pa.Table, emb: np.ndarray):
+        split = np.asarray(meta.column("split").to_pylist())
+        labels = np.asarray(meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False))
+        tr, te = split == "train", split == "test"
+        return emb[tr], labels[tr], emb[te], labels[te], tr, te
+
+    def _classify(self, meta: pa.Table, emb: np.ndarray) -> dict:
+        xtr, ytr, xte, yte, _, _ = self._split(meta, emb)
+        ev = self.cfg.evaluate
+        return classify(xtr, ytr, xte, yte, knn_k=ev.knn_k, probe_iters=ev.linear_probe_epochs, seed=self.cfg.train.seed)
+
+    # ------------------------------------------------------------ stages
+
+    def _evaluate(self, meta: pa.Table, emb: np.ndarray) -> dict:
+        result = self._classify(meta, emb)
+        result["embedding_dim"] = int(emb.shape[1])
+        if self.cfg.evaluate.baselines:
+            raw_meta, raw = self.embeddings("input")
+            result["baselines"] = {"raw_pixels": self._classify(raw_meta, raw)}
+        if self.cfg.evaluate.per_module:
+            by_depth = []
+            for depth, name in enumerate(self.names, start=1):
+                m_meta, m_emb = (meta, emb) if name == self.names[-1] else self.embeddings(name)
+                scores = self._classify(m_meta, m_emb)
+                by_depth.append({"module": name, "depth": depth, **_headline(scores)})
+            result["per_module"] = by_depth
+        return result
+
+    def _pose(self, meta: pa.Table, emb: np.ndarray) -> dict:
+        cols = {c: np.asarray(meta.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
+                for c in ("azimuth", "elevation", "instance", "label")}
+        split = np.asarray(meta.column("split").to_pylist())
+        tr, te = split == "train", split == "test"
+        return pose_metrics(emb[tr], cols["azimuth"][tr], cols["elevation"][tr], emb[te], cols["azimuth"][te],
+                            cols["elevation"][te], instance_test=cols["instance"][te], k=self.cfg.evaluate.knn_k,
+                            label_test=cols["label"][te])
+
+    def _export(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict:
+        exports = {}
+        table = embedding_table(meta, emb)
+        self._write_parquet("embeddings.parquet", table)
+        exports["embeddings"] = f"{self.store.root_uri}/embeddings.parquet"
+        if self.caps.has_pose:
+            self._write_parquet("pose.parquet", table)
+            exports["pose"] = f"{self.store.root_uri}/pose.parquet"
+        if self.cfg.export.model:
+            encoder, versions = compose_from_store(self.store, self.cfg)
+            save_model(self.store, self.cfg, encoder, versions)
+            exports["model"] = f"{self.store.root_uri}/model"
+        images = self._plots(meta, emb, results) if self.cfg.export.plots else {}
+        exports["plots"] = {k: f"{self.store.root_uri}/{v}" for k, v in images.items()}
+        if self.cfg.export.report:
+            exports["report"] = f"{self.store.root_uri}/report.html"
+            self._report(results, images)
+        return exports
+
+    def _write_parquet(self, relpath: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.store.write_bytes(relpath, sink.getvalue().to_pybytes())
+
+    def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict[str, str]:
+        from pipeline import plots
+
+        made: dict[str, str] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            def out(name):
+                return os.path.join(tmp, name)
+
+            labels = np.asarray(meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False))
+            names = self.caps.class_names or [str(i) for i in range(int(labels.max()) + 1)]
+            test = np.asarray(meta.column("split").to_pylist()) == "test"
+            made["classes.png"] = plots.class_scatter(emb[test], labels[test], names, out("classes.png"))
+            ev = results.get("evaluation", {})
+            if "nearest_centroid" in ev:
+                made["confusion.png"] = plots.confusion_matrix_plot(ev["nearest_centroid"]["confusion"], names,
+                                                                    out("confusion.png"),
+                                                                    labels=ev["nearest_centroid"]["labels"])
+            if self.caps.has_pose:
+                az = np.asarray(meta.column("azimuth").to_numpy(zero_copy_only=False), dtype=np.float64)
+                el = np.asarray(meta.column("elevation").to_numpy(zero_copy_only=False), dtype=np.float64)
+                made["pose.png"] = plots.pose_views(emb[test], az[test], el[test], out("pose.png"))
+            curves = self._loss_curves()
+            if curves:
+                made["loss.png"] = plots.loss_curves(curves, out("loss.png"))
+            if "per_module" in ev:
+                rows = list(ev["per_module"])
+                if "baselines" in ev:
+                    rows.insert(0, {"module": "raw pixels", "depth": 0, **_headline(ev["baselines"]["raw_pixels"])})
+                made["depth.png"] = plots.accuracy_by_depth(rows, out("depth.png"))
+            stored = {}
+            for name, path in made.items():
+                with open(path, "rb") as fh:
+                    self.store.write_bytes(f"plots/{name}", fh.read())
+                stored[name.removesuffix(".png")] = f"plots/{name}"
+        return stored
+
+    def _loss_curves(self) -> dict[str, dict]:
+        curves = {}
+        for name in self.names:
+            data = self.store.read_bytes(f"metrics/{name}.parquet")
+            if data is None:
+                continue
+            rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+            loss = [r for r in rows if r["name"] == f"{name}/loss/train"]
+            switches = [(r["epoch"], int(r["value"])) for r in rows if r["name"] == f"{name}/upstream/version"]
+            curves[name] = {"epoch": [r["epoch"] for r in loss], "loss": [r["value"] for r in loss], "switches": switches}
+        return curves
+
+    def _report(self, results: dict, images: dict[str, str]) -> None:
+        from pipeline.report import render_report
+
+        info = self.store.read_json("run.json") or {}
+        summary = self.store.read_json("summary.json") or {}
+        modules = [{"name": n, **(summary.get("modules", {}).get(n) or {})} for n in self.names]
+        lineage = {n: (self.store.final(n).upstream if self.store.final(n) else None) for n in self.names}
+        lineage["retrains"] = info.get("retrains", [])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = {}
+            for caption, rel in images.items():
+                path = os.path.join(tmp, os.path.basename(rel))
+                with open(path, "wb") as fh:
+                    fh.write(self.store.read_bytes(rel))
+                local[caption] = path
+            out = os.path.join(tmp, "report.html")
+            render_report(out, title=f"isostack run {self.run_id} ({now_iso()})", config_yaml=dump_yaml(self.cfg),
+                          lineage=lineage, modules=modules, metrics=results.get("evaluation", {}),
+                          pose=results.get("pose"), images=local)
+            with open(out, "rb") as fh:
+                self.store.write_bytes("report.html", fh.read())
+
+
+def _headline(scores: dict) -> dict:
+    return {"nearest_centroid": scores["nearest_centroid"]["test_accuracy"],
+            "linear_probe": scores["linear_probe"]["test_accuracy"], "knn": scores["knn"]["test_accuracy"]}
+
+
+def embedding_table(meta: pa.Table, emb: np.ndarray) -> pa.Table:
+    """Plain columns any tool reads: the metadata, then e0..e{d-1} as float32."""
+    cols = {c: meta.column(c) for c in _META}
+    for j in range(emb.shape[1]):
+        cols[f"e{j}"] = pa.array(emb[:, j].astype(np.float32))
+    return pa.table(cols)
