@@ -122,15 +122,30 @@ def apply_override(raw: dict[str, Any], item: str) -> list[tuple[str, str]]:
         node[int(last)] = value
     else:
         node[last] = value
+        if last in ("kind", "type"):
+            _prune_to_member(node, last, value)
     return []
 
 
-def _check_path(parts: list[str], raw: dict[str, Any]) -> str | None:
+def _prune_to_member(node: dict[str, Any], tag: str, value: Any) -> None:
+    """Switching a union member (objective.kind=sfa) drops the keys only the old member had."""
+    import typing
+
+    from schemas import config as schema
+
+    for model in vars(schema).values():
+        if isinstance(model, type) and issubclass(model, BaseModel) and tag in model.model_fields:
+            if value in typing.get_args(model.model_fields[tag].annotation):
+                for key in [k for k in node if k not in model.model_fields]:
+                    del node[key]
+                return
+
+
+def _check_path(parts: list[str], raw: Any, model: Any = RunConfig, prefix: list[str] = ()) -> str | None:
     """Why ``parts`` is not a key the schema has, or None when it is."""
-    model: Any = RunConfig
     node: Any = raw
     for depth, part in enumerate(parts):
-        where = ".".join(parts[:depth]) or "the top level"
+        where = ".".join([*prefix, *parts[:depth]]) or "the top level"
         if isinstance(model, type) and issubclass(model, BaseModel):
             fields = model.model_fields
             if part not in fields:
@@ -157,7 +172,7 @@ def _check_path(parts: list[str], raw: dict[str, Any]) -> str | None:
             continue
         model = _resolve_union(model, node)
         if isinstance(model, type) and issubclass(model, BaseModel):
-            return _check_path(parts[depth:], node) if node is not None else None
+            return _check_path(parts[depth:], node if node is not None else {}, model, [*prefix, *parts[:depth]])
         return f"{where} is a plain value; it has no key {part!r}"
     return None
 

@@ -40,6 +40,7 @@ class ModuleStatus(BaseModel):
     started_at: str | None = Field(None, description="When training began (ISO 8601).")
     finished_at: str | None = Field(None, description="When the final version was committed (ISO 8601).")
     node: str | None = Field(None, description="Host name / Ray node id the actor runs on.")
+    pid: int | None = Field(None, description="Process id of the actor (one process per module).")
     device: str | None = Field(None, description="torch device used (cpu, cuda:0).")
     error: str | None = Field(None, description="The failure's message, when failed.")
     restarts: int = Field(0, description="How often this module resumed from a checkpoint.")

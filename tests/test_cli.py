@@ -48,7 +48,7 @@ def test_validate_prints_shapes_and_bytes(capsys):
     (["validate", "--set", "train.epochs=three"], ["train.epochs", "valid integer"]),
     (["validate", "nope-preset"], ["unknown preset 'nope-preset'"]),
     (["validate", "--set", "stack.m7.train.lr=1"], ["no module 'm7'"]),
-    (["validate", "--set", "stack.m2.layers.0.kernel=40"], ["stack.m2.layers[0]", "input to m2 is (32, 16, 16)"]),
+    (["validate", "--set", "stack.m2.layers.1.kernel=40"], ["stack.m2.layers[1]", "input to m2 is (32, 16, 16)"]),
     (["validate", "digits", "--set", "stack.m1.objective.pairing=same_instance"],
      ["stack.m1.objective.pairing", "'same_instance' needs instance, which dataset 'digits' lacks"]),
     (["validate", "digits", "--set", "stack.m2.objective.pairing=augment"], ["only the first module"]),
@@ -74,9 +74,9 @@ def test_bad_input_exits_nonzero_naming_cause(args, words, capsys):
 
 def test_all_problems_at_once(capsys):
     code = main(["validate", "digits", "--set", "stack.m1.objective.pairing=same_instance",
-                 "--set", "stack.m2.layers.0.kernel=40"])
+                 "--set", "stack.m2.layers.1.kernel=40"])
     err = capsys.readouterr().err
-    assert code != 0 and "stack.m1.objective.pairing" in err and "stack.m2.layers[0]" in err
+    assert code != 0 and "stack.m1.objective.pairing" in err and "stack.m2.layers[1]" in err
 
 
 def test_status_of_missing_run(tmp_path, capsys):

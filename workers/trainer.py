@@ -79,7 +79,7 @@ class ModuleTrainer:
         self._update(state=ModuleState.created, epoch=self.epoch, target_epochs=self.train_cfg.epochs,
                      step=self.lineage["step"], published=list(self.lineage["published"]),
                      train_seconds=self.lineage["train_seconds"], started_at=self.lineage["started_at"],
-                     node=_node_name(), device=str(self.device), restarts=self.lineage["restarts"])
+                     node=_node_name(), pid=os.getpid(), device=str(self.device), restarts=self.lineage["restarts"])
         self._ready = True
         return self.status()
 
@@ -288,4 +288,4 @@ def _node_name() -> str:
             return f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}"
     except Exception:  # noqa: BLE001 - outside Ray the host name is enough
         pass
-    return socket.gethostname() + f":pid{os.getpid()}"
+    return socket.gethostname()
