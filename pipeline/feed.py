@@ -80,6 +80,7 @@ class TrainBatch:
     x: torch.Tensor                # (B, *shape) float32 on device
     x_pos: torch.Tensor | None     # positives, same shape, or None
     labels: torch.Tensor           # (B,) long on device
+    groups: torch.Tensor | None    # (B,) pairing-group ids (same_instance: the object) or None
 
 
 class PairedBatches:
@@ -98,6 +99,9 @@ class PairedBatches:
             n_batches = min(n_batches, max_steps)
         self._batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
         self._partner = None
+        # Under same_instance every image of an object is a positive of every other, so in-batch rows of the
+        # same object are masked out of the negatives (the objective gets their group ids).
+        self._groups = up.label * 100_003 + up.instance if pairing == "same_instance" else None
         if pairing in ("same_instance", "neighbor_pose"):
             # Partners come from the train rows only: test images never enter training.
             local = partner_index(pairing, label=up.label[rows], instance=up.instance[rows], azimuth=up.azimuth[rows],
@@ -118,7 +122,9 @@ class PairedBatches:
             x = x.pin_memory()
             x_pos = x_pos.pin_memory() if x_pos is not None else None
         labels = torch.from_numpy(self._up.label[idx]).to(self._device)
-        return TrainBatch(to_float(x, self._device), to_float(x_pos, self._device) if x_pos is not None else None, labels)
+        groups = torch.from_numpy(self._groups[idx]).to(self._device) if self._groups is not None else None
+        return TrainBatch(to_float(x, self._device), to_float(x_pos, self._device) if x_pos is not None else None,
+                          labels, groups)
 
     def __iter__(self):
         q: queue.Queue = queue.Queue(maxsize=self._prefetch)

@@ -29,6 +29,16 @@ from pipeline.data.base import CAPS, N_LIGHTINGS, Dataset, finish, norb_catalog,
 from schemas.config import DatasetConfig
 
 RENDERER_VERSION = 1
+
+
+def _renderer_digest() -> str:
+    """Changes whenever the renderer's or the toys' code changes, so a stale cache is never read."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    blob = b"".join((here / name).read_bytes() for name in ("render.py", "toys.py", "synthetic_norb.py"))
+    return hashlib.sha256(blob).hexdigest()[:8]
 SUPERSAMPLE = 2
 HALF_EXTENT = 1.05  # world units from the image centre to its edge; toys have unit radius
 GROUND_ALBEDO = 0.4
@@ -166,7 +176,7 @@ def cache_dir(cfg: DatasetConfig) -> Path:
 
 def _cached(cfg: DatasetConfig, ids: np.ndarray, make) -> np.ndarray:
     digest = hashlib.sha1(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
-    path = cache_dir(cfg) / f"r{RENDERER_VERSION}-seed{cfg.seed}-{cfg.image_size}px-{ids.shape[0]}-{digest}.npz"
+    path = cache_dir(cfg) / f"r{RENDERER_VERSION}-{_renderer_digest()}-seed{cfg.seed}-{cfg.image_size}px-{ids.shape[0]}-{digest}.npz"
     if path.exists():
         try:
             with np.load(path) as stored:

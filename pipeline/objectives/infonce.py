@@ -22,7 +22,8 @@ GRID_PAIRS_MAX = 2048
 # ---------------------------------------------------------------- pure functions
 
 
-def info_nce_from_scores(scores: torch.Tensor, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce_from_scores(scores: torch.Tensor, symmetric: bool = True,
+                         groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE with the positives on the diagonal.
 
     scores: (N, N), scores[i, j] = f(a_i, b_j); row i's positive is column i and
@@ -30,8 +31,14 @@ def info_nce_from_scores(scores: torch.Tensor, symmetric: bool = True) -> tuple[
     F.cross_entropy takes log-softmax with the max subtracted, so logits of
     1e4 stay finite. symmetric=True averages the a->b and b->a directions (as
     in CLIP / SimCLR's NT-Xent), so both members of a pair are pulled alike.
+    groups: (N,) optional ids; off-diagonal entries whose rows share an id are
+    other positives of the same pairing group (another view of the same
+    object), so they are masked out instead of being pushed away as negatives.
     """
     target = torch.arange(scores.shape[0], device=scores.device)
+    if groups is not None:
+        same = (groups[:, None] == groups[None, :]) & ~torch.eye(len(groups), dtype=torch.bool, device=scores.device)
+        scores = scores.masked_fill(same, float("-inf"))
     loss = F.cross_entropy(scores, target)
     if symmetric:
         loss = (loss + F.cross_entropy(scores.T, target)) / 2
@@ -93,14 +100,15 @@ class InfoNCEPairObjective(nn.Module):
         self.w = nn.Linear(d, d, bias=False) if bilinear else None
         self.needs_pairs = pairing != "patch_grid"
 
-    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None):
+    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None):
         a, b = paired_vectors(z, z_pos, GRID_PAIRS_MAX)  # (N, D) each
         a, b = self.head(a), self.head(b)
         if self.w is not None:
             scores = a @ self.w(b).T / self.temperature
         else:
             scores = cosine_scores(a, b, self.temperature)
-        loss, accuracy = info_nce_from_scores(scores.float())
+        loss, accuracy = info_nce_from_scores(scores.float(), groups=groups if z_pos is not None else None)
         return loss, {"accuracy": float(accuracy)}
 
 
@@ -118,7 +126,8 @@ class InfoNCEGridObjective(nn.Module):
         self.negatives = negatives
         self.w_k = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in usable)
 
-    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None):
         g = grid_features(z).float()  # (B, C, gh, gw)
         if g.shape[2] < 3 or not self.w_k:
             raise TrainingError(f"the grid has {g.shape[2]} rows; predicting rows below needs at least 3",

@@ -58,7 +58,8 @@ class SFAObjective(nn.Module):
         self.head = projection_head(width, projection_dim)
         self.needs_pairs = pairing != "patch_grid"
 
-    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None):
+    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None):
         a, b = paired_vectors(z, z_pos)  # (N, D) each; grid pairs need no cap (the cost is N*D^2)
         if a.shape[0] <= self.width:
             raise TrainingError(f"SFA whitens each batch, so the {a.shape[0]} pairs per batch must exceed "

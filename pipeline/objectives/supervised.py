@@ -22,7 +22,8 @@ class SupervisedObjective(nn.Module):
         self.head = projection_head(width, projection_dim)
         self.classifier = nn.Linear(projection_dim or width, num_classes)
 
-    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None):
         if labels is None:
             raise TrainingError("supervised_local needs the labels of every batch", "feed labels to the objective")
         logits = self.classifier(self.head(pool_to_vector(z).float()))  # (B, classes)

@@ -45,13 +45,14 @@ class VInfoNCEObjective(nn.Module):
         self.temperature, self.kl_weight = temperature, kl_weight
         self.needs_pairs = pairing != "patch_grid"
 
-    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None):
+    def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None):
         a, b = paired_vectors(z, z_pos, GRID_PAIRS_MAX)  # (N, D) each
         x = torch.cat([a, b]).float()  # both members are encoded by the same q(z|x)
         mu, logvar = self.mu(x), self.logvar(x)  # (2N, L)
         code = reparameterise(mu, logvar) if self.training else mu
         code = self.head(code)
         scores = cosine_scores(code[: a.shape[0]], code[a.shape[0]:], self.temperature)
-        nce, accuracy = info_nce_from_scores(scores)
+        nce, accuracy = info_nce_from_scores(scores, groups=groups if z_pos is not None else None)
         kl = gaussian_kl(mu, logvar).mean()
         return nce + self.kl_weight * kl, {"kl": kl.item(), "infonce": nce.item(), "accuracy": accuracy.item()}

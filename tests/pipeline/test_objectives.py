@@ -198,3 +198,14 @@ def test_flags_and_config_errors():
         build_objective(objective_cfg(kind="sfa", pairing="patch_grid"), (4,), None)
     with pytest.raises(TrainingError):
         sup(torch.randn(2, 4), None, None)
+
+
+def test_same_group_rows_are_not_negatives():
+    from pipeline.objectives.infonce import info_nce_from_scores
+
+    scores = torch.tensor([[5.0, 5.0, 0.0], [5.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    plain, _ = info_nce_from_scores(scores)
+    masked, acc = info_nce_from_scores(scores, groups=torch.tensor([7, 7, 8]))
+    # Rows 0 and 1 show the same object: masking their cross scores removes the false negatives.
+    assert masked < plain and acc == 1.0
+    assert torch.isfinite(masked)
