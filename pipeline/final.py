@@ -71,9 +71,13 @@ def load_encoder(run: str, store_uri: str | None = None):
     from pipeline.encoder import compose_from_store, load_model
 
     store, info = open_run(run, store_uri)
-    if store.exists("model/weights.safetensors"):
+    cfg = run_config(info)
+    exported = store.read_json("model/config.json")
+    current = {n: (store.final(n).version if store.final(n) else None) for n in cfg.stack}
+    if exported is not None and exported.get("final_versions") == current:
         return load_model(store)
-    return compose_from_store(store, run_config(info))[0]
+    # No export yet, or a module was retrained since: build from the current final checkpoints.
+    return compose_from_store(store, cfg)[0]
 
 
 def read_images(path: str, shape: tuple[int, int, int]) -> np.ndarray:

@@ -40,7 +40,7 @@ def test_validate_prints_shapes_and_bytes(capsys):
     plan = json.loads(capsys.readouterr().out)
     m1 = plan["modules"][0]
     assert m1["in_shape"] == [1, 32, 32] and m1["out_shape"][0] == 32 and m1["bytes_per_version"] > 0
-    assert [m["upstream"] for m in plan["modules"]] == ["input", "m1", "m2"]
+    assert [m["upstream"] for m in plan["modules"]] == ["input", "m1", "m2", "m3"]
 
 
 @pytest.mark.parametrize("args, words", [

@@ -84,6 +84,8 @@ class Evaluator:
     def _evaluate(self, meta: pa.Table, emb: np.ndarray) -> dict:
         result = self._classify(meta, emb)
         result["embedding_dim"] = int(emb.shape[1])
+        top = self.names[-1]
+        result["source"] = {"stage": top, "version": self.store.final(top).version}
         if self.cfg.evaluate.baselines:
             raw_meta, raw = self.embeddings("input")
             result["baselines"] = {"raw_pixels": self._classify(raw_meta, raw)}

@@ -209,7 +209,7 @@ class ModuleTrainer:
                 z, z_pos = self.module(torch.cat([x, x_pos])).chunk(2)
             else:
                 z, z_pos = self.module(x), None
-            loss, _stats = self.objective(z, z_pos, batch.labels)
+            loss, _stats = self.objective(z, z_pos, batch.labels, groups=batch.groups)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"module {self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1} "
