@@ -185,6 +185,9 @@ class ScheduleConfig(Strict):
         1.0, gt=0, le=1, description="Intermediate versions cover this random fraction of samples (final versions cover all)."
     )
     settle_epochs: int = Field(1, ge=0, description="Epochs trained on the upstream's final version before a module's own final.")
+    track_upstream: bool = Field(
+        True, description="After its epochs, train one more epoch on each new upstream version while the upstream is "
+        "not final (async mode), so the settle on the final upstream starts from adapted weights.")
     poll_seconds: float = Field(0.5, gt=0, description="How often a waiting module looks for a new upstream version.")
     keep_versions: int = Field(3, ge=1, description="Retention: newest N versions per stage kept (plus final and pinned ones).")
 

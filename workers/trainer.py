@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, faults
 from pipeline.errors import TrainingError
 from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_upstream, to_float
 from pipeline.modules import build_module
@@ -74,6 +74,9 @@ class ModuleTrainer:
             self.epoch = last["epoch"]
             self.lineage.update({k: last[k] for k in self.lineage if k in last})
             self.lineage["restarts"] = int(last.get("restarts", 0)) + 1
+            # A version committed after that checkpoint (the crash came between) is in the store: keep it listed.
+            self.lineage["published"] = [v for v in self.store.versions(self.name)
+                                         if self.store.manifest(self.name, v).producer.get("generation", 0) == self.generation]
         self._upstream: Upstream | None = None
         self._metrics: list[dict] = self._load_metrics()
         self._update(state=ModuleState.created, epoch=self.epoch, target_epochs=self.train_cfg.epochs,
@@ -95,7 +98,14 @@ class ModuleTrainer:
                 return self.status()
             while not self._stop.is_set():
                 self._switch_upstream()
-                if self._upstream is None or (self.epoch >= self.train_cfg.epochs and not self._upstream.manifest.final):
+                waiting = self.epoch >= self.train_cfg.epochs and not self._upstream.manifest.final \
+                    if self._upstream is not None else True
+                # Past its epochs with a non-final upstream, a module keeps up with each new upstream version
+                # (one epoch per version) so that it needs only a short settle once the upstream is final.
+                if waiting and self._upstream is not None and self.cfg.schedule.track_upstream:
+                    waiting = self.lineage["upstream_versions"] and \
+                        self.lineage["upstream_versions"][-1][1] == self._upstream.manifest.version
+                if waiting:
                     self._update(state=ModuleState.waiting_upstream)
                     time.sleep(self.cfg.schedule.poll_seconds)
                     continue
@@ -210,6 +220,8 @@ class ModuleTrainer:
             else:
                 z, z_pos = self.module(x), None
             loss, _stats = self.objective(z, z_pos, batch.labels, groups=batch.groups)
+            if faults.armed("nan_loss", self.name, self.epoch + 1):
+                loss = loss * float("nan")
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"module {self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1} "

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import faults
 from pipeline.errors import StoreError
 from pipeline.store.codec import Codec, as_tensor, get_codec
 from pipeline.store.columns import META_COLUMNS, TENSOR_COLUMN, conform_meta, shard_schema
@@ -138,6 +139,9 @@ class VersionWriter:
         )
         if self._fs.local:
             self._fs.fsync_dir(self._fs.path(self.dir))  # the shard renames, before the commit
+        faults.maybe_kill("kill_before_manifest", self.stage)
+        with self._fs.errors("commit", f"{self.dir}/{MANIFEST}"):
+            faults.maybe_raise("eacces_manifest", self.stage)
         self._fs.write_atomic(f"{self.dir}/{MANIFEST}", json.dumps(manifest.model_dump(mode="json"), indent=1).encode())
         self._state = "committed"
         return manifest
@@ -176,6 +180,7 @@ class VersionWriter:
         self._written.append(rel)
         try:
             with self._fs.write_stream(rel) as f:
+                faults.maybe_raise("enospc_shard", self.stage)
                 pq.write_table(shard, f, row_group_size=max(rows, 1), **_WRITE_OPTIONS)
         except BaseException:
             self._state = "failed"
