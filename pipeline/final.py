@@ -36,7 +36,9 @@ def final_stage(store: Store, info: dict, cfg: RunConfig, *, evaluate: bool = Tr
 
 def _print_headline(summary: dict, store: Store) -> None:
     ev = summary.get("evaluation")
-    if ev:
+    if ev and "skipped" in ev:
+        print(f"classification skipped: {ev['skipped']}")
+    elif ev:
         nc = ev["nearest_centroid"]["test_accuracy"]
         line = f"nearest centroid (test): {nc:.1%}"
         base = ev.get("baselines", {}).get("raw_pixels")

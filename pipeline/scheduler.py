@@ -70,13 +70,49 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
     return True
 
 
-def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generation: int) -> dict:
+def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generation: int, pg=None,
+                   bundle: int = 0) -> dict:
     res = cfg.resources
     opts = dict(num_cpus=res.cpus_per_module, num_gpus=gpus, max_restarts=res.max_restarts, max_task_retries=-1,
                 max_concurrency=2, name=f"isostack/{run_id}/{name}/{generation}")
-    if res.placement == "spread":
-        opts["scheduling_strategy"] = "SPREAD"
+    if pg is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                       placement_group_bundle_index=bundle)
+    elif res.placement == "spread":
+        opts["scheduling_strategy"] = "SPREAD"  # best effort: Ray spreads the actors over the nodes that fit them
     return opts
+
+
+def module_bundle(cfg: RunConfig, gpus: float) -> dict[str, float]:
+    """The resources one module actor asks for (one placement-group bundle)."""
+    bundle = {"CPU": float(cfg.resources.cpus_per_module)}
+    if gpus > 0:
+        bundle["GPU"] = gpus
+    return bundle
+
+
+def _reserve(cfg: RunConfig, run_id: str, names: list[str], gpus: float):
+    """placement=pack: a placement group with one bundle per module (PACK), ready before any actor starts.
+
+    Waits as long as the cluster needs (an autoscaler may be adding nodes), saying every 30 s what it waits for.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundle = module_bundle(cfg, gpus)
+    pg = placement_group([dict(bundle) for _ in names], strategy="PACK", name=f"isostack/{run_id}/{'+'.join(names)}")
+    waited = 0.0
+    while not ray.wait([pg.ready()], timeout=30.0)[0]:
+        waited += 30.0
+        print(f"waiting {waited:.0f} s for a placement group of {len(names)} x {bundle} (resources.placement=pack); "
+              f"cluster total {_whole(ray.cluster_resources())}, free {_whole(ray.available_resources())}", flush=True)
+    return pg
+
+
+def _whole(resources: dict) -> dict:
+    return {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
 
 
 class _Progress:
@@ -140,11 +176,13 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
     config = cfg.model_dump(mode="json")
     statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
     actors, runs = {}, {}
+    pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
     view = _Progress(names, progress)
 
     def start(name: str) -> None:
         gen = generation.get(name, 0)
-        actor = actor_cls.options(**_actor_options(cfg, run_id, name, gpus, gen)).remote(
+        opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
+        actor = actor_cls.options(**opts).remote(
             store_uri, run_id, name, config, generation=gen, threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
         actors[name], runs[name] = actor, actor.run.remote()
 
@@ -187,6 +225,10 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
         raise
     finally:
         view.close(statuses)
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)  # also ends any actor still in it
     for actor in actors.values():
         ray.kill(actor, no_restart=True)
     return statuses

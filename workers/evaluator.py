@@ -47,7 +47,11 @@ class Evaluator:
         meta, emb = self.embeddings(top)
         out: dict = {}
         if evaluate:
-            out["evaluation"] = self._evaluate(meta, emb)
+            classes = set(np.asarray(meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False)).tolist())
+            if len(classes) >= 2:
+                out["evaluation"] = self._evaluate(meta, emb)
+            else:  # e.g. the pose preset: one toy, nothing to classify; pose metrics still apply
+                out["evaluation"] = {"skipped": f"the data has {len(classes)} class; classification needs two or more"}
             if self.caps.has_pose:
                 out["pose"] = self._pose(meta, emb)
         if export:
@@ -142,8 +146,9 @@ class Evaluator:
             labels = np.asarray(meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False))
             names = self.caps.class_names or [str(i) for i in range(int(labels.max()) + 1)]
             test = np.asarray(meta.column("split").to_pylist()) == "test"
-            made["classes.png"] = plots.class_scatter(emb[test], labels[test], names, out("classes.png"))
             ev = results.get("evaluation", {})
+            if "skipped" not in ev:
+                made["classes.png"] = plots.class_scatter(emb[test], labels[test], names, out("classes.png"))
             if "nearest_centroid" in ev:
                 made["confusion.png"] = plots.confusion_matrix_plot(ev["nearest_centroid"]["confusion"], names,
                                                                     out("confusion.png"),

@@ -79,10 +79,17 @@ class ModuleTrainer:
                                          if self.store.manifest(self.name, v).producer.get("generation", 0) == self.generation]
         self._upstream: Upstream | None = None
         self._metrics: list[dict] = self._load_metrics()
+        device = str(self.device)
+        if self.device.type == "cuda":
+            # Ray narrows CUDA_VISIBLE_DEVICES to the GPU(s) it assigned: cuda:0 here is the node's GPU <ray id>.
+            import ray
+
+            ids = ",".join(str(i) for i in ray.get_gpu_ids()) if ray.is_initialized() else "-"
+            device = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}, Ray GPU {ids})"
         self._update(state=ModuleState.created, epoch=self.epoch, target_epochs=self.train_cfg.epochs,
                      step=self.lineage["step"], published=list(self.lineage["published"]),
                      train_seconds=self.lineage["train_seconds"], started_at=self.lineage["started_at"],
-                     node=_node_name(), pid=os.getpid(), device=str(self.device), restarts=self.lineage["restarts"])
+                     node=_node_name(), pid=os.getpid(), device=device, restarts=self.lineage["restarts"])
         self._ready = True
         return self.status()
 
