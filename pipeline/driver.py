@@ -11,7 +11,8 @@ import sys
 
 from pipeline.config import apply_override, validation_problems
 from pipeline.errors import ConfigError, RunError
-from pipeline.ingest import ingest
+from pipeline.data import load_dataset
+from pipeline.ingest import ingest, is_ingested
 from pipeline.plan import build_plan
 from pipeline.runs import abs_uri, check_run_id, new_run_id, now_iso, open_run, run_config
 from pipeline.store import Store
@@ -20,21 +21,27 @@ from schemas.status import ModuleState, ModuleStatus
 
 
 def prepare_run(cfg: RunConfig, run_id: str | None = None):
-    """Plan, create the run folder (run.json) and ingest the dataset. Returns (store, info, input manifest)."""
+    """Plan, load the dataset, then create the run folder (run.json) and ingest. Returns (store, info, input manifest).
+
+    Everything that can fail on bad input (config, plan, data files) happens before
+    the first byte is written, so a refused run leaves the store as it was.
+    """
     plan = build_plan(cfg)
     run_id = check_run_id(run_id or new_run_id(cfg.name))
-    store = Store(abs_uri(cfg.store.uri), run_id)
-    info = store.read_json("run.json")
-    if info is not None:
-        if info.get("config") != cfg.model_dump(mode="json"):
-            raise RunError(f"run {run_id!r} already exists in {cfg.store.uri} with a different config",
-                           f"continue it with `isostack resume {run_id} --store {cfg.store.uri}`, or pick another --run-id")
-    else:
+    uri = abs_uri(cfg.store.uri)
+    probe = Store(uri, run_id, create=False)
+    info = probe.read_json("run.json")
+    if info is not None and info.get("config") != cfg.model_dump(mode="json"):
+        raise RunError(f"run {run_id!r} already exists in {cfg.store.uri} with a different config",
+                       f"continue it with `isostack resume {run_id} --store {cfg.store.uri}`, or pick another --run-id")
+    dataset = None if info is not None and is_ingested(probe, cfg.dataset) else load_dataset(cfg.dataset)
+    store = Store(uri, run_id)
+    if info is None:
         info = {"run_id": run_id, "name": cfg.name, "created_at": now_iso(), "status": "created",
                 "config": cfg.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
                 "generations": {}, "retrains": []}
         store.write_json("run.json", info)
-    manifest = ingest(store, cfg.dataset, rows_per_shard=cfg.store.rows_per_shard)
+    manifest = ingest(store, cfg.dataset, rows_per_shard=cfg.store.rows_per_shard, dataset=dataset)
     return store, info, manifest
 
 

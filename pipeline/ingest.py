@@ -17,7 +17,12 @@ def dataset_fingerprint(cfg: DatasetConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def ingest(store: Store, cfg: DatasetConfig, *, rows_per_shard: int = 4096) -> Manifest:
+def is_ingested(store: Store, cfg: DatasetConfig) -> bool:
+    existing = store.final("input")
+    return existing is not None and existing.producer.get("fingerprint") == dataset_fingerprint(cfg)
+
+
+def ingest(store: Store, cfg: DatasetConfig, *, rows_per_shard: int = 4096, dataset=None) -> Manifest:
     """Commit the dataset as ``input``'s final version, or reuse an identical one.
 
     Pixels are stored as uint8 (the trainer scales them to [0, 1]), so the input
@@ -27,7 +32,7 @@ def ingest(store: Store, cfg: DatasetConfig, *, rows_per_shard: int = 4096) -> M
     existing = store.final("input")
     if existing is not None and existing.producer.get("fingerprint") == fingerprint:
         return existing
-    ds = load_dataset(cfg)
+    ds = dataset if dataset is not None else load_dataset(cfg)
     writer = store.begin_version(
         "input", codec="uint8", final=True, rows_per_shard=rows_per_shard,
         producer={"dataset": ds.name, "fingerprint": fingerprint, "config": cfg.model_dump(mode="json")},
