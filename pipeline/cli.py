@@ -204,17 +204,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
+    from pipeline.driver import apply_retention
     from pipeline.runs import open_run, run_config
 
     store, info = open_run(args.run, args.store)
     removed = store.gc()
-    keep = run_config(info).schedule.keep_versions
-    dropped = {}
-    for stage in store.stages():
-        pinned = {int(v) for v in info.get("pinned", {}).get(stage, [])}
-        gone = store.apply_retention(stage, keep, pinned)
-        if gone:
-            dropped[stage] = gone
+    dropped = {k: v for k, v in apply_retention(store, run_config(info)).items() if v}
     print(f"removed {len(removed)} orphan path(s); retention dropped {dropped or 'nothing'}")
     return 0
 

@@ -61,6 +61,7 @@ def _train(store: Store, info: dict, cfg: RunConfig, names: list[str], address: 
     except KeyboardInterrupt:
         _set_status(store, info, "interrupted")
         raise
+    apply_retention(store, cfg)
     failed = {n: s for n, s in statuses.items() if s.state != ModuleState.final}
     status = "trained" if not failed else "failed"
     cause = "; ".join(f"{n}: {s.error or s.state.value}" for n, s in failed.items()) or None
@@ -160,6 +161,17 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
     stale = [n for n, m in status_report(store, info)["modules"].items() if m["stale"]]
     print(f"{module} retrained: final v{st.final_version}" + (f"; stale above it: {', '.join(stale)}" if stale else ""))
     return 0
+
+
+def apply_retention(store: Store, cfg: RunConfig) -> dict[str, list[int]]:
+    """Once the actors are done: keep the newest K versions, the finals and every version a final was built on."""
+    pinned: dict[str, set[int]] = {}
+    for stage in store.stages():
+        final = store.final(stage)
+        if final is not None and final.upstream:
+            pinned.setdefault(final.upstream["stage"], set()).add(int(final.upstream["version"]))
+    return {stage: store.apply_retention(stage, cfg.schedule.keep_versions, pinned.get(stage, set()))
+            for stage in store.stages()}
 
 
 def status_report(store: Store, info: dict) -> dict:

@@ -1,0 +1,123 @@
+"""Wall time of the same tiny 2- and 3-module stack trained `async`, `sequential` (both through
+``pipeline.driver.run`` on one local Ray) and by the single-process GIM loop of ``reference_gim``,
+each with its final nearest-centroid test accuracy.
+
+Timed: ``driver.run(final_stage=False)`` after the dataset is ingested (actor start, training, checkpoints,
+publishing, settle epochs), and the reference loop's load + training. Not timed: Ray start, ingest, and
+the evaluation that gives the accuracy. Actors get 1 torch thread each (``cpus_per_module=1``), so
+`sequential` uses one core at a time and `async` both; the reference loop is given both cores.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+
+import yaml
+
+from benchmarks import Row, cpu_threads, goal_row, quiet
+from benchmarks.reference_gim import train_reference
+from pipeline.config import load_config, read_source
+from schemas.config import RunConfig
+
+TINY_NORB = [  # tests/conftest.py's TINY_NORB
+    "dataset.image_size=16", "dataset.instances=[0,1,4,6]", "dataset.azimuths=[0,3,6,9,12,15]",
+    "dataset.elevations=[0,4,8]", "dataset.lightings=[0,3]",
+]
+NO_EXPORTS = ["export.plots=false", "export.report=false", "export.model=false", "schedule.poll_seconds=0.1"]
+
+
+def stack_config(workdir: str, n_modules: int, overrides: list[str], tag: str) -> RunConfig:
+    """norb-synthetic cut to its first ``n_modules`` modules, with ``overrides``, storing under ``workdir``."""
+    raw, _ = read_source("norb-synthetic")
+    raw["stack"] = dict(list(raw["stack"].items())[:n_modules])
+    path = os.path.join(workdir, f"{tag}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return load_config(path, overrides, store=os.path.join(workdir, "store"))
+
+
+def sizes(quick: bool) -> list[str]:
+    if quick:
+        return TINY_NORB + ["train.epochs=2", "train.batch_size=32"]
+    return TINY_NORB[1:] + ["dataset.image_size=32", "train.epochs=3", "train.batch_size=32"]
+
+
+def start_ray():
+    import ray
+
+    if not ray.is_initialized():
+        # 4 CPUs on 2 cores as the ray test tier does: up to 4 one-thread actors oversubscribe the cores.
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
+    return ray
+
+
+def timed_run(cfg: RunConfig, run_id: str, log: str) -> dict:
+    """Wall seconds of training one run (after ingest), per-module spans, nearest-centroid accuracy."""
+    from pipeline import driver
+    from pipeline.final import final_stage
+
+    with quiet(log):
+        store, info, _ = driver.prepare_run(cfg, run_id)
+        t0 = time.perf_counter()
+        rc = driver.run(cfg, run_id=run_id, final_stage=False)
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"run {run_id} failed (rc {rc}); see {log}")
+        summary = final_stage(store, store.read_json("run.json"), cfg, evaluate=True, export=False)
+    spans = {}
+    for name in cfg.stack:
+        st = store.read_json(f"status/{name}.json") or {}
+        if st.get("started_at") and st.get("finished_at"):
+            spans[name] = (_t(st["finished_at"]) - _t(st["started_at"]))
+    return {"seconds": seconds, "module_spans": spans, "store": store,
+            "started": min(_t((store.read_json(f"status/{n}.json") or {})["started_at"]) for n in cfg.stack),
+            "finished": max(_t((store.read_json(f"status/{n}.json") or {})["finished_at"]) for n in cfg.stack),
+            "nearest_centroid": summary["evaluation"]["nearest_centroid"]["test_accuracy"]}
+
+
+def _t(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def run(quick: bool, workdir: str) -> dict:
+    ray = start_ray()
+    log = os.path.join(workdir, "runs.log")
+    rows, details = [], {}
+    try:
+        for n in (2, 3):
+            base = sizes(quick) + NO_EXPORTS
+            res = {}
+            for mode in ("async", "sequential"):
+                cfg = stack_config(workdir, n, base + [f"schedule.mode={mode}"], f"{mode}{n}")
+                res[mode] = timed_run(cfg, f"sched-{mode}-{n}", log)
+            ref_store = res["sequential"].pop("store")
+            res["async"].pop("store")
+            if n == 2:  # warm-up of the loop (first torch ops, oneDNN kernels), as the actors had theirs
+                warm = stack_config(workdir, n, base + ["train.epochs=1", "train.max_steps_per_epoch=1"], "warm")
+                train_reference(warm, ref_store, threads=cpu_threads())
+            res["reference"] = train_reference(cfg, ref_store, threads=cpu_threads())
+            a, s, r = res["async"], res["sequential"], res["reference"]
+            slowest = max(s["module_spans"].values())
+            span_async = a["finished"] - a["started"]
+            res["slowest_module_alone_s"] = slowest
+            res["async_span_s"] = span_async
+            details[f"{n}_modules"] = res
+            acc = lambda d: f"NC acc {d['nearest_centroid']:.1%}"  # noqa: E731
+            rows.append(goal_row("schedules", f"{n} modules: wall s, async vs sequential", a["seconds"], s["seconds"],
+                                 at_most=0.6 if n == 2 else None,
+                                 note=f"async {acc(a)}, sequential {acc(s)}"))
+            rows.append(goal_row("schedules", f"{n} modules: wall s, async vs single-process GIM loop", a["seconds"],
+                                 r["seconds"], note=f"loop {acc(r)}, {r['epochs']} epochs, {r['threads']} threads"))
+            rows.append(goal_row("schedules", f"{n} modules: async span vs slowest module alone (s)", span_async,
+                                 slowest, at_most=1.2 if n == 2 else None,
+                                 note="first training start to last final, vs the longest module span in sequential"))
+    finally:
+        ray.shutdown()
+    cfg_note = " ".join(sizes(quick))
+    for d in details.values():
+        for k in ("async", "sequential"):
+            d[k]["module_spans"] = {m: round(v, 2) for m, v in d[k]["module_spans"].items()}
+    details["overrides"] = cfg_note
+    return {"rows": rows, "details": details}
