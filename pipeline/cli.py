@@ -154,7 +154,7 @@ def cmd_status(args) -> int:
         for name, m in report["modules"].items():
             stale = "  STALE" if m["stale"] else ""
             print(f"  {name:<10}{m['state']:<18}versions {m['versions']}  final v{m['final_version'] or '-'}"
-                  f"  upstream {m['upstream_version'] or '-'}  node {m.get('node') or '-'}{stale}")
+                  f"  upstream {m['upstream_version'] or '-'}  node {m.get('node') or '-'}  device {m.get('device') or '-'}{stale}")
     return 0
 
 

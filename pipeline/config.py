@@ -209,7 +209,7 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?); `isostack schema` lists the keys allowed here"
-        elif "input" in err and err["type"] not in {"missing", "union_tag_invalid"}:
+        elif "input" in err and err["type"] not in {"missing", "union_tag_invalid"} and "credentials" not in msg:
             msg = f"{msg}, found {err['input']!r}"
         problems.append((path, msg))
     return problems

@@ -7,6 +7,7 @@ driver needs to continue lives in the store, so a killed driver loses nothing.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from pipeline.config import apply_override, validation_problems
@@ -20,13 +21,18 @@ from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
 
 
-def prepare_run(cfg: RunConfig, run_id: str | None = None):
+def _local_cluster(cfg: RunConfig, address: str | None) -> bool:
+    """True when this run starts its own Ray instance, so local GPUs are what it will get."""
+    return not (address or cfg.resources.address or os.environ.get("RAY_ADDRESS"))
+
+
+def prepare_run(cfg: RunConfig, run_id: str | None = None, address: str | None = None):
     """Plan, load the dataset, then create the run folder (run.json) and ingest. Returns (store, info, input manifest).
 
     Everything that can fail on bad input (config, plan, data files) happens before
     the first byte is written, so a refused run leaves the store as it was.
     """
-    plan = build_plan(cfg)
+    plan = build_plan(cfg, local_cluster=_local_cluster(cfg, address))
     run_id = check_run_id(run_id or new_run_id(cfg.name))
     uri = abs_uri(cfg.store.uri)
     probe = Store(uri, run_id, create=False)
@@ -90,7 +96,7 @@ def _finish(store: Store, info: dict, cfg: RunConfig, final_stage: bool) -> int:
 
 
 def run(cfg: RunConfig, *, run_id: str | None = None, address: str | None = None, final_stage: bool = True) -> int:
-    store, info, manifest = prepare_run(cfg, run_id)
+    store, info, manifest = prepare_run(cfg, run_id, address)
     print(f"run {info['run_id']}: {manifest.rows} samples {manifest.splits} in {store.root_uri}", flush=True)
     info, _ = _train(store, info, cfg, list(cfg.stack), address)
     return _finish(store, info, cfg, final_stage)
@@ -137,7 +143,7 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
         problems += validation_problems(exc) if hasattr(exc, "errors") else [("", str(exc))]
     if problems:
         raise ConfigError(problems)
-    build_plan(new_cfg, check_paths=False)
+    build_plan(new_cfg, check_paths=False, local_cluster=_local_cluster(new_cfg, address))
     from pipeline.lease import module_lease
 
     with module_lease(store, module):

@@ -64,8 +64,10 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     # A laptop may have fewer cores than modules: let Ray oversubscribe (each actor uses its own torch threads).
+    # address="local": a new instance even when `ray start --head` runs on this machine (a bare ray.init()
+    # would join that head, and refuse num_cpus); joining a cluster takes --address / RAY_ADDRESS.
     need = len(cfg.stack) * cfg.resources.cpus_per_module
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
              object_store_memory=256 * 1024 * 1024)
     return True
 
@@ -106,12 +108,13 @@ def _reserve(cfg: RunConfig, run_id: str, names: list[str], gpus: float):
     waited = 0.0
     while not ray.wait([pg.ready()], timeout=30.0)[0]:
         waited += 30.0
+        total, free = _cpus_gpus(ray.cluster_resources()), _cpus_gpus(ray.available_resources())
         print(f"waiting {waited:.0f} s for a placement group of {len(names)} x {bundle} (resources.placement=pack); "
-              f"cluster total {_whole(ray.cluster_resources())}, free {_whole(ray.available_resources())}", flush=True)
+              f"cluster total {total}, free {free}", flush=True)
     return pg
 
 
-def _whole(resources: dict) -> dict:
+def _cpus_gpus(resources: dict) -> dict:
     return {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
 
 
@@ -170,8 +173,13 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
     from workers.trainer import ModuleTrainer
 
     generation = generation or {}
-    ensure_ray(address, cfg)
+    started_here = ensure_ray(address, cfg)
     gpus = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
+    if not started_here and gpus == 0 and cfg.resources.gpus_per_module == "auto":
+        # An autoscaling cluster shows no GPU until a GPU worker is up: 'auto' would then train on CPUs.
+        print("note: resources.gpus_per_module=auto found no GPU in the cluster, so modules train on CPU; "
+              "set resources.gpus_per_module=1 to wait for GPU workers (an autoscaler starts them on demand)",
+              file=sys.stderr, flush=True)
     actor_cls = ray.remote(ModuleTrainer)
     config = cfg.model_dump(mode="json")
     statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}

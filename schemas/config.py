@@ -220,6 +220,37 @@ class StoreConfig(Strict):
     codec: Literal["float16", "float32"] = Field("float16", description="How activation tensors are stored.")
     rows_per_shard: int = Field(4096, ge=1, description="Rows per Parquet shard.")
 
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        problem = uri_credentials_problem(uri)
+        if problem:
+            raise ValueError(problem)
+        return uri
+
+
+_SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "credentials")
+
+
+def uri_credentials_problem(uri: str) -> str | None:
+    """Why ``uri`` must not be used as a store URI (it carries credentials), or None.
+
+    The store URI is written into run.json, logs and the report; credentials belong in the
+    environment (AWS_ACCESS_KEY_ID, ...) or the file system's own configuration.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    if "://" not in uri:
+        return None
+    parts = urlsplit(uri)
+    secret = sorted(k for k in parse_qs(parts.query) if k.lower() in _SECRET_QUERY_KEYS)
+    if parts.password is not None or secret:  # a bare user@ (hdfs://user@namenode) is not a secret
+        what = "user:password@" if parts.password is not None else "?" + "&".join(f"{k}=" for k in secret)
+        return (f"the store URI carries credentials ({what}); they would be written into run.json, logs and the report. "
+                "Remove them and set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                "GOOGLE_APPLICATION_CREDENTIALS) or the file system's own configuration")
+    return None
+
 
 class RunConfig(Strict):
     name: str = Field("run", description="A label for the run (the run id defaults to name + timestamp).")

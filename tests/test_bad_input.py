@@ -66,6 +66,10 @@ def _cases(store: Path, config: Path, tmp: Path):
          ["stack.m1.train.lr", "may only change"]),
         ("path-escaping run id", ["run", str(config), *s, "--run-id", "../escape"], ["not a plain name"]),
         ("path-escaping RUN", ["status", "../../etc", *s], ["outside --store"]),
+        ("credentials in the store URI", ["run", str(config), "--store", "s3://AKIA:hunter2@bucket/runs"],
+         ["store.uri", "carries credentials", "AWS_ACCESS_KEY_ID"]),
+        ("secret keys in the store URI", ["status", "good", "--store", "s3://bucket/runs?access_key=AKIA&secret_key=x"],
+         ["carries credentials", "?access_key=&secret_key="]),
     ]
 
 
@@ -83,6 +87,7 @@ def test_bad_input_is_refused_and_the_store_is_unchanged(name, run_store, tmp_pa
     for words in case[2]:
         assert words in err, f"{name}: {words!r} not in {err!r}"
     assert "error:" in err and "fix:" in err
+    assert "hunter2" not in err, f"{name}: a secret was echoed back"
     assert store_hash(store) == before, f"{name}: the store changed"
 
 

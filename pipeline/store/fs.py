@@ -21,6 +21,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 from pipeline.errors import StoreError
+from schemas.config import uri_credentials_problem
 
 
 _OVERLAP_BYTES = 1 << 20
@@ -81,6 +82,9 @@ class RunFS:
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise StoreError(f"run id {run_id!r} is not a plain name", "use letters, digits, '.', '_' or '-'")
         self.uri = uri
+        problem = uri_credentials_problem(uri)
+        if problem:
+            raise StoreError(problem, "pass the URI without credentials (--store / store.uri)")
         try:
             if "://" in uri:
                 self.fs, base = pafs.FileSystem.from_uri(uri)
