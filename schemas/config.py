@@ -169,6 +169,17 @@ class PatchConfig(Strict):
     stride: int = Field(8, ge=1, description="Step between patches (16 with stride 8 on 64x64 gives the 7x7 GIM grid).")
 
 
+class StageStoreConfig(Strict):
+    codec: Literal["float16", "bfloat16", "float32", "int8"] | None = Field(
+        None, description="How this module's activations are stored (null = store.codec). int8: per-channel affine "
+        "quantization, scale and zero point stored with the shard, error bound checked on write.")
+    zstd_level: int | None = Field(
+        None, ge=1, le=22, description="Compress this module's activation column with zstd at this level (null = none).")
+    materialize: bool = Field(
+        True, description="false: publish only this module's frozen weights; the module above recomputes its input "
+        "from the nearest materialized stage below (trades compute for store bytes).")
+
+
 class ModuleConfig(Strict):
     layers: list[Layer] = Field(..., min_length=1, description="The module's layers, applied in order.")
     objective: Objective = Field(default_factory=InfoNCEPair, description="The module's local loss.")
@@ -176,6 +187,8 @@ class ModuleConfig(Strict):
     patches: PatchConfig | None = Field(
         None, description="First module only: cut each image into a grid of overlapping patches, each encoded separately (GIM)."
     )
+    store: StageStoreConfig = Field(default_factory=StageStoreConfig,
+                                    description="What crosses the boundary above this module: codec, compression, materialization.")
 
 
 class ScheduleConfig(Strict):
@@ -190,6 +203,10 @@ class ScheduleConfig(Strict):
         "not final (async mode), so the settle on the final upstream starts from adapted weights.")
     poll_seconds: float = Field(0.5, gt=0, description="How often a waiting module looks for a new upstream version.")
     keep_versions: int = Field(3, ge=1, description="Retention: newest N versions per stage kept (plus final and pinned ones).")
+    publish: Literal["full", "stream"] = Field(
+        "full", description="full: intermediate versions cover the samples (publish_fraction); stream: a module appends "
+        "shards continuously to a bounded ring (store.window_samples) that the module above samples from. Final versions "
+        "are complete either way.")
 
 
 class ResourcesConfig(Strict):
@@ -219,6 +236,10 @@ class StoreConfig(Strict):
     uri: str = Field("./isostack-runs", description="Store root: a local path or an s3://, gs://, hdfs:// URI.")
     codec: Literal["float16", "float32"] = Field("float16", description="How activation tensors are stored.")
     rows_per_shard: int = Field(4096, ge=1, description="Rows per Parquet shard.")
+    window_samples: int = Field(
+        16384, ge=1, description="schedule.publish=stream: samples kept in each module's ring of streamed shards.")
+    max_shard_reuse: int = Field(
+        4, ge=1, description="schedule.publish=stream: how many epochs' worth of draws one streamed shard may feed.")
 
     @field_validator("uri")
     @classmethod
