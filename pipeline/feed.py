@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.errors import StoreError
 from pipeline.pairing import partner_index
 from pipeline.store import Store
 from schemas.manifest import Manifest
@@ -35,10 +36,24 @@ class Upstream:
     azimuth: np.ndarray            # float degrees, NaN where null
     elevation: np.ndarray
     lighting: np.ndarray
+    # Set when the stage read is not materialized (``manifest`` is then its weights version): the
+    # stored version ``x`` comes from, and the frozen modules that turn float(x) into the stage's
+    # activations, with the weights versions they came from (bottom to top).
+    source: Manifest | None = None
+    recompute: torch.nn.Module | None = None
+    chain: tuple[Manifest, ...] = ()
 
     @property
     def pixels(self) -> bool:
         return self.x.dtype == torch.uint8
+
+    def features(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Stored rows -> float32 activations of the stage asked for, on ``device``."""
+        x = to_float(x, device)
+        if self.recompute is None:
+            return x
+        with torch.no_grad():  # not inference_mode: the result feeds a module that trains
+            return self.recompute(x)
 
     def train_rows(self) -> np.ndarray:
         return np.flatnonzero(self.split == "train")
@@ -67,6 +82,50 @@ def load_upstream(store: Store, stage: str, version: int) -> Upstream:
         elevation=_column(meta, "elevation", np.float64, np.nan),
         lighting=_column(meta, "lighting", np.int64, -1),
     )
+
+
+def load_source(store: Store, stage: str, version: int, config: dict, device: torch.device) -> Upstream:
+    """Version ``version`` of ``stage``, materialized or not.
+
+    A weights version (``stack.<stage>.store.materialize: false``) is followed down its
+    ``upstream`` links through further weights versions to the nearest stored activations;
+    those are loaded and the weights become a frozen ``recompute`` network (bottom to top).
+    A linked version that retention removed is replaced by its stage's newest committed one.
+    """
+    from safetensors.torch import load as st_load
+
+    from pipeline.modules import build_module
+    from pipeline.plan import build_plan
+    from schemas.config import RunConfig
+
+    manifest, chain = store.manifest(stage, version), []
+    while manifest.codec == "weights":
+        chain.append(manifest)
+        below = manifest.upstream or {}
+        if not below.get("stage"):
+            raise StoreError(f"weights version {manifest.stage} v{manifest.version} names no upstream version",
+                             "retrain the module; its weights version cannot be recomputed")
+        committed = store.versions(below["stage"])
+        if not committed:
+            raise StoreError(f"{manifest.stage} v{manifest.version} is recomputed from {below['stage']}, "
+                             "which has no committed version", "train the modules below first")
+        pick = int(below["version"]) if int(below["version"]) in committed else committed[-1]
+        manifest = store.manifest(below["stage"], pick)
+    up = load_upstream(store, manifest.stage, manifest.version)
+    if not chain:
+        return up
+    cfg = RunConfig.model_validate(config)
+    plan = build_plan(cfg, check_paths=False, local_cluster=False)
+    layers = []
+    for weights_version in reversed(chain):
+        name = weights_version.stage
+        module = build_module(cfg.stack[name], tuple(plan.module(name).in_shape))
+        module.load_state_dict(st_load(store.read_weights(weights_version)))
+        layers.append(module.eval().requires_grad_(False))
+    up.source, up.manifest = up.manifest, chain[0]
+    up.recompute = torch.nn.Sequential(*layers).to(device)
+    up.chain = tuple(reversed(chain))
+    return up
 
 
 def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -123,8 +182,8 @@ class PairedBatches:
             x_pos = x_pos.pin_memory() if x_pos is not None else None
         labels = torch.from_numpy(self._up.label[idx]).to(self._device)
         groups = torch.from_numpy(self._groups[idx]).to(self._device) if self._groups is not None else None
-        return TrainBatch(to_float(x, self._device), to_float(x_pos, self._device) if x_pos is not None else None,
-                          labels, groups)
+        return TrainBatch(self._up.features(x, self._device),
+                          self._up.features(x_pos, self._device) if x_pos is not None else None, labels, groups)
 
     def __iter__(self):
         q: queue.Queue = queue.Queue(maxsize=self._prefetch)

@@ -38,6 +38,9 @@ class ModulePlan(BaseModel):
     batch_size: int = Field(description="Samples per step.")
     lr: float = Field(description="Adam learning rate.")
     bytes_per_version: int | None = Field(description="Estimated bytes of one full version of its activations.")
+    source: str = Field("", description="The materialized stage its input is read from ('' = upstream itself).")
+    recompute: list[str] = Field(default_factory=list, description="Modules below (not materialized) whose frozen "
+                                 "weights recompute its input from `source`, bottom to top.")
 
 
 class RunPlan(BaseModel):
@@ -92,8 +95,13 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
             epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
             bytes_per_version=(rows * math.prod(out_shape) * _CODEC_BYTES[cfg.store.codec]) if rows and out_shape else None,
         ))
+        below = modules[-2] if index > 0 else None
+        if below is not None and not cfg.stack[below.name].store.materialize:
+            modules[-1].source = below.source or below.upstream
+            modules[-1].recompute = [*below.recompute, below.name]
         shape, upstream = out_shape, name
 
+    problems += _materialize_problems(cfg, modules)
     problems += _resource_problems(cfg, local_cluster)
     if problems:
         raise ConfigError(problems)
@@ -178,6 +186,54 @@ def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]
             out.append((f"{key}.train.batch_size", f"SFA whitens each batch, so the batch ({batch_size}) must exceed "
                                                    f"the output width ({width})"))
     return out
+
+
+def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tuple[str, str]]:
+    """A non-materialized module needs a module above it, and the recompute chain must fit that module's device."""
+    out = []
+    top = modules[-1].name if modules else None
+    if top is not None and not cfg.stack[top].store.materialize:
+        out.append((f"stack.{top}.store.materialize", "the top module's activations are what the final stage reads and "
+                                                      "exports; only modules below the top can skip materializing"))
+    for m in modules:
+        if not m.recompute or not m.in_shape:
+            continue
+        need = recompute_bytes(cfg, modules, m)
+        have, where = _device_bytes(cfg)
+        if have is not None and need > have:
+            last = m.recompute[-1]
+            out.append((f"stack.{last}.store.materialize",
+                        f"{m.name} would recompute {' -> '.join(m.recompute)} from {m.source} for each batch: "
+                        f"about {need / 2**30:.2f} GiB on top of its own training, more than {where} "
+                        f"({have / 2**30:.2f} GiB); materialize {last} (true), lower stack.{m.name}.train.batch_size, "
+                        "or set resources.device_memory_gb"))
+    return out
+
+
+def recompute_bytes(cfg: RunConfig, modules: list[ModulePlan], m: ModulePlan) -> int:
+    """Memory of recomputing ``m``'s input per batch: the frozen chain's float32 weights plus its two largest
+    live activations (a layer's input and output) for a batch of pairs."""
+    by_name = {p.name: p for p in modules}
+    chain = [by_name[n] for n in m.recompute]
+    weights = sum(p.params for p in chain) * 4
+    widest = max([math.prod(chain[0].in_shape)] + [math.prod(p.out_shape) for p in chain if p.out_shape])
+    return int(weights + 2 * (2 * m.batch_size) * widest * 4)
+
+
+def _device_bytes(cfg: RunConfig) -> tuple[int | None, str]:
+    """Memory of one module's device: resources.device_memory_gb, else this machine's GPU or RAM."""
+    if cfg.resources.device_memory_gb is not None:
+        return int(cfg.resources.device_memory_gb * 2**30), "resources.device_memory_gb"
+    gpus = cfg.resources.gpus_per_module
+    if gpus != 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory), "this machine's GPU memory"
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's memory"
+    except (ValueError, OSError, AttributeError):
+        return None, ""
 
 
 def _resource_problems(cfg: RunConfig, local_cluster: bool | None) -> list[tuple[str, str]]:

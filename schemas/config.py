@@ -217,6 +217,9 @@ class ResourcesConfig(Strict):
     placement: Literal["none", "spread", "pack"] = Field("none", description="Placement group strategy for the module actors.")
     max_restarts: int = Field(3, ge=0, description="How often Ray restarts a crashed module actor (it resumes from its checkpoint).")
     address: str | None = Field(None, description="Ray address; null = RAY_ADDRESS or a new local instance.")
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of each module's device, used to refuse recompute chains "
+        "(stack.<m>.store.materialize: false) that would not fit; null = this machine's GPU, else its RAM.")
 
 
 class EvaluateConfig(Strict):

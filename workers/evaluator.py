@@ -14,11 +14,13 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.config import dump_yaml
 from pipeline.data import capabilities
 from pipeline.encoder import compose_from_store, save_model
 from pipeline.evaluation import classify
+from pipeline.feed import load_source
 from pipeline.modules import pool_to_vector
 from pipeline.pose import pose_metrics
 from pipeline.runs import now_iso
@@ -66,11 +68,19 @@ class Evaluator:
     def embeddings(self, stage: str) -> tuple[pa.Table, np.ndarray]:
         """(metadata, (N, D) float32) of a stage's final version, pooled per sample."""
         final = self.store.final(stage)
+        if final.codec == "weights":  # not materialized: recompute from the stage below
+            return self._recomputed(stage, final.version)
         reader = self.store.read(stage, final.version)
         x = reader.tensor()
         if stage == "input":
             return reader.meta, (x.reshape(len(x), -1).float() / 255.0).numpy()
         return reader.meta, pool_to_vector(x).numpy().astype(np.float32)
+
+    def _recomputed(self, stage: str, version: int) -> tuple[pa.Table, np.ndarray]:
+        up = load_source(self.store, stage, version, self.cfg.model_dump(mode="json"), torch.device("cpu"))
+        chunks = [pool_to_vector(up.features(up.x[i:i + 1024], torch.device("cpu"))).numpy()
+                  for i in range(0, len(up.x), 1024)]
+        return up.meta, np.concatenate(chunks).astype(np.float32)
 
     def _split(self, meta: pa.Table, emb: np.ndarray):
         split = np.asarray(meta.column("split").to_pylist())

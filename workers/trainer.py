@@ -22,7 +22,7 @@ import torch
 
 from pipeline import checkpoint, faults
 from pipeline.errors import TrainingError
-from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_upstream, to_float
+from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_source
 from pipeline.modules import build_module
 from pipeline.objectives import build_objective
 from pipeline.pairing import augment_views
@@ -144,9 +144,14 @@ class ModuleTrainer:
         return self.status()
 
     def publish(self, final: bool) -> "object":
-        """Run inference with the current weights on the upstream in use and commit a version."""
+        """Run inference with the current weights on the upstream in use and commit a version.
+
+        A module that is not materialized (``store.materialize: false``) commits its weights instead.
+        """
         up = self._upstream
         self._update(state=ModuleState.publishing)
+        if not self.mcfg.store.materialize:
+            return self._published(self._publish_weights(final))
         rows = np.arange(len(up.sample_id))
         fraction = 1.0 if final else self.cfg.schedule.publish_fraction
         if fraction < 1.0:
@@ -163,7 +168,7 @@ class ModuleTrainer:
         try:
             with torch.inference_mode():
                 for idx in inference_chunks(up, rows, chunk=max(256, 4 * self.train_cfg.batch_size)):
-                    z = self.module(to_float(up.x.index_select(0, torch.from_numpy(idx)), self.device))
+                    z = self.module(up.features(up.x.index_select(0, torch.from_numpy(idx)), self.device))
                     writer.write(meta.take(pa.array(idx)), z.cpu())
             manifest = writer.commit()
         except BaseException:
@@ -171,6 +176,20 @@ class ModuleTrainer:
             raise
         finally:
             self.module.train()
+        return self._published(manifest)
+
+    def _publish_weights(self, final: bool):
+        from safetensors.torch import save as st_save
+
+        up = self._upstream
+        weights = st_save({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()})
+        return self.store.commit_weights(
+            self.name, weights, shape=list(self.plan.out_shape), final=final,
+            producer={"module": self.name, "epoch": self.epoch, "generation": self.generation,
+                      "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors"},
+            upstream={"stage": self.plan.upstream, "version": up.manifest.version})
+
+    def _published(self, manifest):
         self.lineage["published"].append(manifest.version)
         self._record(f"{self.name}/publish/version", manifest.version)
         self._update(published=list(self.lineage["published"]), state=ModuleState.training)
@@ -201,7 +220,8 @@ class ModuleTrainer:
             time.sleep(self.cfg.schedule.poll_seconds)
         if newest is None or (self._upstream is not None and self._upstream.manifest.version == newest.version):
             return
-        self._upstream = load_upstream(self.store, self.plan.upstream, newest.version)
+        self._upstream = load_source(self.store, self.plan.upstream, newest.version, self.cfg.model_dump(mode="json"),
+                                     self.device)
         self._record(f"{self.name}/upstream/version", newest.version)
         self._update(upstream_version=newest.version, upstream_final=newest.final)
 

@@ -21,11 +21,13 @@ from pipeline.errors import IntegrityError, StoreError
 from pipeline.store.fs import RunFS
 from pipeline.store.reader import VersionReader, sha256_of
 from pipeline.store.writer import MANIFEST, VersionWriter, version_dir
-from schemas.manifest import Manifest
+from schemas.manifest import Manifest, ShardEntry
 
 MANIFEST_FORMAT = 1
 _COUNTER = "_LAST_VERSION.json"  # per stage: the highest version number ever begun
 _STAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+WEIGHTS_CODEC = "weights"  # the codec of a weights version (no rows; one safetensors file)
+WEIGHTS_FILE = "weights.safetensors"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 
 
@@ -99,6 +101,62 @@ class Store:
         return VersionWriter(self._fs, stage, version, codec=codec, final=final, producer=producer, upstream=upstream,
                              sample_fraction=sample_fraction, rows_per_shard=rows_per_shard)
 
+    def commit_weights(self, stage: str, weights: bytes, *, shape: list[int], final: bool = False,
+                       producer: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None) -> Manifest:
+        """Commit a *weights version*: the module's frozen weights instead of its activations.
+
+        For a stage that is not materialized (``stack.<m>.store.materialize: false``): the
+        module above recomputes this stage's activations from the version ``upstream``
+        names. The weights file is the version's one entry in ``shards`` (rows 0), so
+        ``verify``, ``gc`` and retention treat it like any shard; codec ``"weights"``
+        tells readers there are no rows to read. ``shape`` is the per-sample output shape.
+        """
+        import hashlib
+
+        _check_stage(stage)
+        counter = f"store/{stage}/{_COUNTER}"
+        version = max([(self.read_json(counter) or {}).get("last", 0), *self._version_dirs(stage)]) + 1
+        while not self._fs.mkdir_exclusive(version_dir(stage, version)):
+            version += 1
+        self.write_json(counter, {"last": version})
+        vdir = version_dir(stage, version)
+        try:
+            with self._fs.errors("write", f"{vdir}/{WEIGHTS_FILE}"):
+                self._fs.write_atomic(f"{vdir}/{WEIGHTS_FILE}", weights)
+            manifest = Manifest(
+                stage=stage, version=version, final=final, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                codec=WEIGHTS_CODEC, dtype="safetensors", shape=list(shape), rows=0,
+                shards=[ShardEntry(path=WEIGHTS_FILE, rows=0, bytes=len(weights),
+                                   sha256=hashlib.sha256(weights).hexdigest())],
+                splits={}, sample_fraction=1.0, producer=dict(producer or {}), upstream=upstream, arrow_schema="")
+            self._fs.write_atomic(f"{vdir}/{MANIFEST}", json.dumps(manifest.model_dump(mode="json"), indent=1).encode())
+        except BaseException:
+            for rel in (f"{vdir}/{WEIGHTS_FILE}", vdir):
+                try:
+                    self._fs.delete(rel)
+                except StoreError:
+                    pass  # gc lists what is left
+            raise
+        return manifest
+
+    def read_weights(self, manifest: Manifest) -> bytes:
+        """The weights file of a weights version, checked against its sha256."""
+        import hashlib
+
+        if manifest.codec != WEIGHTS_CODEC:
+            raise StoreError(f"{manifest.stage} v{manifest.version} holds activations (codec {manifest.codec!r}), not weights",
+                             "read it with Store.read(); weights versions come from stages with materialize: false")
+        entry = manifest.shards[0]
+        rel = f"{version_dir(manifest.stage, manifest.version)}/{entry.path}"
+        data = self._fs.read(rel)
+        if data is None:
+            raise IntegrityError(f"weights file {self._fs.uri_of(rel)} listed in {manifest.stage} v{manifest.version} is missing",
+                                 "the version cannot be used; retrain the module or restore the file")
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise IntegrityError(f"weights file {self._fs.uri_of(rel)} does not match its sha256 in the manifest",
+                                 "the file was damaged; retrain the module or restore the file")
+        return data
+
     def versions(self, stage: str) -> list[int]:
         """Committed versions of ``stage``, ascending."""
         _check_stage(stage)
@@ -151,6 +209,11 @@ class Store:
 
     def read(self, stage: str, version: int, verify: bool = False) -> VersionReader:
         """A reader of a committed version; ``verify`` checks every shard's sha256 first."""
+        manifest = self.manifest(stage, version)
+        if manifest.codec == WEIGHTS_CODEC:
+            raise StoreError(f"{stage} v{version} is a weights version (stack.{stage}.store.materialize: false): "
+                             "it holds the module's weights, not activations",
+                             "recompute its activations with pipeline.feed.load_source, or set materialize: true")
         return VersionReader(self._fs, self.manifest(stage, version), version_dir(stage, version), verify=verify)
 
     # ------------------------------------------------------------ upkeep
