@@ -21,8 +21,9 @@ import pyarrow as pa
 import torch
 
 from pipeline import checkpoint, faults
-from pipeline.errors import TrainingError
-from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_source
+from pipeline.errors import StoreError, TrainingError
+from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_source, load_upstream
+from pipeline.store.stream import StreamRing, chunk_rows, concat_upstreams
 from pipeline.modules import build_module
 from pipeline.objectives import build_objective
 from pipeline.pairing import augment_views
@@ -66,7 +67,7 @@ class ModuleTrainer:
         self.ckpt_dir = checkpoint.checkpoint_dir(self.name, self.generation)
         self.lineage: dict = {"module": self.name, "generation": self.generation, "upstream_stage": self.plan.upstream,
                               "upstream_versions": [], "epochs_on_final": 0, "published": [], "train_seconds": 0.0,
-                              "step": 0, "started_at": None, "restarts": 0}
+                              "step": 0, "started_at": None, "restarts": 0, "stream_consumed": []}
         self.epoch = 0
         last = checkpoint.latest(self.store, self.ckpt_dir)
         if last is not None:
@@ -78,6 +79,7 @@ class ModuleTrainer:
             self.lineage["published"] = [v for v in self.store.versions(self.name)
                                          if self.store.manifest(self.name, v).producer.get("generation", 0) == self.generation]
         self._upstream: Upstream | None = None
+        self._stream_setup()
         self._metrics: list[dict] = self._load_metrics()
         device = str(self.device)
         if self.device.type == "cuda":
@@ -106,7 +108,7 @@ class ModuleTrainer:
             while not self._stop.is_set():
                 self._switch_upstream()
                 waiting = self.epoch >= self.train_cfg.epochs and not self._upstream.manifest.final \
-                    if self._upstream is not None else True
+                    if self._upstream is not None and not self._starved else True
                 # Past its epochs with a non-final upstream, a module keeps up with each new upstream version
                 # (one epoch per version) so that it needs only a short settle once the upstream is final.
                 if waiting and self._upstream is not None and self.cfg.schedule.track_upstream:
@@ -120,7 +122,7 @@ class ModuleTrainer:
                     break
                 self.train_until(self.epoch + 1)
                 finishing = self.epoch >= self.train_cfg.epochs and self.lineage["epochs_on_final"] >= self._settle_needed()
-                if self.epoch % self.cfg.schedule.publish_every == 0 and not finishing:
+                if self.epoch % self.cfg.schedule.publish_every == 0 and not finishing and self._ring is None:
                     self.publish(final=False)
             if self._stop.is_set():
                 self._update(state=ModuleState.stopped)
@@ -141,6 +143,7 @@ class ModuleTrainer:
         while self.epoch < epoch:
             self._switch_upstream(block=True)
             self._train_epoch()
+            self._count_window_uses()
         return self.status()
 
     def publish(self, final: bool) -> "object":
@@ -213,6 +216,8 @@ class ModuleTrainer:
 
     def _switch_upstream(self, block: bool = False) -> None:
         """At an epoch boundary, move to the newest committed upstream version."""
+        if self._reads_stream:
+            return self._switch_window(block)
         while True:
             newest = self.store.newest(self.plan.upstream)
             if newest is not None or not block:
@@ -258,6 +263,7 @@ class ModuleTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self._stream_tick()
             losses.append(loss.detach())
             samples += len(x)
         seconds = time.perf_counter() - t0
@@ -277,6 +283,99 @@ class ModuleTrainer:
                      train_seconds=self.lineage["train_seconds"], peak_memory_bytes=self._peak_memory())
         self._write_metrics()
         self._write_status()
+
+    # ------------------------------------------------------------ streaming (schedule.publish: stream)
+
+    def _stream_setup(self) -> None:
+        streaming = self.cfg.schedule.publish == "stream"
+        self._ring = StreamRing(self.store, self.name, self.cfg.store.window_samples) \
+            if streaming and self.mcfg.store.materialize else None
+        below = self.cfg.stack.get(self.plan.upstream)
+        self._reads_stream = streaming and below is not None and below.store.materialize
+        self._starved = False
+        self.lineage.setdefault("stream_consumed", [])
+        self._window_uses: dict[int, int] = {}  # upstream chunk version -> epochs trained on it (kept across restarts)
+        for _, used in self.lineage["stream_consumed"]:
+            for version, *_ in used:
+                self._window_uses[version] = self._window_uses.get(version, 0) + 1
+        self._window: list = []  # the chunks of the window read for the next epoch
+        self._since_chunk, self._cursor, self._order = 0, 0, None
+
+    def _switch_window(self, block: bool) -> None:
+        """Stream mode: the upstream's final version once it exists, else a fresh window of its newest chunks."""
+        stage, ring = self.plan.upstream, StreamRing(self.store, self.plan.upstream, self.cfg.store.window_samples)
+        if self._window:
+            return  # read at this epoch boundary already, not trained on yet
+        while True:
+            final = self.store.final(stage)
+            if final is not None:
+                self._starved, self._window = False, []
+                if self._upstream is None or self._upstream.manifest.version != final.version:
+                    self._upstream = load_source(self.store, stage, final.version, self.cfg.model_dump(mode="json"),
+                                                 self.device)
+                    self._record(f"{self.name}/upstream/version", final.version)
+                    self._update(upstream_version=final.version, upstream_final=True)
+                return
+            chunks, parts = ring.window(self._window_uses, self.cfg.store.max_shard_reuse), []
+            for m in chunks:
+                try:
+                    parts.append((m, load_upstream(self.store, stage, m.version)))
+                except (StoreError, OSError):
+                    continue  # rotated out of the ring while we read it: skip it, never half of it
+            self._starved = not parts
+            if parts or not block:
+                break
+            time.sleep(self.cfg.schedule.poll_seconds)
+        if not parts:
+            return
+        self._window = [m for m, _ in parts]
+        self._upstream = concat_upstreams([u for _, u in parts])
+        newest = self._window[-1].version
+        self._record(f"{self.name}/upstream/version", newest)
+        self._update(upstream_version=newest, upstream_final=False)
+
+    def _count_window_uses(self) -> None:
+        if not self._window:
+            return
+        for m in self._window:
+            self._window_uses[m.version] = self._window_uses.get(m.version, 0) + 1
+        self.lineage["stream_consumed"].append(
+            [self.epoch, [[m.version, m.producer.get("checkpoint"), m.producer.get("step")] for m in self._window]])
+        self._window = []  # a new window is read for the next epoch
+
+    def _stream_tick(self) -> None:
+        """Stream mode: after every few training steps, commit a chunk of activations with the current weights."""
+        if self._ring is None or self._upstream is None:
+            return
+        up, tc = self._upstream, self.train_cfg
+        rows_total = len(up.train_rows())
+        chunk = min(chunk_rows(self.cfg.store.window_samples, self.cfg.store.rows_per_shard), rows_total)
+        self._since_chunk += 1
+        if self._since_chunk * tc.batch_size * self.cfg.schedule.publish_fraction < chunk:
+            return
+        self._since_chunk = 0
+        if self._order is None or self._cursor + chunk > len(self._order) or len(self._order) != rows_total:
+            rng = np.random.default_rng([tc.seed, self.plan.index, self.generation, self.lineage["step"]])
+            self._order, self._cursor = rng.permutation(up.train_rows()), 0
+        rows = np.sort(self._order[self._cursor:self._cursor + chunk])
+        self._cursor += chunk
+
+        def write(writer) -> None:
+            self.module.eval()
+            try:
+                with torch.inference_mode():
+                    z = self.module(up.features(up.x.index_select(0, torch.from_numpy(rows)), self.device))
+                writer.write(up.meta.take(pa.array(rows)), z.cpu())
+            finally:
+                self.module.train()
+
+        manifest = self._ring.append(
+            write, codec=self.cfg.store.codec, rows=len(rows), total_rows=len(up.sample_id),
+            rows_per_shard=self.cfg.store.rows_per_shard,
+            producer={"module": self.name, "epoch": self.epoch, "step": self.lineage["step"], "generation": self.generation,
+                      "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors" if self.epoch else None},
+            upstream={"stage": self.plan.upstream, "version": up.manifest.version})
+        self._record(f"{self.name}/stream/version", manifest.version)
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
