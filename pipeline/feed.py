@@ -1,7 +1,7 @@
 """Feeding a trainer from a committed upstream version.
 
 The version is decoded once into one tensor (its stored dtype: uint8 pixels
-or float16 activations) and batches are gathered from it by index, cast to
+or float16/bfloat16/float32 activations) and batches are gathered from it by index, cast to
 float32 on the trainer's device. A background thread prepares the next batch
 (gather, cast, pin) while the current one trains.
 """
@@ -64,16 +64,25 @@ def _column(table, name: str, dtype, fill) -> np.ndarray:
     return np.asarray(col.fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
+# The dtype a version is held in memory as: its own where torch has it, float16 for int8 codes.
+_NATIVE = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _decoded(reader) -> torch.Tensor:
+    codec = reader.manifest.codec
+    if codec in _NATIVE:
+        return reader.tensor(dtype=_NATIVE[codec])
+    x = reader.tensor(dtype=torch.float32)  # int8: decoded values may span beyond float16's 65504
+    return x.half() if x.numel() == 0 or x.abs().max().item() < 65504 else x
+
+
 def load_upstream(store: Store, stage: str, version: int) -> Upstream:
     reader = store.read(stage, version)
     meta = reader.meta
-    native = torch.uint8 if reader.manifest.codec == "uint8" else torch.float16
-    if reader.manifest.codec == "float32":
-        native = torch.float32
     return Upstream(
         manifest=reader.manifest,
         meta=meta,
-        x=reader.tensor(dtype=native),
+        x=_decoded(reader),
         sample_id=_column(meta, "sample_id", np.int64, 0),
         split=np.asarray(meta.column("split").to_pylist(), dtype=object),
         label=_column(meta, "label", np.int64, -1),

@@ -37,7 +37,11 @@ class Manifest(BaseModel):
     sample_fraction: float = Field(..., gt=0, le=1, description="Fraction of the stage's samples this version holds (1 = all).")
     producer: dict[str, Any] = Field(default_factory=dict, description="Who wrote it: module, epoch, checkpoint path (free-form).")
     upstream: dict[str, Any] | None = Field(None, description="The version it was computed from: {'stage': ..., 'version': ...}; null for input.")
-    arrow_schema: str = Field(..., description="The shards' Arrow schema as pyarrow's Schema.to_string() prints it.")
+    arrow_schema: str = Field(..., description="The shards' Arrow schema as pyarrow's Schema.to_string() prints it "
+                              "(per-shard codec params left out).")
+    codec_stats: dict[str, Any] = Field(
+        default_factory=dict, description="What the codec reports, summed over shards (int8: values, clipped, "
+        "clipped_fraction, max_abs_error, calibration); {} for plain codecs.")
 
     @model_validator(mode="after")
     def _rows_add_up(self) -> "Manifest":

@@ -4,9 +4,13 @@ A codec is built for one per-row shape and turns ``(N, *shape)`` tensors into an
 Arrow ``FixedSizeBinaryArray`` of N values and back. Its name and ``params`` go
 into every shard's schema metadata, so a reader rebuilds the codec from the
 shard alone. A codec with learned parameters (int8 with a per-channel scale)
-fixes them on its first ``encode`` and reports them through ``params``; the
-writer puts them in the schema of every shard after that first encode. To add one: write a class
-with the ``Codec`` members and ``register_codec`` it.
+fixes them on its first ``encode`` and reports them through ``params``. The
+writer builds a fresh codec for every shard, so such parameters are *per
+shard*: calibrated on the shard's first written rows and recorded in that
+shard's schema (the reader rebuilds the codec shard by shard). A codec may also
+offer ``stats() -> dict`` (clipping, error); the writer sums it into the
+manifest's ``codec_stats``. To add one: write a class with the ``Codec``
+members and ``register_codec`` it.
 """
 
 from __future__ import annotations
@@ -122,11 +126,139 @@ def _check_uint8(src: torch.Tensor) -> None:
                          "convert the images to uint8 (0..255) first, or use codec float16/float32")
 
 
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The per-row dimension that holds channels: dim 0 of a ``(C, H, W)`` map or a ``(D,)`` vector,
+    dim 1 of ``(P, C, h, w)`` patch rows and of ``(T, D)`` sequences; None for a scalar row."""
+    if len(shape) == 0:
+        return None
+    return 1 if len(shape) in (2, 4) else 0
+
+
+class Int8Codec:
+    """Rows stored as one byte per value: per-channel affine quantization.
+
+    ``q = clamp(round((x - offset_c) / scale_c), 0, 255)`` stored as uint8, decoded as
+    ``offset_c + q * scale_c`` in float32, with ``c`` the channel (``channel_axis``:
+    dim 0 of ``(C, H, W)``, dim 1 of ``(P, C, h, w)`` patch rows, the only dim of
+    ``(D,)``). ``offset_c`` (the zero point, as the value code 0 stands for) and
+    ``scale_c`` come from the channel's min and max over the **first batch this
+    codec encodes**; the writer makes one codec per shard, so every shard is
+    calibrated on its own first rows (more accurate than one calibration per
+    version, and a shard stays decodable alone). ReLU outputs have ``offset 0``,
+    so their zeros stay exact.
+
+    Later batches are clipped to the calibrated ``[offset, offset + 255 scale]``;
+    ``stats()`` counts the clipped values. Every encode checks the bound: for
+    in-range values ``|decode(encode(x)) - x| <= scale/2`` (plus float32 rounding of
+    the decode itself); NaN/inf inputs and ranges float32 cannot hold are refused.
+    """
+
+    name = "int8"
+    dtype = "uint8"
+
+    def __init__(self, shape: tuple[int, ...], params: dict[str, Any]) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.row_bytes = math.prod(self.shape)
+        self.axis = channel_axis(self.shape)
+        self.channels = self.shape[self.axis] if self.axis is not None else 1
+        self.params: dict[str, Any] = {}
+        self._scale = self._offset = None  # float32, broadcastable against (N, *shape)
+        self._clipped = self._values = 0
+        self._max_error = 0.0
+        if params:
+            self._set_params(params)
+
+    def stats(self) -> dict[str, Any]:
+        """Values encoded, values clipped to the calibrated range, and the largest in-range error seen."""
+        return {"values": self._values, "clipped": self._clipped, "max_abs_error": self._max_error}
+
+    def encode(self, tensor: torch.Tensor) -> pa.FixedSizeBinaryArray:
+        x = tensor.detach().to(torch.float32)  # on the source device: only uint8 crosses to the CPU
+        n = x.shape[0]
+        # One reduction finds NaN/inf (they poison the sum); the elementwise look only when it is not finite.
+        if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).sum().item()
+            raise StoreError(f"codec 'int8' got {bad} NaN/inf activation values in a batch of {n} rows; "
+                             "an affine int8 code has no value for them",
+                             "fix the module's output (a diverged module: lower its lr), or store it with "
+                             "stack.<module>.store.codec: float32")
+        if self._scale is None:
+            self._calibrate(x)
+        scale, offset = self._scale.to(x.device), self._offset.to(x.device)
+        q = torch.sub(x, offset).div_(scale)  # codes before rounding
+        # Outside the calibrated range by more than half a step: clipped to the end codes.
+        outside = (q - 127.5).abs_() > 128
+        clipped = int(outside.sum())
+        q.round_().clamp_(0, 255)
+        if x.numel():
+            # The bound, per channel: half a step, plus the float32 rounding of offset + q * scale itself.
+            err = torch.addcmul(offset, q, scale).sub_(x).abs_()
+            if clipped:
+                err.masked_fill_(outside, 0)
+            dims = tuple(d for d in range(x.dim()) if self.axis is None or d != 1 + self.axis)
+            worst = err.amax(dim=dims)  # (channels,)
+            mag = torch.maximum(offset.abs(), (offset + 255 * scale).abs()).reshape(-1)
+            bound = scale.reshape(-1) / 2 * (1 + 1e-3) + 2 * mag * torch.finfo(torch.float32).eps
+            if bool((worst > bound).any()):
+                where = int((worst - bound).argmax())
+                raise StoreError(f"codec 'int8': reconstruction error {worst[where].item():.4g} exceeds half a "
+                                 f"quantization step (channel {where}, scale {scale.reshape(-1)[where].item():.4g})",
+                                 "store this module with stack.<module>.store.codec: float16 or float32")
+            self._max_error = max(self._max_error, float(worst.max()))
+            self._clipped += clipped
+            self._values += x.numel()
+        out = q.to(torch.uint8).cpu().contiguous()
+        data = out.reshape(-1).numpy()
+        return pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.row_bytes), n, [None, pa.py_buffer(data)])
+
+    def decode(self, buffer: pa.Buffer, n: int) -> torch.Tensor:
+        if self._scale is None:
+            raise StoreError("codec 'int8' has no scale/offset to decode with",
+                             "the shard's schema metadata lacks codec_params; re-create the version")
+        q = view_readonly(buffer, np.uint8, n * self.row_bytes).view(n, *self.shape)
+        return torch.addcmul(self._offset, q.to(torch.float32), self._scale)
+
+    # ------------------------------------------------------------ internals
+
+    def _bshape(self) -> tuple[int, ...]:
+        """Per-channel values -> a shape that broadcasts against (N, *shape)."""
+        b = [1] * (1 + len(self.shape))
+        if self.axis is not None:
+            b[1 + self.axis] = self.channels
+        return tuple(b)
+
+    def _calibrate(self, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            raise StoreError("codec 'int8' cannot calibrate on an empty batch", "write at least one row")
+        dims = tuple(d for d in range(x.dim()) if self.axis is None or d != 1 + self.axis)
+        lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        scale = (hi - lo) / 255
+        if not bool(torch.isfinite(scale).all()):
+            raise StoreError(f"codec 'int8': a channel spans [{lo.min().item():.4g}, {hi.max().item():.4g}], "
+                             "wider than float32 can hold", "store this module with codec float32")
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant channel: code 0 is its value
+        self._set_params({"axis": self.axis, "scale": scale.cpu().reshape(-1).tolist(),
+                          "offset": lo.cpu().reshape(-1).tolist()})
+
+    def _set_params(self, params: dict[str, Any]) -> None:
+        scale = torch.tensor(params.get("scale", []), dtype=torch.float32)
+        offset = torch.tensor(params.get("offset", []), dtype=torch.float32)
+        if params.get("axis") != self.axis or scale.numel() != self.channels or offset.numel() != self.channels:
+            raise StoreError(f"codec 'int8' params (axis {params.get('axis')}, {scale.numel()} scales, "
+                             f"{offset.numel()} offsets) do not fit rows of shape {list(self.shape)} "
+                             f"(axis {self.axis}, {self.channels} channels)",
+                             "the shard's metadata is damaged or from another writer; re-create the version")
+        # JSON floats of float32 values convert back exactly, so decode uses the very numbers encode did.
+        self.params = {"axis": self.axis, "scale": scale.tolist(), "offset": offset.tolist()}
+        self._scale, self._offset = scale.view(self._bshape()), offset.view(self._bshape())
+
+
 _CODECS: dict[str, Callable[[tuple[int, ...], dict[str, Any]], Codec]] = {
     "float16": lambda shape, params: PlainCodec("float16", shape, torch.float16, _check_float16),
     "bfloat16": lambda shape, params: PlainCodec("bfloat16", shape, torch.bfloat16),
     "float32": lambda shape, params: PlainCodec("float32", shape, torch.float32),
     "uint8": lambda shape, params: PlainCodec("uint8", shape, torch.uint8, _check_uint8),
+    "int8": Int8Codec,
 }
 
 

@@ -59,14 +59,14 @@ class StreamRing:
         return out
 
     def append(self, write: Callable[[VersionWriter], None], *, producer: dict, upstream: dict | None,
-               codec: str, rows: int, total_rows: int, rows_per_shard: int) -> Manifest:
+               codec: str, rows: int, total_rows: int, rows_per_shard: int, zstd_level: int | None = None) -> Manifest:
         """Commit one chunk (``write`` fills the writer), then drop the oldest chunks beyond the window."""
         if rows > self.window_samples:
             raise StoreError(f"a stream chunk of {rows} rows is larger than store.window_samples={self.window_samples}",
                              "raise store.window_samples or lower store.rows_per_shard")
         writer = self.store.begin_version(self.stage, codec=codec, final=False, producer={**producer, "stream": True},
                                           upstream=upstream, sample_fraction=min(1.0, rows / max(1, total_rows)),
-                                          rows_per_shard=rows_per_shard)
+                                          rows_per_shard=rows_per_shard, zstd_level=zstd_level)
         try:
             write(writer)
             manifest = writer.commit()

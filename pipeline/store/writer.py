@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -22,15 +23,26 @@ from schemas.manifest import Manifest, ShardEntry
 
 MANIFEST = "_MANIFEST.json"
 
-# Parquet options: the tensor column is incompressible and unique per row, so
-# dictionaries, statistics and compression would only cost time there. Large
-# pages keep the per-page overhead small next to ~100 KB rows.
+# Parquet options: float activations barely compress and are unique per row, so
+# dictionaries, statistics and (by default) compression would only cost time on
+# the tensor column; a stage may still ask for zstd there (ReLU zeros, int8
+# codes do compress). Large pages keep the per-page overhead small next to ~100 KB rows.
 _WRITE_OPTIONS: dict[str, Any] = dict(
     compression={**{c: "zstd" for c in META_COLUMNS}, TENSOR_COLUMN: "none"},
     use_dictionary=["split"],
     write_statistics=["sample_id"],
     data_page_size=8 << 20,
 )
+
+
+def write_options(zstd_level: int | None) -> dict[str, Any]:
+    """Parquet options of a shard; ``zstd_level`` compresses the tensor column too (None: stored raw)."""
+    if zstd_level is None:
+        return _WRITE_OPTIONS
+    if not 1 <= zstd_level <= 22:
+        raise StoreError(f"zstd_level={zstd_level}", "pass a zstd level from 1 to 22, or None for no compression")
+    return {**_WRITE_OPTIONS, "compression": {**_WRITE_OPTIONS["compression"], TENSOR_COLUMN: "zstd"},
+            "compression_level": {TENSOR_COLUMN: zstd_level}}
 
 
 def version_dir(stage: str, version: int) -> str:
@@ -46,12 +58,13 @@ class VersionWriter:
 
     def __init__(self, fs: RunFS, stage: str, version: int, *, codec: str, final: bool,
                  producer: dict[str, Any] | None, upstream: dict[str, Any] | None,
-                 sample_fraction: float, rows_per_shard: int) -> None:
+                 sample_fraction: float, rows_per_shard: int, zstd_level: int | None = None) -> None:
         if rows_per_shard < 1:
             raise StoreError(f"rows_per_shard={rows_per_shard} for stage {stage!r}", "pass rows_per_shard >= 1")
         if not 0 < sample_fraction <= 1:
             raise StoreError(f"sample_fraction={sample_fraction} for stage {stage!r}", "pass 0 < sample_fraction <= 1")
         get_codec(codec, ())  # unknown codec names fail here, before any data moves
+        self._options = write_options(zstd_level)
         self.stage, self.version = stage, version
         self.dir = version_dir(stage, version)
         self._fs = fs
@@ -61,8 +74,11 @@ class VersionWriter:
         self._upstream = dict(upstream) if upstream is not None else None
         self._sample_fraction = sample_fraction
         self._rows_per_shard = rows_per_shard
-        self._codec: Codec | None = None
-        self._schema: pa.Schema | None = None
+        self._codec: Codec | None = None  # the open shard's codec: a fresh one per shard (per-shard params)
+        self._shard_schema: pa.Schema | None = None  # the open shard's schema (its codec params)
+        self._schema: pa.Schema | None = None  # the version's schema as the manifest records it
+        self._shape: tuple[int, ...] | None = None
+        self._stats: dict[str, float] = {}
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._shards: list[ShardEntry] = []
@@ -84,29 +100,39 @@ class VersionWriter:
                              "pass a tensor shaped (N, *shape)")
         n = x.shape[0]
         table = conform_meta(meta, n)
-        if self._codec is None:
-            self._codec = get_codec(self._codec_name, tuple(x.shape[1:]))
-        elif tuple(x.shape[1:]) != self._codec.shape:
+        if self._shape is None:
+            self._shape = tuple(x.shape[1:])
+        elif tuple(x.shape[1:]) != self._shape:
             raise StoreError(f"stage {self.stage!r} v{self.version}: rows of shape {tuple(x.shape[1:])} after rows of "
-                             f"shape {self._codec.shape}", "write tensors of one shape per version")
-        encoded = self._codec.encode(x)
-        if self._schema is None:
-            # After the first encode: codecs with learned parameters have fixed them now.
-            c = self._codec
-            self._schema = shard_schema(c.name, c.dtype, c.shape, c.row_bytes, c.params)
-        table = pa.Table.from_arrays(list(table.columns) + [encoded], schema=self._schema)
+                             f"shape {self._shape}", "write tensors of one shape per version")
         self._ids.append(table.column("sample_id").to_numpy())
         for value, count in _value_counts(table.column("split")):
             self._splits[value] = self._splits.get(value, 0) + count
         # Fill the open shard. Rows that go into a shard now are written from the
         # caller's memory. Rows left pending must not share it (the caller may
         # reuse its tensor once write() returns): a tail of at least half a shard
-        # becomes a short shard at once, a smaller one is copied.
-        shared = _shares_memory(encoded, x)
+        # becomes a short shard at once, a smaller one is copied. Rows are encoded
+        # piece by piece with the open shard's codec, so a calibrating codec (int8)
+        # fits each shard on that shard's first rows.
         start = 0
         while start < n:
             take = min(self._rows_per_shard - self._pending_rows, n - start)
-            piece = table.slice(start, take)
+            if self._pending_rows == 0:
+                self._open_shard()
+            xs = x[start:start + take]
+            try:
+                encoded = self._codec.encode(xs)
+            except BaseException:
+                self._state = "failed"  # rows of this call are half counted: the version cannot be committed
+                raise
+            if self._shard_schema is None:
+                # After the shard's first encode: codecs with learned parameters have fixed them now.
+                c = self._codec
+                self._shard_schema = shard_schema(c.name, c.dtype, c.shape, c.row_bytes, c.params)
+                if self._schema is None:  # per-shard params stay out of the manifest's copy
+                    self._schema = shard_schema(c.name, c.dtype, c.shape, c.row_bytes, {})
+            piece = pa.Table.from_arrays(list(table.slice(start, take).columns) + [encoded], schema=self._shard_schema)
+            shared = _shares_memory(encoded, xs)
             start += take
             filled = self._pending_rows + take
             if filled == self._rows_per_shard or (shared and 2 * filled >= self._rows_per_shard):
@@ -135,7 +161,7 @@ class VersionWriter:
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(), codec=self._codec.name, dtype=self._codec.dtype,
             shape=list(self._codec.shape), rows=len(ids), shards=list(self._shards), splits=dict(sorted(self._splits.items())),
             sample_fraction=self._sample_fraction, producer=self._producer, upstream=self._upstream,
-            arrow_schema=self._schema.to_string(),
+            arrow_schema=self._schema.to_string(), codec_stats=self._codec_stats(),
         )
         if self._fs.local:
             self._fs.fsync_dir(self._fs.path(self.dir))  # the shard renames, before the commit
@@ -173,6 +199,23 @@ class VersionWriter:
             raise StoreError(f"cannot {action} stage {self.stage!r} v{self.version}: the writer is {self._state}",
                              "begin a new version with store.begin_version()")
 
+    def _open_shard(self) -> None:
+        self._codec = get_codec(self._codec_name, self._shape)
+        self._shard_schema = None
+
+    def _codec_stats(self) -> dict[str, Any]:
+        """The codec's counters summed over shards (int8: clipped values), {} for codecs without any."""
+        if not self._stats:
+            return {}
+        out: dict[str, Any] = {"calibration": "per shard, on its first written rows", **self._stats}
+        if self._stats.get("values"):
+            out["clipped_fraction"] = self._stats["clipped"] / self._stats["values"]
+            if out["clipped_fraction"] > 1e-3:
+                warnings.warn(f"stage {self.stage!r} v{self.version}: {out['clipped_fraction']:.2%} of the values "
+                              f"fell outside the {self._codec_name} range calibrated on each shard's first rows and "
+                              "were clipped; write larger batches or use codec float16", stacklevel=3)
+        return out
+
     def _write_shard(self, shard: pa.Table) -> None:
         rows = shard.num_rows
         name = f"part-{uuid.uuid4().hex}.parquet"
@@ -181,10 +224,14 @@ class VersionWriter:
         try:
             with self._fs.write_stream(rel) as f:
                 faults.maybe_raise("enospc_shard", self.stage)
-                pq.write_table(shard, f, row_group_size=max(rows, 1), **_WRITE_OPTIONS)
+                pq.write_table(shard, f, row_group_size=max(rows, 1), **self._options)
         except BaseException:
             self._state = "failed"
             raise
+        stats = getattr(self._codec, "stats", None)
+        if stats is not None:
+            for k, v in stats().items():
+                self._stats[k] = max(self._stats.get(k, 0), v) if k.startswith("max") else self._stats.get(k, 0) + v
         self._shards.append(ShardEntry(path=name, rows=rows, bytes=f.nbytes, sha256=f.hexdigest()))
 
 
