@@ -22,6 +22,9 @@ import traceback
 
 from benchmarks import COMPARISONS, cpu_threads
 
+# The schedule simulation (benchmarks/simulate/): real small runs checked against it, then the STL-10 prediction.
+COMPARISONS = [*COMPARISONS, *(n for n in ("simulate",) if n not in COMPARISONS)]
+
 
 def machine_name() -> str:
     import torch
@@ -118,8 +121,15 @@ def main(argv: list[str] | None = None) -> int:
            "quick": args.quick, "command": "python -m benchmarks" + (" --quick" if args.quick else "")
            + (f" --only {args.only}" if args.only else ""), "seconds": round(time.perf_counter() - t_all, 1),
            "info": machine_info(), "comparisons": comparisons}
-    with open(path, "w") as f:
+    if args.only and os.path.exists(path):
+        # Merge at write time too: a comparison another process wrote while these ran is kept, not overwritten.
+        with open(path) as f:
+            doc["comparisons"] = {**json.load(f).get("comparisons", {}), **{n: comparisons[n] for n in names}}
+        comparisons = doc["comparisons"]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=2, default=str)
+    os.replace(tmp, path)
     print(f"\n{machine} ({doc['info'].get('cpu_model') or doc['info']['platform']}), {doc['timestamp']}, "
           f"{doc['seconds']} s{' (quick)' if args.quick else ''}\n")
     print(table(comparisons))

@@ -27,3 +27,14 @@ def test_quick_benchmarks_write_ratios(tmp_path):
         rows = doc["comparisons"][name]["rows"]
         assert rows and all(r["ratio"] is not None and r["ratio"] > 0 for r in rows)
         assert any(r["goal"] for r in rows)
+
+
+def test_simulate_smoke_stl10_table():
+    """The schedule simulation's STL-10 path at 3 epochs, with the FLOPs given (no model built, no Ray)."""
+    from benchmarks.simulate import stl10
+
+    flops = [{"name": f"m{i}", "forward_flops": f * 1e9, "in_bytes": b_in, "out_bytes": b_out}
+             for i, (f, b_in, b_out) in enumerate([(5.4, 4096, 6.4e6), (8.2, 6.4e6, 3.2e6), (11.7, 3.2e6, 1.6e6)], 1)]
+    rows = stl10.scenarios(flops, epochs=3)
+    assert len(rows) == 12 and all(r["wall_h"] > 0 and r["bottleneck"] != "-" for r in rows)
+    assert "| 8 (2/3/3) |" in stl10.table(rows)
