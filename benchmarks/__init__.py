@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-COMPARISONS = ["store_io", "throughput", "compute", "memory", "schedules", "growth"]
+COMPARISONS = ["store_io", "throughput", "compute", "memory", "schedules", "growth", "compare_objectives", "codecs"]
 
 
 @dataclass

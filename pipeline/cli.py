@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from pipeline.errors import IsostackError
+from pipeline.errors import ConfigError, IsostackError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="build the plan and report every problem of a config at once")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("plan", help="capacity planner: store bytes, bandwidth and recompute FLOPs per module boundary")
+    _add_config_args(p)
+    p.add_argument("--samples", type=int, default=None, help="samples per version (default: the dataset's, where known)")
+    p.add_argument("--throughput", type=float, default=1000.0, help="training throughput, samples/s (default 1000)")
+    p.add_argument("--json", action="store_true", help="print the boundaries as JSON")
 
     p = sub.add_parser("ingest", help="write the dataset into the store as the input stage")
     _add_config_args(p)
@@ -120,6 +126,27 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.config, args.overrides, args.store)
     plan = build_plan(cfg)
     print(plan.model_dump_json(indent=2) if args.json else describe(plan, cfg))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import dataclasses
+
+    from pipeline.capacity import capacity, format_capacity, plan_for_capacity
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides, args.store)
+    plan = plan_for_capacity(cfg)
+    samples = args.samples if args.samples is not None else plan.rows
+    if not samples or samples < 1 or args.throughput <= 0:
+        raise ConfigError([("--samples" if not samples or samples < 1 else "--throughput",
+                            f"dataset {plan.dataset!r} has no size known before loading" if samples is None
+                            else "must be positive")], "pass --samples N (N >= 1) and --throughput IMG_PER_S (> 0)")
+    rows = capacity(cfg, plan, samples, args.throughput)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(b), "shape": list(b.shape)} for b in rows], indent=2))
+    else:
+        print(format_capacity(rows, samples, args.throughput, stream=cfg.schedule.publish == "stream"))
     return 0
 
 

@@ -10,6 +10,9 @@ Pure functions of numpy arrays (no store, no Ray). Four readings of one embeddin
 - ``knn``: ``KNeighborsClassifier(k)`` on the raw embedding.
 - ``kmeans``: ``KMeans(#classes)`` on the test embeddings alone, scored after matching clusters to
   labels (Hungarian): how much class structure the embedding has without any labels.
+- ``gmm``: the same with a ``GaussianMixture(#classes)`` (full covariances) on the test embeddings
+  reduced by PCA to at most ``GMM_MAX_DIMS`` dimensions (a full covariance of raw pixels would not fit
+  and would be singular), scored with the same Hungarian matching: clusters of any ellipsoidal shape.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.errors import DataError
 
-__all__ = ["classify", "cluster_accuracy"]
+__all__ = ["classify", "cluster_accuracy", "gmm_cluster_accuracy"]
+
+GMM_MAX_DIMS = 32
 
 
 def classify(
@@ -43,7 +48,8 @@ def classify(
                               "confusion": [[int]], "labels": [label, ...]},
          "linear_probe": {"train_accuracy", "test_accuracy"},
          "knn": {"test_accuracy", "k"},
-         "kmeans": {"test_accuracy"}}
+         "kmeans": {"test_accuracy"},
+         "gmm": {"test_accuracy", "dims"}}
     """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
@@ -99,7 +105,33 @@ def classify(
         "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
         "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
         "kmeans": {"test_accuracy": cluster_accuracy(test_y, km.labels_)},
+        "gmm": gmm_cluster_accuracy(test_x, test_y, n_clusters, seed=seed),
     }
+
+
+def gmm_cluster_accuracy(x: np.ndarray, y: np.ndarray, n_clusters: int, *, seed: int = 0,
+                         max_dims: int = GMM_MAX_DIMS) -> dict:
+    """Gaussian-mixture clustering accuracy of x: (N, D) against labels y: (N,), Hungarian-matched.
+
+    x is centred and projected on its first min(max_dims, D, N - 1) principal components, then a
+    ``GaussianMixture(n_clusters, covariance_type="full")`` (k-means initialised, 2 restarts, a small ridge
+    on the covariances) assigns each row to its most likely component. Returns {"test_accuracy", "dims"}.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(x, dtype=np.float64)
+    dims = int(max(1, min(max_dims, x.shape[1], len(x) - 1)))
+    if dims < x.shape[1]:
+        x = PCA(n_components=dims, random_state=seed).fit_transform(x)
+    # Scale-free ridge: the embeddings' scale varies by orders of magnitude between objectives.
+    reg = 1e-6 * max(float(x.var(axis=0).mean()), 1e-12)
+    gmm = GaussianMixture(n_components=n_clusters, covariance_type="full", n_init=2, reg_covar=reg, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pred = gmm.fit_predict(x)
+    return {"test_accuracy": cluster_accuracy(y, pred), "dims": dims}
 
 
 def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:

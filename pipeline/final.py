@@ -46,6 +46,8 @@ def _print_headline(summary: dict, store: Store) -> None:
             raw = base["nearest_centroid"]["test_accuracy"]
             line += f"  vs raw pixels {raw:.1%} ({(nc - raw) * 100:+.1f} points)"
         line += f"; linear probe {ev['linear_probe']['test_accuracy']:.1%}, kNN {ev['knn']['test_accuracy']:.1%}"
+        if "gmm" in ev:
+            line += f", k-means {ev['kmeans']['test_accuracy']:.1%}, GMM {ev['gmm']['test_accuracy']:.1%}"
         print(line)
     pose = summary.get("pose")
     if pose:

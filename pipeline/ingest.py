@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
+
 from pipeline.data import load_dataset
 from pipeline.store import Store
 from schemas.config import DatasetConfig
@@ -26,15 +28,17 @@ def ingest(store: Store, cfg: DatasetConfig, *, rows_per_shard: int = 4096, data
     """Commit the dataset as ``input``'s final version, or reuse an identical one.
 
     Pixels are stored as uint8 (the trainer scales them to [0, 1]), so the input
-    stage costs what the raw images cost.
+    stage costs what the raw images cost; signals of sequence datasets (float
+    samples in about [-1, 1]) as float16, which the trainer reads as they are.
     """
     fingerprint = dataset_fingerprint(cfg)
     existing = store.final("input")
     if existing is not None and existing.producer.get("fingerprint") == fingerprint:
         return existing
     ds = dataset if dataset is not None else load_dataset(cfg)
+    codec = "uint8" if ds.images.dtype == np.uint8 else "float16"
     writer = store.begin_version(
-        "input", codec="uint8", final=True, rows_per_shard=rows_per_shard,
+        "input", codec=codec, final=True, rows_per_shard=rows_per_shard,
         producer={"dataset": ds.name, "fingerprint": fingerprint, "config": cfg.model_dump(mode="json")},
     )
     try:

@@ -3,6 +3,7 @@
 Pure torch: no I/O, no Ray, no store. Shapes are per sample (no batch dim):
 
 - ``(C, H, W)``  an image or feature map,
+- ``(C, T)``     a sequence (channels x time: an audio signal, conv1d / gru outputs),
 - ``(D,)``       a vector,
 - ``(P, C, H, W)`` P patches, each encoded separately (GIM). Inside a patched
   module a per-patch *vector* is kept as ``(D, 1, 1)`` so every patched shape
@@ -24,9 +25,11 @@ from torch import nn
 
 from pipeline.errors import IsostackError, TrainingError
 from schemas.config import (
+    Conv1dLayer,
     ConvLayer,
     FlattenLayer,
     GlobalPoolLayer,
+    GRULayer,
     LinearLayer,
     ModuleConfig,
     PoolLayer,
@@ -80,16 +83,18 @@ def to_patches(x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
 def pool_to_vector(z: torch.Tensor) -> torch.Tensor:
     """Mean over every dim except batch and channel.
 
-    (B, D) -> (B, D); (B, C, H, W) -> (B, C); (B, P, C, H, W) -> (B, C).
+    (B, D) -> (B, D); (B, C, T) -> (B, C); (B, C, H, W) -> (B, C); (B, P, C, H, W) -> (B, C).
     """
     if z.ndim == 2:
         return z
+    if z.ndim == 3:  # a sequence: the time average (speaker identity does not depend on when)
+        return z.mean(dim=2)
     if z.ndim == 4:
         return z.mean(dim=(2, 3))
     if z.ndim == 5:
         return z.mean(dim=(1, 3, 4))
     raise TrainingError(f"pool_to_vector got a tensor of shape {tuple(z.shape)}",
-                        "pass (B, D), (B, C, H, W) or (B, P, C, H, W) activations")
+                        "pass (B, D), (B, C, T), (B, C, H, W) or (B, P, C, H, W) activations")
 
 
 def grid_features(z: torch.Tensor) -> torch.Tensor:
@@ -124,8 +129,12 @@ def patch_grid_size(height: int, width: int, size: int, stride: int) -> tuple[in
 class _Act:
     """One activation during the walk: per-patch (or per-sample) shape and whether it is a vector."""
 
-    shape: tuple[int, ...]  # (C, H, W), or (D,) for a vector (stored as (D, 1, 1) when patched)
+    shape: tuple[int, ...]  # (C, H, W), (C, T) for a sequence, or (D,) for a vector (stored as (D, 1, 1) when patched)
     vector: bool
+
+    @property
+    def sequence(self) -> bool:
+        return len(self.shape) == 2
 
 
 def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -139,13 +148,13 @@ def _walk(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[int | None, lis
     after it are unknown, so later layers cannot be checked).
     """
     in_shape = tuple(int(s) for s in in_shape)
-    if any(s < 1 for s in in_shape) or len(in_shape) not in (1, 3, 4):
-        raise ShapeError([(None, f"input shape {in_shape} is not (D,), (C, H, W) or (P, C, H, W)")])
+    if any(s < 1 for s in in_shape) or len(in_shape) not in (1, 2, 3, 4):
+        raise ShapeError([(None, f"input shape {in_shape} is not (D,), (C, T), (C, H, W) or (P, C, H, W)")])
     n_patches: int | None = None
     if cfg.patches is not None:
         size, stride = cfg.patches.size, cfg.patches.stride
         if len(in_shape) != 3:
-            what = "already cut into patches" if len(in_shape) == 4 else "a vector"
+            what = {4: "already cut into patches", 2: "a sequence (C, T)"}.get(len(in_shape), "a vector")
             raise ShapeError([(None, f"patches need an image (C, H, W) but the input {in_shape} is {what}; "
                                      "only the first module can cut patches")])
         c, h, w = in_shape
@@ -176,6 +185,17 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
         if act.vector:
             d = act.shape[0]
             fail(f"{what} needs a feature map (C, H, W) but its input is a vector of {d} features")
+        if act.sequence:
+            c, t = act.shape
+            fail(f"{what} needs a feature map (C, H, W) but its input is a sequence ({c}, {t}); "
+                 "use conv1d (and maxpool/avgpool/global_pool, which take sequences) on sequences")
+        return act.shape  # type: ignore[return-value]
+
+    def need_sequence(what: str) -> tuple[int, int]:
+        if not act.sequence:
+            kind = f"a vector of {act.shape[0]} features" if act.vector else f"a {_shape_text(act.shape)} map"
+            fail(f"{what} needs a sequence (C, T) but its input is {kind}; "
+                 "use it on 1-D data (dataset.kind synthetic_audio or wav_folder) or use conv/stem on images")
         return act.shape  # type: ignore[return-value]
 
     def vec(d: int) -> _Act:
@@ -190,6 +210,26 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
         if oh < 1 or ow < 1:
             fail(f"conv kernel {layer.kernel} (padding {pad}) is larger than the {h}x{w} map")
         return _Act((layer.channels, oh, ow), False)
+    if isinstance(layer, Conv1dLayer):
+        c, t = need_sequence("conv1d")
+        pad = layer.kernel // 2 if layer.padding == "same" else layer.padding
+        if pad < 0:
+            fail(f"conv1d padding must be 'same' or at least 0, found {pad}")
+        ot = _out_size(t, layer.kernel, layer.stride, pad)
+        if ot < 1:
+            fail(f"conv1d kernel {layer.kernel} (padding {pad}) is longer than the {t} steps of its input")
+        return _Act((layer.channels, ot), False)
+    if isinstance(layer, GRULayer):
+        c, t = need_sequence("gru")
+        return _Act((layer.hidden, t), False)
+    if isinstance(layer, PoolLayer) and act.sequence:
+        c, t = act.shape
+        stride = layer.stride if layer.stride is not None else layer.kernel
+        if stride < 1:
+            fail(f"{layer.type} stride must be at least 1, found {stride}")
+        if layer.kernel > t:
+            fail(f"{layer.type} window {layer.kernel} is longer than the {t} steps of its input")
+        return _Act((c, _out_size(t, layer.kernel, stride, 0)), False)
     if isinstance(layer, PoolLayer):
         c, h, w = need_map(layer.type)
         stride = layer.stride if layer.stride is not None else layer.kernel
@@ -199,14 +239,17 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
             fail(f"{layer.type} window {layer.kernel} is larger than the {h}x{w} map")
         return _Act((c, _out_size(h, layer.kernel, stride, 0), _out_size(w, layer.kernel, stride, 0)), False)
     if isinstance(layer, GlobalPoolLayer):
+        if act.sequence:
+            return vec(act.shape[0])
         c, _, _ = need_map("global_pool")
         return vec(c)
     if isinstance(layer, FlattenLayer):
         return vec(act.shape[0] if act.vector else math.prod(act.shape))
     if isinstance(layer, LinearLayer):
         if not act.vector and act.shape[1:] != (1, 1):  # a 1x1 map is a vector (e.g. per patch above a patched module)
-            c, h, w = act.shape
-            fail(f"linear needs a vector but its input is a ({c}, {h}, {w}) map; add flatten or global_pool before it")
+            what = "sequence" if act.sequence else "map"
+            fail(f"linear needs a vector but its input is a {_shape_text(act.shape)} {what}; "
+                 "add flatten or global_pool before it")
         return vec(layer.features)
     if isinstance(layer, StemLayer):
         c, h, w = need_map("stem")
@@ -216,6 +259,10 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
         width = layer.channels * (4 if layer.block == "bottleneck" else 1)
         return _Act((width, _out_size(h, 3, layer.stride, 1), _out_size(w, 3, layer.stride, 1)), False)
     raise ShapeError([(i, f"unknown layer type {getattr(layer, 'type', layer)!r}")])
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def _out_shape(n_patches: int | None, act: _Act) -> tuple[int, ...]:
@@ -244,14 +291,15 @@ def build_module(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> nn.Module:
 
 
 class GlobalPool(nn.Module):
-    """(N, C, H, W) -> (N, C), or (N, C, 1, 1) inside a patched module."""
+    """(N, C, H, W) or (N, C, T) -> (N, C), or (N, C, 1, 1) inside a patched module."""
 
     def __init__(self, mode: str, keep_map: bool) -> None:
         super().__init__()
         self.mode, self.keep_map = mode, keep_map
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.amax(dim=(2, 3)) if self.mode == "max" else x.mean(dim=(2, 3))
+        dims = tuple(range(2, x.ndim))
+        y = x.amax(dim=dims) if self.mode == "max" else x.mean(dim=dims)
         return y[:, :, None, None] if self.keep_map else y
 
 
@@ -280,6 +328,18 @@ class Linear(nn.Module):
         if self.relu:
             y = F.relu(y)
         return y[:, :, None, None] if self.keep_map else y
+
+
+class GRU(nn.Module):
+    """(N, C, T) -> (N, H, T): every step's hidden state of a (stacked) GRU run forward in time (CPC's g_ar)."""
+
+    def __init__(self, c_in: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(c_in, hidden, num_layers=layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.gru(x.transpose(1, 2))  # (N, T, C) -> (N, T, H)
+        return y.transpose(1, 2)
 
 
 class PreActBlock(nn.Module):
@@ -330,6 +390,15 @@ def _layer(layer, act: _Act, patched: bool) -> nn.Module:
         pad = layer.kernel // 2 if layer.padding == "same" else layer.padding
         conv = nn.Conv2d(c_in, layer.channels, layer.kernel, stride=layer.stride, padding=pad)
         return nn.Sequential(conv, nn.ReLU()) if layer.activation == "relu" else conv
+    if isinstance(layer, Conv1dLayer):
+        pad = layer.kernel // 2 if layer.padding == "same" else layer.padding
+        conv = nn.Conv1d(c_in, layer.channels, layer.kernel, stride=layer.stride, padding=pad)
+        return nn.Sequential(conv, nn.ReLU()) if layer.activation == "relu" else conv
+    if isinstance(layer, GRULayer):
+        return GRU(c_in, layer.hidden, layer.layers)
+    if isinstance(layer, PoolLayer) and act.sequence:
+        cls = nn.MaxPool1d if layer.type == "maxpool" else nn.AvgPool1d
+        return cls(layer.kernel, stride=layer.stride if layer.stride is not None else layer.kernel)
     if isinstance(layer, PoolLayer):
         cls = nn.MaxPool2d if layer.type == "maxpool" else nn.AvgPool2d
         return cls(layer.kernel, stride=layer.stride if layer.stride is not None else layer.kernel)

@@ -7,7 +7,8 @@ module produced them:
 - ``same_instance``: another row of the same object (label, instance);
 - ``neighbor_pose``: the same object one azimuth or elevation step away, any lighting;
 - ``patch_grid``:   no partner row; the objective pairs neighbouring positions of one image (``grid_pairs``);
-- ``augment``:      no partner row; two random views of the same image (``augment_views``, first module only).
+- ``augment``:      no partner row; two random views of the same image (``augment_views``, first module only);
+- ``temporal``:     no partner row; the objective pairs neighbouring time steps of one sequence (``sequence_pairs``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.modules import grid_features, pool_to_vector
 
-__all__ = ["PAIRING_NEEDS", "augment_views", "grid_pairs", "paired_vectors", "partner_index"]
+__all__ = ["PAIRING_NEEDS", "augment_views", "grid_pairs", "paired_vectors", "partner_index", "sequence_pairs"]
 
 # The metadata columns each pairing reads (the plan checks the dataset has them).
 PAIRING_NEEDS: dict[str, set[str]] = {
@@ -29,6 +30,7 @@ PAIRING_NEEDS: dict[str, set[str]] = {
     "neighbor_pose": {"label", "instance", "azimuth", "elevation"},
     "patch_grid": set(),
     "augment": set(),
+    "temporal": set(),
 }
 
 
@@ -56,7 +58,7 @@ def partner_index(
     (same azimuth), any lighting. The step is the smallest gap between
     distinct values in the data (20 degrees for small-NORB azimuth, 5 for its
     elevation). Rows without a neighbour fall back to same_instance.
-    patch_grid / augment: the row itself (the positive comes from the sample).
+    patch_grid / augment / temporal: the row itself (the positive comes from the sample).
     Vectorised over groups (sort + searchsorted): ~0.1 s for 50k rows on a laptop CPU.
     """
     del lighting  # any lighting is a valid partner
@@ -66,7 +68,7 @@ def partner_index(
     missing = sorted(k for k in PAIRING_NEEDS[kind] if given[k] is None)
     if missing:
         raise ConfigError([("objective.pairing", f"{kind!r} needs {' and '.join(missing)} for every sample")])
-    if kind in ("patch_grid", "augment"):
+    if kind in ("patch_grid", "augment", "temporal"):
         n = len(next((v for v in given.values() if v is not None), []))
         return np.arange(n, dtype=np.int64)
     group = _group_ids(np.asarray(label), np.asarray(instance))
@@ -186,10 +188,29 @@ def grid_pairs(z: torch.Tensor, max_pairs: int | None = None, generator: torch.G
     return a, bb
 
 
+def sequence_pairs(z: torch.Tensor, max_pairs: int | None = None, generator: torch.Generator | None = None):
+    """Neighbouring time steps of the same sequence as positive pairs (slowness in time, as SFA's).
+
+    z: (B, C, T) -> (a, b), each (B*(T-1), C): row i of a is step t of a sequence, row i of b its step t+1.
+    With ``max_pairs`` a random subset of that many rows is kept (it bounds the rows x rows score matrix).
+    """
+    b, c, t = z.shape
+    if t < 2:
+        raise TrainingError(f"temporal pairing needs at least two time steps, the sequence has {t}",
+                            "use a module with a longer output sequence or another pairing")
+    steps = z.transpose(1, 2)  # (B, T, C)
+    a, bb = steps[:, :-1].reshape(-1, c), steps[:, 1:].reshape(-1, c)
+    if max_pairs is not None and a.shape[0] > max_pairs:
+        keep = torch.randperm(a.shape[0], generator=generator, device="cpu")[:max_pairs].to(a.device)
+        a, bb = a[keep], bb[keep]
+    return a, bb
+
+
 def paired_vectors(z: torch.Tensor, z_pos: torch.Tensor | None, max_pairs: int | None = None):
-    """(a, b) rows to contrast: pooled (z, z_pos), or neighbouring grid positions when z_pos is None."""
+    """(a, b) rows to contrast: pooled (z, z_pos), or, when z_pos is None, neighbouring positions of one sample:
+    time steps of a sequence (B, C, T), grid positions of a map or patch grid."""
     if z_pos is None:
-        return grid_pairs(z, max_pairs)
+        return sequence_pairs(z, max_pairs) if z.ndim == 3 else grid_pairs(z, max_pairs)
     if z_pos.shape != z.shape:
         raise TrainingError(f"positives have shape {tuple(z_pos.shape)}, samples {tuple(z.shape)}",
                             "feed the partner rows through the same module")

@@ -16,13 +16,14 @@ from pydantic import BaseModel, Field
 from pipeline.data import capabilities
 from pipeline.errors import ConfigError
 from pipeline.modules import ShapeError, infer_shape
+from pipeline.objectives import objective_problems, sequence_pairing_problem
 from pipeline.pairing import PAIRING_NEEDS
 from schemas.config import RunConfig
 
 # Datasets whose size the plan can state without loading them.
 _KNOWN_SIZES = {"digits": 1797, "cifar10": 60000, "stl10": 13000}
-_NEEDS_PATH = {"smallnorb", "image_folder", "cifar10", "stl10"}
-_CODEC_BYTES = {"float16": 2, "float32": 4}
+_NEEDS_PATH = {"smallnorb", "image_folder", "cifar10", "stl10", "wav_folder"}
+_CODEC_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # per value; pipeline/capacity.py adds the overheads
 
 
 class ModulePlan(BaseModel):
@@ -45,7 +46,7 @@ class ModulePlan(BaseModel):
 
 class RunPlan(BaseModel):
     dataset: str = Field(description="Dataset kind.")
-    input_shape: list[int] = Field(description="Per-sample image shape (C, H, W).")
+    input_shape: list[int] = Field(description="Per-sample input shape: an image (C, H, W) or a signal (C, T).")
     num_classes: int | None = Field(description="Classes of the dataset, where known.")
     rows: int | None = Field(description="Estimated samples (train + test), where known without loading.")
     modules: list[ModulePlan] = Field(description="The stack, bottom to top.")
@@ -65,7 +66,8 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
     caps = capabilities(ds.kind)
     problems += _dataset_problems(cfg, caps, check_paths)
 
-    shape: tuple[int, ...] = (ds.channels, ds.image_size, ds.image_size)
+    # Sequence datasets (audio) give (C, T) signals; the rest (C, S, S) images.
+    shape: tuple[int, ...] = (ds.channels, ds.length) if caps.sequence else (ds.channels, ds.image_size, ds.image_size)
     input_shape = shape
     rows = estimate_rows(cfg)
     modules: list[ModulePlan] = []
@@ -87,13 +89,20 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
         pairing = getattr(obj, "pairing", None)
         if obj.kind != "supervised_local" and pairing is not None:
             problems += _pairing_problems(key, name, index, pairing, ds.kind, caps)
+            if pairing == "augment" and shape is not None and len(shape) == 2:
+                problems.append((f"{key}.objective.pairing", f"'augment' makes two views of an image, but {name} reads "
+                                                             f"a sequence {_fmt(shape)}; use 'temporal' (neighbouring "
+                                                             "time steps) or 'same_instance'"))
         if out_shape is not None:
             problems += _objective_problems(key, obj, out_shape, train.batch_size)
+            problems += [(f"{key}.{field}", msg) for field, msg in objective_problems(
+                obj, index=index, in_shape=shape, out_shape=out_shape, batch_size=train.batch_size)]
         modules.append(ModulePlan(
             name=name, index=index, upstream=upstream, in_shape=list(shape or ()), out_shape=list(out_shape or ()),
             params=params, objective=obj.kind, pairing=pairing if obj.kind != "supervised_local" else None,
             epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-            bytes_per_version=(rows * math.prod(out_shape) * _CODEC_BYTES[cfg.store.codec]) if rows and out_shape else None,
+            bytes_per_version=(rows * math.prod(out_shape) * _CODEC_BYTES[mod.store.codec or cfg.store.codec])
+            if rows and out_shape else None,
         ))
         below = modules[-2] if index > 0 else None
         if below is not None and not cfg.stack[below.name].store.materialize:
@@ -122,6 +131,8 @@ def _dataset_problems(cfg: RunConfig, caps, check_paths: bool) -> list[tuple[str
             out.append(("dataset.path", f"{ds.path!r} is not a directory; dataset {ds.kind!r} expects its files there"))
     if ds.split == "lighting" and not caps.has_lighting:
         out.append(("dataset.split", f"'lighting' needs lighting metadata, which dataset {ds.kind!r} lacks; use 'instances'"))
+    if caps.sequence and ds.channels != 1:
+        out.append(("dataset.channels", f"dataset {ds.kind!r} gives mono signals (1, T); set dataset.channels: 1"))
     norb_like = caps.has_pose
     for key, values, top in (("instances", ds.instances, 9), ("azimuths", ds.azimuths, 17),
                              ("elevations", ds.elevations, 8), ("lightings", ds.lightings, 5)):
@@ -156,9 +167,9 @@ def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, 
     missing = sorted(PAIRING_NEEDS[pairing] - have)
     out = []
     if missing:
+        instead = "'temporal' (time steps of a sequence)" if caps.sequence else "'augment' (first module) or 'patch_grid'"
         out.append((f"{key}.objective.pairing",
-                    f"{pairing!r} needs {' and '.join(missing)}, which dataset {kind!r} lacks; "
-                    "use 'augment' (first module) or 'patch_grid'"))
+                    f"{pairing!r} needs {' and '.join(missing)}, which dataset {kind!r} lacks; use {instead}"))
     if pairing == "augment" and index > 0:
         out.append((f"{key}.objective.pairing",
                     f"'augment' makes two views of an image, so only the first module can use it ({name} is module {index + 1})"))
@@ -169,7 +180,9 @@ def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]
     out = []
     pooled = out_shape[-3] if len(out_shape) >= 3 else out_shape[0]
     spatial = len(out_shape) >= 3
-    if obj.kind == "infonce_grid":
+    if obj.kind == "infonce_grid" and len(out_shape) == 2:
+        pass  # a sequence (C, T): steps ahead in time, checked by sequence_pairing_problem below
+    elif obj.kind == "infonce_grid":
         if not spatial:
             out.append((f"{key}.objective.kind", f"'infonce_grid' needs a grid (patches or a feature map), "
                                                  f"but the module outputs {_fmt(out_shape)}"))
@@ -178,8 +191,13 @@ def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]
             if rows < 3:
                 out.append((f"{key}.objective.steps", f"the grid has {rows} rows; predicting rows below needs at least 3"))
     if getattr(obj, "pairing", None) == "patch_grid" and obj.kind != "infonce_grid" and not spatial:
+        what = "a sequence" if len(out_shape) == 2 else "a vector"
+        fix = "; use pairing 'temporal' on sequences" if len(out_shape) == 2 else ""
         out.append((f"{key}.objective.pairing", f"'patch_grid' pairs positions of a feature map, "
-                                                f"but the module outputs a vector {_fmt(out_shape)}"))
+                                                f"but the module outputs {what} {_fmt(out_shape)}{fix}"))
+    problem = sequence_pairing_problem(obj, out_shape)
+    if problem:
+        out.append((f"{key}.{problem[0]}", problem[1]))
     if obj.kind == "sfa":
         width = obj.projection_dim or pooled
         if batch_size <= width:
@@ -262,6 +280,9 @@ def estimate_rows(cfg: RunConfig) -> int | None:
         count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731
         rows = (count(ds.categories, 5) * count(ds.instances, 10) * count(ds.azimuths, 18)
                 * count(ds.elevations, 9) * count(ds.lightings, 6))
+    elif ds.kind == "synthetic_audio":
+        count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731
+        rows = count(ds.categories, 10) * count(ds.instances, 8) * 5  # speakers x sentences x 5 takes
     else:
         rows = _KNOWN_SIZES.get(ds.kind)
     if rows is not None and ds.max_per_split is not None:
@@ -286,4 +307,9 @@ def describe(plan: RunPlan, cfg: RunConfig) -> str:
                      f"{objective:<26}{m.epochs:>7}{m.batch_size:>7}{mb:>12}")
     lines.append(f"all modules: {sum(m.params for m in plan.modules):,} parameters, "
                  f"{total / 1e6:,.1f} MB per full set of versions")
+    if plan.rows:  # the capacity planner at the dataset's size (`isostack plan` for other sizes and throughputs)
+        from pipeline.capacity import capacity, format_capacity
+
+        lines += ["", format_capacity(capacity(cfg, plan, plan.rows, 1000.0), plan.rows, 1000.0,
+                                      stream=cfg.schedule.publish == "stream")]
     return "\n".join(lines)

@@ -24,6 +24,7 @@ _CLASSIFIER_ROWS = (
     ("linear_probe", "train_accuracy", "linear probe, train"),
     ("knn", "test_accuracy", "kNN, test"),
     ("kmeans", "test_accuracy", "k-means (Hungarian-matched), test"),
+    ("gmm", "test_accuracy", "Gaussian mixture (Hungarian-matched), test"),
 )
 _POSE_ROWS = (
     ("azimuth_mae_deg", "kNN azimuth error (circular MAE)", "deg"),

@@ -15,8 +15,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DatasetKind = Literal["synthetic_norb", "smallnorb", "digits", "image_folder", "cifar10", "stl10"]
-PairingKind = Literal["same_instance", "neighbor_pose", "patch_grid", "augment"]
+DatasetKind = Literal["synthetic_norb", "smallnorb", "digits", "image_folder", "cifar10", "stl10", "synthetic_audio", "wav_folder"]
+PairingKind = Literal["same_instance", "neighbor_pose", "patch_grid", "augment", "temporal"]
 
 
 class DatasetConfig(Strict):
@@ -37,6 +37,11 @@ class DatasetConfig(Strict):
     elevations: list[int] | None = Field(None, description="Subset of elevation indices 0..8 (30 + 5*i degrees) to keep; null = all.")
     lightings: list[int] | None = Field(None, description="Subset of lighting indices 0..5 to keep; null = all.")
     max_per_split: int | None = Field(None, ge=1, description="Keep at most this many samples per split (a deterministic subset).")
+    length: int = Field(
+        4096, ge=16, le=1_000_000, description="Sequence datasets (synthetic_audio, wav_folder): samples per signal T; "
+        "each sample is (1, T). Longer recordings are centre-cropped, shorter ones zero-padded.")
+    sample_rate: int = Field(
+        16000, ge=1000, le=192_000, description="Sequence datasets: the rate (Hz) signals are rendered at or resampled to.")
     seed: int = Field(0, description="Seed of the procedural renderer and of subset choices.")
     cache_dir: str | None = Field(
         None, description="Where rendered synthetic data is cached (default: ~/.cache/isostack or $ISOSTACK_CACHE)."
@@ -89,8 +94,24 @@ class StemLayer(Strict):
     channels: int = Field(64, ge=1, description="Output channels of the 3x3 stem convolution of a pre-activation ResNet.")
 
 
+class Conv1dLayer(Strict):
+    type: Literal["conv1d"] = "conv1d"
+    channels: int = Field(..., ge=1, description="Output channels.")
+    kernel: int = Field(3, ge=1, description="Kernel size in time steps (GIM audio: 10, 8, 4, 4, 4).")
+    stride: int = Field(1, ge=1, description="Stride in time steps (GIM audio: 5, 4, 2, 2, 2).")
+    padding: int | Literal["same"] = Field("same", description="Zero padding in time steps, or 'same' (kernel // 2).")
+    activation: Literal["relu", "none"] = Field("relu", description="Non-linearity after the convolution.")
+
+
+class GRULayer(Strict):
+    type: Literal["gru"] = "gru"
+    hidden: int = Field(256, ge=1, description="Hidden size; the layer outputs every step's state, (hidden, T) "
+                        "(GIM/CPC audio: 256).")
+    layers: int = Field(1, ge=1, description="Stacked GRU layers.")
+
+
 Layer = Annotated[
-    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer],
+    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer, Conv1dLayer, GRULayer],
     Field(discriminator="type"),
 ]
 
@@ -113,8 +134,10 @@ class InfoNCEPair(_ObjectiveBase):
 
 class InfoNCEGrid(_ObjectiveBase):
     kind: Literal["infonce_grid"] = "infonce_grid"
-    pairing: Literal["patch_grid"] = Field("patch_grid", description="The grid objective always pairs within the image.")
-    steps: int = Field(5, ge=1, description="Prediction steps k = 1..steps (rows below).")
+    pairing: Literal["patch_grid", "temporal"] = Field(
+        "patch_grid", description="The grid objective always pairs within the sample: 'patch_grid' for a patch grid "
+        "or feature map (rows below), 'temporal' for a sequence (C, T) (steps ahead in time).")
+    steps: int = Field(5, ge=1, description="Prediction steps k = 1..steps (rows below, or time steps ahead).")
     negatives: int = Field(16, ge=1, description="Negatives per positive, drawn from all positions and images of the batch.")
 
 
@@ -137,8 +160,68 @@ class SupervisedLocal(_ObjectiveBase):
     )
 
 
+class CPCAR(_ObjectiveBase):
+    kind: Literal["cpc_ar"] = "cpc_ar"
+    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
+        None, description="Unused: CPC predicts later steps of each sample's own grid or sequence, no pairs.")
+    context: Literal["gru", "masked_conv"] = Field(
+        "gru", description="Autoregressive context over the steps (rows of a map or patch grid, time of a (C, T) "
+        "sequence): a GRU per column, or a causal (PixelCNN-style masked) convolution that sees only rows above.")
+    context_dim: int | None = Field(None, ge=1, description="Width of the context c_t (default: the module's channels).")
+    steps: int = Field(3, ge=1, description="Predict k = 1..steps steps ahead, each with its own bilinear W_k.")
+    negatives: int = Field(16, ge=1, description="Negatives per positive, drawn from all steps and samples of the batch.")
+    bptt_steps: int | None = Field(
+        None, ge=1, description="Truncated backprop through time (gru context only): the hidden state is detached "
+        "every bptt_steps steps, so no gradient crosses a chunk boundary; null = full backprop through time.")
+    kernel: int = Field(3, ge=2, description="masked_conv context: rows above (incl. the current one) each layer sees.")
+
+
+class DIM(_ObjectiveBase):
+    kind: Literal["dim"] = "dim"
+    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
+        None, description="Unused: Deep InfoMax contrasts a sample's local features with its own global vector.")
+    estimator: Literal["infonce", "jsd"] = Field(
+        "infonce", description="Mutual-information estimator (Hjelm et al. 2019): InfoNCE, or the Jensen-Shannon "
+        "(softplus) bound, which the paper reports as more stable with few negatives.")
+    max_locations: int = Field(256, ge=1, description="Local positions scored per step (a random subset when the map has more).")
+
+
+class MoCo(_ObjectiveBase):
+    kind: Literal["moco"] = "moco"
+    temperature: float = Field(0.07, gt=0, description="Softmax temperature (MoCo's 0.07).")
+    momentum: float = Field(
+        0.99, ge=0, lt=1, description="Key encoder update k <- m k + (1 - m) q after each step; MoCo uses 0.999 over "
+        "~1M steps, short runs need a faster key encoder.")
+    queue_size: int = Field(1024, ge=1, description="Negatives kept in the queue of past keys (MoCo's 65536 on ImageNet).")
+
+
+class Autoencoder(_ObjectiveBase):
+    kind: Literal["autoencoder"] = "autoencoder"
+    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
+        None, description="Unused: the autoencoder reconstructs the module's own input.")
+    hidden: int = Field(64, ge=1, description="Width of the decoder (discarded after training).")
+
+
+class AET(_ObjectiveBase):
+    kind: Literal["aet"] = "aet"
+    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
+        None, description="Unused: AET pairs each image with a randomly transformed copy of itself.")
+    rotation: float = Field(180.0, ge=0, le=180, description="Rotations drawn from [-rotation, rotation] degrees (AET's 180).")
+    translation: float = Field(0.2, ge=0, le=1, description="Shifts drawn from [-t, t] of the image size on each axis.")
+    scale: tuple[float, float] = Field((0.7, 1.3), description="Isotropic scale factor range (AET's [0.7, 1.3]).")
+    shear: float = Field(30.0, ge=0, lt=90, description="Shear angle drawn from [-shear, shear] degrees.")
+    hidden: int = Field(256, ge=1, description="Width of the transformation decoder (discarded after training).")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, found {list(v)}")
+        return v
+
+
 Objective = Annotated[
-    Union[InfoNCEPair, InfoNCEGrid, SFA, VInfoNCE, SupervisedLocal],
+    Union[InfoNCEPair, InfoNCEGrid, SFA, VInfoNCE, SupervisedLocal, CPCAR, DIM, MoCo, Autoencoder, AET],
     Field(discriminator="kind"),
 ]
 
@@ -237,7 +320,8 @@ class ExportConfig(Strict):
 
 class StoreConfig(Strict):
     uri: str = Field("./isostack-runs", description="Store root: a local path or an s3://, gs://, hdfs:// URI.")
-    codec: Literal["float16", "float32"] = Field("float16", description="How activation tensors are stored.")
+    codec: Literal["float16", "bfloat16", "float32", "int8"] = Field(
+        "float16", description="How activation tensors are stored (each module may override it: stack.<m>.store.codec).")
     rows_per_shard: int = Field(4096, ge=1, description="Rows per Parquet shard.")
     window_samples: int = Field(
         16384, ge=1, description="schedule.publish=stream: samples kept in each module's ring of streamed shards.")

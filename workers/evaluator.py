@@ -72,8 +72,9 @@ class Evaluator:
             return self._recomputed(stage, final.version)
         reader = self.store.read(stage, final.version)
         x = reader.tensor()
-        if stage == "input":
-            return reader.meta, (x.reshape(len(x), -1).float() / 255.0).numpy()
+        if stage == "input":  # the raw baseline: uint8 pixels scaled to [0, 1], or the stored signal as it is
+            flat = x.reshape(len(x), -1).float()
+            return reader.meta, (flat / 255.0 if reader.manifest.codec == "uint8" else flat).numpy()
         return reader.meta, pool_to_vector(x).numpy().astype(np.float32)
 
     def _recomputed(self, stage: str, version: int) -> tuple[pa.Table, np.ndarray]:

@@ -61,7 +61,8 @@ class ModuleTrainer:
         self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
         torch.manual_seed(self.train_cfg.seed + 1000 * self.plan.index + 7919 * self.generation)
         self.module = build_module(self.mcfg, tuple(self.plan.in_shape)).to(self.device)
-        self.objective = build_objective(self.mcfg.objective, tuple(self.plan.out_shape), plan.num_classes).to(self.device)
+        self.objective = build_objective(self.mcfg.objective, tuple(self.plan.out_shape), plan.num_classes,
+                                         in_shape=tuple(self.plan.in_shape), module=self.module).to(self.device)
         params = list(self.module.parameters()) + list(self.objective.parameters())
         self.optimizer = torch.optim.Adam(params, lr=self.train_cfg.lr, weight_decay=self.train_cfg.weight_decay)
         self.ckpt_dir = checkpoint.checkpoint_dir(self.name, self.generation)
@@ -161,8 +162,8 @@ class ModuleTrainer:
             rng = np.random.default_rng(self.train_cfg.seed + self.epoch)
             rows = np.sort(rng.choice(rows, size=max(1, int(round(fraction * len(rows)))), replace=False))
         writer = self.store.begin_version(
-            self.name, codec=self.cfg.store.codec, final=final, rows_per_shard=self.cfg.store.rows_per_shard,
-            sample_fraction=len(rows) / len(up.sample_id),
+            self.name, codec=self.mcfg.store.codec or self.cfg.store.codec, zstd_level=self.mcfg.store.zstd_level,
+            final=final, rows_per_shard=self.cfg.store.rows_per_shard, sample_fraction=len(rows) / len(up.sample_id),
             producer={"module": self.name, "epoch": self.epoch, "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors"},
             upstream={"stage": self.plan.upstream, "version": up.manifest.version})
@@ -251,7 +252,9 @@ class ModuleTrainer:
                 z, z_pos = self.module(torch.cat([x, x_pos])).chunk(2)
             else:
                 z, z_pos = self.module(x), None
-            loss, _stats = self.objective(z, z_pos, batch.labels, groups=batch.groups)
+            # Losses on the input itself (autoencoder, aet, moco's key encoder) also get the inputs and the module.
+            extra = {"x": x, "x_pos": x_pos, "module": self.module} if getattr(self.objective, "needs_input", False) else {}
+            loss, _stats = self.objective(z, z_pos, batch.labels, groups=batch.groups, **extra)
             if faults.armed("nan_loss", self.name, self.epoch + 1):
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -263,6 +266,8 @@ class ModuleTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if hasattr(self.objective, "after_step"):
+                self.objective.after_step(self.module)  # e.g. moco's momentum update of its key encoder
             self._stream_tick()
             losses.append(loss.detach())
             samples += len(x)
@@ -370,8 +375,8 @@ class ModuleTrainer:
                 self.module.train()
 
         manifest = self._ring.append(
-            write, codec=self.cfg.store.codec, rows=len(rows), total_rows=len(up.sample_id),
-            rows_per_shard=self.cfg.store.rows_per_shard,
+            write, codec=self.mcfg.store.codec or self.cfg.store.codec, rows=len(rows), total_rows=len(up.sample_id),
+            rows_per_shard=self.cfg.store.rows_per_shard, zstd_level=self.mcfg.store.zstd_level,
             producer={"module": self.name, "epoch": self.epoch, "step": self.lineage["step"], "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors" if self.epoch else None},
             upstream={"stage": self.plan.upstream, "version": up.manifest.version})

@@ -1,7 +1,7 @@
 """Datasets: one adapter per `dataset.kind`, all returning the same `Dataset`.
 
     caps = capabilities("smallnorb")   # static; loads nothing
-    ds = load_dataset(cfg.dataset)     # ds.images uint8 (N, C, S, S), ds.meta pyarrow.Table, ds.caps, ds.name
+    ds = load_dataset(cfg.dataset)     # ds.images uint8 (N, C, S, S) (float32 (N, 1, T) for sequences), ds.meta, ds.caps, ds.name
 
 Adapters are imported lazily so that asking for capabilities (config validation) never imports torchvision.
 """
@@ -9,6 +9,7 @@ Adapters are imported lazily so that asking for capabilities (config validation)
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 from pipeline.data.base import CAPS, META_SCHEMA, Dataset, DatasetCaps
 from pipeline.errors import ConfigError
@@ -21,6 +22,8 @@ _ADAPTERS = {
     "image_folder": ("pipeline.data.simple", "load_image_folder"),
     "cifar10": ("pipeline.data.simple", "load_cifar10"),
     "stl10": ("pipeline.data.simple", "load_stl10"),
+    "synthetic_audio": ("pipeline.data.audio", "load_synthetic_audio"),
+    "wav_folder": ("pipeline.data.audio", "load_wav_folder"),
 }
 
 
@@ -32,8 +35,7 @@ def capabilities(kind: str) -> DatasetCaps:
     if kind not in CAPS:
         raise ConfigError([("dataset.kind", f"unknown dataset {kind!r}; choose one of {sorted(CAPS)}")])
     caps = CAPS[kind]
-    return DatasetCaps(caps.has_instance, caps.has_pose, caps.has_lighting, caps.num_classes,
-                       None if caps.class_names is None else list(caps.class_names), caps.native_size, caps.channels)
+    return replace(caps, class_names=None if caps.class_names is None else list(caps.class_names))
 
 
 def load_dataset(cfg: DatasetConfig) -> Dataset:

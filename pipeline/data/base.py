@@ -45,6 +45,7 @@ class DatasetCaps:
     class_names: list[str] | None
     native_size: int | None  # side of the stored images; None = any (rendered) or varies (image_folder)
     channels: int  # 1 or 3, as stored
+    sequence: bool = False  # samples are 1-D signals (C, T) (dataset.length), not images (C, S, S)
 
 
 _CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -58,12 +59,16 @@ CAPS = {
     "image_folder": DatasetCaps(False, False, False, None, None, None, 3),  # classes known once loaded
     "cifar10": DatasetCaps(False, False, False, 10, _CIFAR10_NAMES, 32, 3),
     "stl10": DatasetCaps(False, False, False, 10, _STL10_NAMES, 96, 3),
+    # Sequences: label = speaker; synthetic_audio's instance = the sentence spoken (several takes of each).
+    "synthetic_audio": DatasetCaps(True, False, False, 10, [f"speaker{i}" for i in range(10)], None, 1, sequence=True),
+    "wav_folder": DatasetCaps(False, False, False, None, None, None, 1, sequence=True),  # classes known once loaded
 }
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """images: uint8 (N, C, H, W); meta: one row per image with META_SCHEMA's columns."""
+    """images: uint8 (N, C, H, W), or float32 (N, 1, T) signals for sequence datasets (caps.sequence);
+    meta: one row per sample with META_SCHEMA's columns."""
 
     name: str
     images: np.ndarray

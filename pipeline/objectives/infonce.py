@@ -1,4 +1,4 @@
-"""InfoNCE objectives: pairs with in-batch negatives, and GIM's patch-grid prediction.
+"""InfoNCE objectives: pairs with in-batch negatives, and GIM's patch-grid (or sequence) prediction.
 
 Maths as pure functions of tensors; the nn.Modules hold only the loss's
 learned parts (projection head, bilinear W, W_k), discarded after training.
@@ -17,6 +17,9 @@ from pipeline.pairing import paired_vectors
 # Rows contrasted per step when pairing neighbouring grid positions: the score
 # matrix is rows x rows, so a 64-image batch of 16x16 maps (30k pairs) is subsampled.
 GRID_PAIRS_MAX = 2048
+# Sequence steps scored per prediction step: a random window of this many context positions (GIM audio's
+# subsample_win = 128), so a long first-layer output (800+ steps) costs what a 128-step one does.
+SEQUENCE_WINDOW = 128
 
 
 # ---------------------------------------------------------------- pure functions
@@ -98,7 +101,7 @@ class InfoNCEPairObjective(nn.Module):
         d = projection_dim or width
         # Bilinear scores a^T W b as in CPC/GIM (W initialised like nn.Linear), instead of cosine.
         self.w = nn.Linear(d, d, bias=False) if bilinear else None
-        self.needs_pairs = pairing != "patch_grid"
+        self.needs_pairs = pairing not in ("patch_grid", "temporal")  # both pair positions within a sample
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):
@@ -113,30 +116,51 @@ class InfoNCEPairObjective(nn.Module):
 
 
 class InfoNCEGridObjective(nn.Module):
-    """GIM's patch-grid InfoNCE: per step k, a 1x1-conv W_k predicts the patch k+1 rows below."""
+    """GIM's patch-grid InfoNCE: per step k, a 1x1-conv W_k predicts the patch k+1 rows below.
+
+    With ``sequence=True`` the output is a sequence (B, C, T), scored as a grid of T rows and one column, and
+    step k predicts z_{t+k} from z_t: GIM's audio loss (Löwe et al. 2019, Sec. 4.2, after CPC's 12 steps) with
+    the encoder output as its own context (CPC's GRU context is the cpc_ar objective). Sequence steps are not
+    shifted by one: audio frames are not half-overlapping patches.
+    """
 
     needs_pairs = False
     needs_labels = False
 
-    def __init__(self, channels: int, rows: int, *, steps: int, negatives: int) -> None:
+    def __init__(self, channels: int, rows: int, *, steps: int, negatives: int, sequence: bool = False) -> None:
         super().__init__()
-        # Offsets k+1 that run past the grid are never scored, so their W_k are not built.
-        usable = [k for k in range(1, steps + 1) if k + 1 < rows]
-        self.offsets = [k + 1 for k in usable]
+        self.sequence = sequence
+        shift = 0 if sequence else 1
+        # Offsets that run past the grid (or sequence) are never scored, so their W_k are not built.
+        usable = [k for k in range(1, steps + 1) if k + shift < rows]
+        self.offsets = [k + shift for k in usable]
         self.negatives = negatives
         self.w_k = nn.ModuleList(nn.Conv2d(channels, channels, 1, bias=False) for _ in usable)
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):
-        g = grid_features(z).float()  # (B, C, gh, gw)
-        if g.shape[2] < 3 or not self.w_k:
-            raise TrainingError(f"the grid has {g.shape[2]} rows; predicting rows below needs at least 3",
-                                "use more patches or a larger feature map")
+        if self.sequence:
+            if z.ndim != 3:
+                raise TrainingError(f"a sequence objective got activations of shape {tuple(z.shape)}",
+                                    "feed it the module's (B, C, T) output")
+            g = z.float().unsqueeze(-1)  # (B, C, T, 1): time as the rows of a one-column grid
+        else:
+            g = grid_features(z).float()  # (B, C, gh, gw)
+        if g.shape[2] < (2 if self.sequence else 3) or not self.w_k:
+            what = "steps; predicting steps ahead needs at least 2" if self.sequence else \
+                "rows; predicting rows below needs at least 3"
+            raise TrainingError(f"the {'sequence' if self.sequence else 'grid'} has {g.shape[2]} {what}",
+                                "use more patches, a larger feature map or a longer sequence")
         total, acc = 0.0, 0.0
         used = 0
         for w, offset in zip(self.w_k, self.offsets):
             if offset >= g.shape[2]:
                 continue
-            loss, accuracy = grid_step_loss(g, w(g), offset, self.negatives)
+            step_in = g
+            if self.sequence and g.shape[2] > SEQUENCE_WINDOW + offset:
+                # Contexts in a random window plus the offset they predict; negatives come from the window too.
+                start = int(torch.randint(g.shape[2] - SEQUENCE_WINDOW - offset + 1, ()))
+                step_in = g[:, :, start:start + SEQUENCE_WINDOW + offset]
+            loss, accuracy = grid_step_loss(step_in, w(step_in), offset, self.negatives)
             total, acc, used = total + loss, acc + accuracy, used + 1
         return total / used, {"accuracy": float(acc / used)}

@@ -56,7 +56,7 @@ class SFAObjective(nn.Module):
         self.eps = eps
         self.width = projection_dim or width
         self.head = projection_head(width, projection_dim)
-        self.needs_pairs = pairing != "patch_grid"
+        self.needs_pairs = pairing not in ("patch_grid", "temporal")  # both pair positions within a sample
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):

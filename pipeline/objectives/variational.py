@@ -43,7 +43,7 @@ class VInfoNCEObjective(nn.Module):
         self.logvar = nn.Linear(width, latent)
         self.head = projection_head(latent, projection_dim)
         self.temperature, self.kl_weight = temperature, kl_weight
-        self.needs_pairs = pairing != "patch_grid"
+        self.needs_pairs = pairing not in ("patch_grid", "temporal")  # both pair positions within a sample
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):

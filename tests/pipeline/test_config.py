@@ -94,3 +94,44 @@ def test_errors_pickle_across_processes():
     err = ConfigError([("train.lr", "must be > 0")], fix="set it")
     back = pickle.loads(pickle.dumps(err))
     assert back.problems == err.problems and back.fix == "set it" and "train.lr" in str(back)
+
+
+# ---------------------------------------------------------------- the new objectives in the plan
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("cpc_ar", {"context": "masked_conv"}), ("dim", {"estimator": "jsd"}), ("moco", {"momentum": 0.9}),
+    ("autoencoder", {"hidden": 8}), ("aet", {"rotation": 30.0}),
+])
+def test_new_objectives_are_configurable_and_plan(kind, extra):
+    from pipeline.plan import build_plan
+
+    sets = [f"stack.m1.objective.kind={kind}"] + [f"stack.m1.objective.{k}={v}" for k, v in extra.items()]
+    cfg = load_config(DEFAULT_PRESET, sets)
+    assert cfg.stack["m1"].objective.kind == kind
+    assert build_plan(cfg, check_paths=False).modules[0].objective == kind
+    schema = RunConfig.model_json_schema()
+    for name, model in schema["$defs"].items():  # a description on every field of every objective
+        if model.get("properties", {}).get("kind", {}).get("const") == kind:
+            assert all("description" in p for f, p in model["properties"].items() if f != "kind"), name
+
+
+@pytest.mark.parametrize("sets, path, words", [
+    (["stack.m2.objective.kind=aet"], "stack.m2.objective.kind", "only the first module"),
+    (["stack.m4.objective.kind=dim"], "stack.m4.objective.kind", "no locations"),
+    (["stack.m4.objective.kind=cpc_ar"], "stack.m4.objective.kind", "vector"),
+    (["stack.m1.objective.kind=cpc_ar", "stack.m1.objective.context=masked_conv", "stack.m1.objective.bptt_steps=2"],
+     "stack.m1.objective.bptt_steps", "gru"),
+    (["stack.m1.objective.kind=moco", "stack.m1.objective.pairing=patch_grid"], "stack.m1.objective.pairing",
+     "needs sample pairs"),
+    (["stack.m2.objective.kind=moco", "stack.m2.objective.pairing=augment"], "stack.m2.objective.pairing",
+     "only the first module"),
+    (["stack.m1.objective.kind=autoencoder", "stack.m1.layers.1.type=global_pool", "dataset.image_size=64",
+      "stack.m1.objective.hidden=20000"], "stack.m1.objective.hidden", "lower objective.hidden"),
+])
+def test_new_objectives_validate_in_the_plan(sets, path, words):
+    from pipeline.plan import build_plan
+
+    with pytest.raises(ConfigError) as err:
+        build_plan(load_config(DEFAULT_PRESET, sets), check_paths=False)
+    assert any(p == path and words in m for p, m in err.value.problems), err.value.message

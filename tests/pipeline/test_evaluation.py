@@ -33,7 +33,7 @@ def test_nearest_centroid_hand_computed():
 def test_output_is_plain_json():
     r = classify(TRAIN_X, TRAIN_Y, TEST_X, TEST_Y)
     assert json.loads(json.dumps(r)) == r
-    for clf in ("nearest_centroid", "linear_probe", "knn", "kmeans"):
+    for clf in ("nearest_centroid", "linear_probe", "knn", "kmeans", "gmm"):
         assert 0.0 <= r[clf]["test_accuracy"] <= 1.0
     assert r["knn"]["k"] == 5  # k=5 fits in the 6 train points
 
@@ -50,6 +50,7 @@ def test_separable_blobs_score_perfectly():
     assert r["linear_probe"]["test_accuracy"] == 1.0
     assert r["knn"]["test_accuracy"] == 1.0
     assert r["kmeans"]["test_accuracy"] == 1.0
+    assert r["gmm"] == {"test_accuracy": 1.0, "dims": 8}
     assert np.array(r["nearest_centroid"]["confusion"]).shape == (4, 4)
     assert set(r["nearest_centroid"]["per_class_accuracy"]) == {"0", "1", "2", "3"}
 
@@ -77,3 +78,18 @@ def test_bad_input_is_a_data_error():
         classify(TRAIN_X, np.zeros(6), TEST_X, TEST_Y)
     with pytest.raises(DataError):
         cluster_accuracy([0, 1], [0])
+
+
+def test_gmm_separates_clusters_of_unequal_spread_that_kmeans_cuts():
+    from pipeline.evaluation import gmm_cluster_accuracy
+
+    # A tight cluster beside a broad one: k-means puts the boundary half-way and gives the tight cluster the
+    # broad one's near side; a Gaussian mixture models each cluster's own covariance.
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 300)
+    x = np.array([[0.0, 0.0], [5.0, 0.0]])[y] + np.where(y == 0, 0.3, 3.0)[:, None] * rng.normal(size=(len(y), 2))
+    r = classify(x, y, x, y, seed=0)
+    assert r["gmm"]["test_accuracy"] > 0.97 and r["gmm"]["test_accuracy"] > r["kmeans"]["test_accuracy"] + 0.05
+    # Wide inputs are reduced by PCA before the full-covariance fit.
+    wide = np.concatenate([x, rng.normal(0, 1e-3, (len(y), 100))], axis=1)
+    assert gmm_cluster_accuracy(wide, y, 2, max_dims=4)["dims"] == 4

@@ -209,3 +209,227 @@ def test_same_group_rows_are_not_negatives():
     # Rows 0 and 1 show the same object: masking their cross scores removes the false negatives.
     assert masked < plain and acc == 1.0
     assert torch.isfinite(masked)
+
+
+# ---------------------------------------------------------------- cpc_ar, dim, moco, autoencoder, aet
+
+
+def train_new(layers, objective, x, x_pos=None, steps=20, lr=1e-2, groups=None, patches=None):
+    """Like losses_over_training, but calls the objective the way the trainer does (needs_input, after_step)."""
+    torch.manual_seed(0)
+    cfg = ModuleConfig.model_validate({"layers": layers, "objective": objective, "patches": patches})
+    in_shape = tuple(x.shape[1:])
+    out_shape, _ = infer_shape(cfg, in_shape)
+    mod = build_module(cfg, in_shape)
+    obj = build_objective(cfg.objective, out_shape, None, in_shape=in_shape, module=mod)
+    assert isinstance(obj, LocalObjective)
+    opt = torch.optim.Adam([*mod.parameters(), *obj.parameters()], lr=lr)
+    losses = []
+    for _ in range(steps):
+        if x_pos is not None and obj.needs_pairs:
+            z, z_pos = mod(torch.cat([x, x_pos])).chunk(2)
+        else:
+            z, z_pos = mod(x), None
+        extra = {"x": x, "x_pos": x_pos, "module": mod} if getattr(obj, "needs_input", False) else {}
+        loss, stats = obj(z, z_pos, None, groups=groups, **extra)
+        assert all(isinstance(v, float) for v in stats.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hasattr(obj, "after_step"):
+            obj.after_step(mod)
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    return losses, stats, obj, mod
+
+
+def sequences(n=16, channels=2, length=24, seed=0):
+    """(n, C, T) sinusoids with a sample-specific frequency and phase: the next steps follow from the past."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(length, dtype=torch.float32)
+    freq = 0.2 + 0.8 * torch.rand(n, channels, 1, generator=g)
+    phase = 6.28 * torch.rand(n, channels, 1, generator=g)
+    return torch.sin(freq * t + phase) + 0.05 * torch.randn(n, channels, length, generator=g)
+
+
+class _SeqModule(torch.nn.Module):
+    """A 1x1 conv over a (B, C, T) sequence: the objective, not the module, is under test here."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(c_in, c_out, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+@pytest.mark.parametrize("context", ["gru", "masked_conv"])
+def test_cpc_ar_loss_falls_on_a_feature_map(context):
+    x = stripes()
+    losses, stats, _, _ = train_new([{"type": "conv", "channels": 8, "kernel": 3}, {"type": "maxpool"}],
+                                    {"kind": "cpc_ar", "context": context, "steps": 2, "negatives": 8}, x, lr=3e-2)
+    assert falls(losses) and 0 <= stats["accuracy"] <= 1
+
+
+def test_cpc_ar_on_a_patch_grid():
+    x = stripes()
+    losses, _, obj, _ = train_new([{"type": "conv", "channels": 8, "kernel": 3}, {"type": "global_pool"}],
+                                  {"kind": "cpc_ar", "steps": 5, "negatives": 8}, x, patches={"size": 4, "stride": 4},
+                                  lr=3e-2)
+    assert obj.offsets == [1, 2, 3]  # a 4x4 grid: steps past row 4 are not built
+    assert falls(losses)
+
+
+@pytest.mark.parametrize("bptt_steps", [None, 4])
+def test_cpc_ar_loss_falls_on_a_sequence(bptt_steps):
+    x = sequences()
+    torch.manual_seed(0)
+    mod = _SeqModule(2, 8)
+    obj = build_objective(objective_cfg(kind="cpc_ar", steps=3, negatives=8, bptt_steps=bptt_steps), (8, 24), None)
+    opt = torch.optim.Adam([*mod.parameters(), *obj.parameters()], lr=3e-2)
+    losses = []
+    for _ in range(20):
+        loss, _ = obj(mod(x), None, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert falls(losses)
+
+
+def test_cpc_ar_truncated_bptt_blocks_gradients_across_chunks():
+    from pipeline.objectives.cpc import gru_context
+
+    gru = torch.nn.GRU(3, 4, batch_first=True)
+    g = torch.randn(2, 3, 8, 1, requires_grad=True)  # (B, C, S, L)
+    gru_context(gru, g, bptt_steps=4)[:, :, 7].sum().backward()
+    assert g.grad[:, :, :4].abs().sum() == 0 and g.grad[:, :, 4:].abs().sum() > 0
+    g.grad = None
+    gru_context(gru, g, bptt_steps=None)[:, :, 7].sum().backward()
+    assert g.grad[:, :, :4].abs().sum() > 0
+
+
+def test_cpc_ar_masked_conv_is_causal():
+    from pipeline.objectives.cpc import CausalConvContext
+
+    ctx = CausalConvContext(2, 4, kernel=3)
+    g = torch.randn(1, 2, 6, 5)
+    later = g.clone()
+    later[:, :, 3:] = torch.randn(1, 2, 3, 5)  # change rows 3..5
+    assert torch.allclose(ctx(g)[:, :, :3], ctx(later)[:, :, :3])  # rows 0..2 see only rows <= themselves
+
+
+@pytest.mark.parametrize("estimator", ["infonce", "jsd"])
+def test_dim_loss_falls(estimator):
+    # Every location of an image carries its colour, so a local feature tells which global summary it belongs to
+    # (pixel-wise random images would share nothing between one location and the whole).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, 1, 1, generator=g) + 0.3 * torch.randn(16, 4, 8, 8, generator=g)
+    losses, stats, _, _ = train_new([{"type": "conv", "channels": 8, "kernel": 3}],
+                                    {"kind": "dim", "estimator": estimator, "projection_dim": 8}, x)
+    assert falls(losses) and 0 <= stats["accuracy"] <= 1
+
+
+def test_dim_estimators_prefer_matching_locals():
+    from pipeline.objectives.dim import dim_infonce, dim_jsd
+
+    good = torch.full((4, 4, 3), -5.0)
+    good[torch.arange(4), torch.arange(4)] = 5.0  # positives (same image) high
+    bad = -good
+    for loss_fn in (dim_infonce, dim_jsd):
+        low, acc = loss_fn(good)
+        high, _ = loss_fn(bad)
+        assert low < high and acc == 1.0
+
+
+def test_moco_loss_falls_and_updates_key_encoder_and_queue():
+    x, x_pos, labels = clustered(shape=(1, 8, 8))
+    layers = [{"type": "conv", "channels": 8, "kernel": 3}, {"type": "maxpool"}, {"type": "flatten"},
+              {"type": "linear", "features": 16}]
+    losses, stats, obj, mod = train_new(layers, {"kind": "moco", "temperature": 0.2, "momentum": 0.99,
+                                                 "queue_size": 48, "projection_dim": 8}, x, x_pos, groups=labels,
+                                        steps=25)
+    # The first step scores against the random initial queue (easy negatives); from the second on, the queue
+    # holds real keys (48 < 2B, so always the last batch's), and the loss must fall from there.
+    assert falls(losses[1:]) and 0 <= stats["accuracy"] <= 1
+    assert int(obj.queue_ptr) == 0  # 2B = 128 keys per step >= 48: each step replaces the whole queue
+    assert set(obj.queue_groups.tolist()) <= set(labels.tolist())
+    obj._enqueue(torch.zeros(5, 8), None)
+    assert int(obj.queue_ptr) == 5 and (obj.queue_groups[:5] == -1).all() and (obj.queue[:5] == 0).all()
+    # The key encoder moved towards the module but is not trained by gradient.
+    for pk, pq in zip(obj.key_encoder.parameters(), mod.parameters()):
+        assert not pk.requires_grad and not torch.equal(pk, pq)
+    assert not any(p.requires_grad for p in obj.key_encoder.parameters())
+
+
+def test_moco_state_survives_a_checkpoint(tmp_path):
+    from pipeline import checkpoint
+    from pipeline.store import Store
+
+    x, x_pos, labels = clustered()
+    losses, _, obj, mod = train_new([{"type": "linear", "features": 8}], {"kind": "moco", "queue_size": 32}, x, x_pos,
+                                    steps=3)
+    store = Store(str(tmp_path), "run")
+    checkpoint.save(store, "checkpoints/m1", 1, mod, obj, None, {})
+    cfg = ModuleConfig.model_validate({"layers": [{"type": "linear", "features": 8}], "objective": {"kind": "moco",
+                                                                                                 "queue_size": 32}})
+    torch.manual_seed(1)
+    mod2 = build_module(cfg, (16,))
+    obj2 = build_objective(cfg.objective, (8,), None, in_shape=(16,), module=mod2)
+    checkpoint.restore(store, checkpoint.latest(store, "checkpoints/m1"), mod2, obj2)
+    for key, value in obj.state_dict().items():
+        assert torch.equal(value, obj2.state_dict()[key]), key
+    state = set(obj2.state_dict())
+    assert {"queue", "queue_ptr", "queue_groups"} <= state and any(k.startswith("key_encoder.") for k in state)
+
+
+@pytest.mark.parametrize("layers", [
+    [{"type": "conv", "channels": 8, "kernel": 3}, {"type": "maxpool"}],  # map -> map: resize-conv decoder
+    [{"type": "flatten"}, {"type": "linear", "features": 16, "activation": "relu"}],  # map -> vector: MLP decoder
+])
+def test_autoencoder_loss_falls(layers):
+    x, _, _ = clustered(shape=(1, 8, 8))
+    losses, stats, _, _ = train_new(layers, {"kind": "autoencoder", "hidden": 16}, x)
+    assert falls(losses) and stats["mse"] >= 0
+
+
+def test_autoencoder_on_a_sequence():
+    x = sequences(length=12)
+    obj = build_objective(objective_cfg(kind="autoencoder", hidden=8), (4, 6), None, in_shape=(2, 12))
+    loss, _ = obj(torch.randn(16, 4, 6), None, None, x=x)
+    assert torch.isfinite(loss)
+
+
+def test_aet_loss_falls_and_transforms_are_affine():
+    from pipeline.objectives.aet import random_affine, transform_images
+
+    theta = random_affine(4, rotation=0, translation=0, scale=(1, 1), shear=0)
+    assert torch.allclose(theta, torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(4, 2, 3))
+    img = torch.rand(4, 1, 8, 8)
+    assert torch.allclose(transform_images(img, theta), img, atol=1e-5)
+    x, _, _ = clustered(shape=(1, 12, 12), noise=0.2)
+    x = x.clamp(-2, 2)
+    losses, _, _, _ = train_new([{"type": "conv", "channels": 8, "kernel": 3}, {"type": "maxpool"}],
+                                {"kind": "aet", "rotation": 30, "hidden": 32}, x, steps=30, lr=3e-3)
+    assert falls(losses)
+
+
+def test_new_objectives_config_errors():
+    with pytest.raises(ConfigError, match="vector"):
+        build_objective(objective_cfg(kind="cpc_ar"), (8,), None)
+    with pytest.raises(ConfigError, match="at least 2 steps"):
+        build_objective(objective_cfg(kind="cpc_ar"), (8, 1, 4), None)
+    with pytest.raises(ConfigError, match="gru"):
+        build_objective(objective_cfg(kind="cpc_ar", context="masked_conv", bptt_steps=2), (8, 4, 4), None)
+    with pytest.raises(ConfigError, match="no locations"):
+        build_objective(objective_cfg(kind="dim"), (8,), None)
+    with pytest.raises(ConfigError, match="patch_grid"):
+        build_objective(objective_cfg(kind="moco", pairing="patch_grid"), (8, 4, 4), None, module=torch.nn.Identity())
+    with pytest.raises(ConfigError, match="module"):
+        build_objective(objective_cfg(kind="moco"), (8,), None)
+    with pytest.raises(ConfigError, match="input shape"):
+        build_objective(objective_cfg(kind="autoencoder"), (8,), None)
+    with pytest.raises(ConfigError, match="objective.hidden"):
+        build_objective(objective_cfg(kind="autoencoder", hidden=4096), (64,), None, in_shape=(3, 64, 64))
+    with pytest.raises(ConfigError, match="images"):
+        build_objective(objective_cfg(kind="aet"), (8,), None, in_shape=(16,))
