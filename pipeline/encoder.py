@@ -23,13 +23,14 @@ from schemas.config import RunConfig
 
 
 class ComposedEncoder(nn.Module):
-    """Images (B, C, H, W) -> top activations; ``embed`` pools them to (B, D)."""
+    """Images (B, C, H, W) or signals (B, C, T) -> top activations; ``embed`` pools them to (B, D)."""
 
     def __init__(self, cfg: RunConfig, names: list[str] | None = None) -> None:
         super().__init__()
         plan = build_plan(cfg, check_paths=False, local_cluster=False)
         self.names = names or plan.names
         self.input_shape = tuple(plan.input_shape)
+        self.sample_rate = cfg.dataset.sample_rate  # for sequence inputs (C, T): what embed resamples WAV files to
         self.stages = nn.ModuleDict({n: build_module(cfg.stack[n], tuple(plan.module(n).in_shape)) for n in self.names})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,32 @@ def load_encoder(run: str, store_uri: str | None = None):
     return compose_from_store(store, cfg)[0]
 
 
+def read_signals(path: str, shape: tuple[int, int], sample_rate: int) -> np.ndarray:
+    """A .npy of signals (N, T) / (N, C, T) or a folder of .wav files -> float32 (N, C, T) of the encoder's input shape."""
+    from pipeline.data.audio import read_wav
+
+    c, t = shape
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob("*.wav"))
+        if not files:
+            raise DataError(f"no .wav files under {path}", "point embed at a folder of .wav files or a .npy of signals")
+        return np.stack([read_wav(f, sample_rate, t) for f in files])[:, None]  # mono, resampled, cropped or padded
+    if p.suffix != ".npy" or not p.is_file():
+        raise DataError(f"embed input {path!r} is neither a .npy file nor a folder",
+                        "pass signals as .npy (N, T) or (N, C, T), or a folder of .wav files")
+    arr = np.load(p)
+    if arr.ndim == 2:
+        arr = arr[:, None]
+    if arr.ndim != 3 or tuple(arr.shape[1:]) != (c, t):
+        raise DataError(f"{path} holds signals of shape {tuple(arr.shape[1:])}, the encoder expects ({c}, {t})",
+                        f"crop or pad the signals to {t} samples ({sample_rate} Hz) with {c} channel(s), or pass .wav files")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{path} holds {arr.dtype} signals, the encoder expects floating-point samples in [-1, 1]",
+                        "convert the signals to float32 (integer PCM divided by its full scale)")
+    return arr.astype(np.float32)
+
+
 def read_images(path: str, shape: tuple[int, int, int]) -> np.ndarray:
     """A .npy of images or an image folder -> uint8 (N, C, H, W) of the encoder's input shape."""
     c, h, w = shape
@@ -118,7 +144,8 @@ def embed_command(run: str, input_path: str, *, out: str | None = None, store_ur
     import torch
 
     encoder = load_encoder(run, store_uri)
-    images = read_images(input_path, encoder.input_shape)
+    shape = encoder.input_shape
+    images = read_signals(input_path, shape, encoder.sample_rate) if len(shape) == 2 else read_images(input_path, shape)
     chunks = [encoder.embed(torch.from_numpy(images[i:i + 256])).numpy() for i in range(0, len(images), 256)]
     emb = np.concatenate(chunks)
     table = pa.table({"index": pa.array(np.arange(len(emb))), **{f"e{j}": pa.array(emb[:, j]) for j in range(emb.shape[1])}})

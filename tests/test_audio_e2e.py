@@ -42,3 +42,33 @@ def test_audio_stack_runs_to_a_complete_summary(tmp_path):
     assert 0.0 <= ev["baselines"]["raw_pixels"]["nearest_centroid"]["test_accuracy"] <= 1.0
     assert "pose" not in summary and "pose" not in summary["exports"]  # audio has no pose metadata
     assert (root / "embeddings.parquet").is_file() and "nearest centroid" in proc.stdout
+
+    # The run's encoder embeds new audio: stored signals as .npy reproduce embeddings.parquet,
+    # and a folder of WAV files at another rate is resampled to the run's 16 kHz and embedded.
+    import numpy as np
+    import pyarrow.parquet as pq
+    from scipy.io import wavfile
+
+    from pipeline.store import Store
+
+    table = pq.read_table(root / "embeddings.parquet")
+    runs = Store(str(store), "audio")
+    reader = runs.read("input", runs.versions("input")[-1])
+    signals = reader.tensor().numpy()[:6]
+    row_of = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+    rows = [row_of[sid] for sid in reader.meta.column("sample_id").to_pylist()[:6]]
+    stored = np.stack([table.column(f"e{j}").to_numpy() for j in range(8)], axis=1)[rows]
+    np.save(tmp_path / "clips.npy", signals[:, 0])  # (N, T): one channel implied
+    isostack("embed", "audio", str(tmp_path / "clips.npy"), "--store", str(store), timeout=120)
+    out = pq.read_table(tmp_path / "clips.embeddings.parquet")
+    embedded = np.stack([out.column(f"e{j}").to_numpy() for j in range(8)], axis=1)
+    assert np.allclose(embedded, stored, atol=1e-3), np.abs(embedded - stored).max()
+
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for i in range(3):
+        wavfile.write(wavs / f"clip{i}.wav", 8000, (signals[i, 0, ::2] * 32767).astype(np.int16))
+    isostack("embed", "audio", str(wavs), "--store", str(store), "--out", str(tmp_path / "wav.parquet"), timeout=120)
+    wav_emb = pq.read_table(tmp_path / "wav.parquet")
+    assert wav_emb.num_rows == 3 and wav_emb.column_names == ["index"] + [f"e{j}" for j in range(8)]
+    assert np.isfinite(np.stack([wav_emb.column(f"e{j}").to_numpy() for j in range(8)])).all()
