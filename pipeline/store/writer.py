@@ -224,7 +224,7 @@ class VersionWriter:
         try:
             with self._fs.write_stream(rel) as f:
                 faults.maybe_raise("enospc_shard", self.stage)
-                pq.write_table(shard, f, row_group_size=max(rows, 1), **self._options)
+                pq.write_table(shard, f.sink, row_group_size=max(rows, 1), **self._options)
         except BaseException:
             self._state = "failed"
             raise
