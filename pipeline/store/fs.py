@@ -95,31 +95,42 @@ class LocalShardFile:
         self.sink = pa.OSFile(path, "wb")
         self.nbytes = 0
         self._digest: str | None = None
+        self._hashed: concurrent.futures.Future | None = None
 
     def finish(self) -> None:
-        """Close, then hash and fsync at once (both release the GIL)."""
+        """Close and fsync; the hash starts on a helper thread and is collected by ``hexdigest``.
+
+        The file is complete and never written again, so its hash can overlap the
+        fsync here and whatever the caller does next (encoding the next shard).
+        """
         self.sink.close()
         self.nbytes = os.path.getsize(self.path)
-        hashed = _hash_pool().submit(_sha256_of_file, self.path)
         fd = os.open(self.path, os.O_RDONLY)
         try:
+            # The helper hashes through its own descriptor, so the caller may rename the file at once.
+            self._hashed = _hash_pool().submit(_sha256_of_fd, os.dup(fd))
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._digest = hashed.result()
 
     def hexdigest(self) -> str:
+        """The sha256, waiting for the helper thread if it is still hashing."""
         if self._digest is None:
-            raise RuntimeError("LocalShardFile.hexdigest() before finish()")
+            if self._hashed is None:
+                raise RuntimeError("LocalShardFile.hexdigest() before finish()")
+            self._digest = self._hashed.result()
         return self._digest
 
 
-def _sha256_of_file(path: str) -> str:
+def _sha256_of_fd(fd: int) -> str:
+    """sha256 of the whole file open as ``fd`` (closed here), read through the page cache."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    try:
+        if os.fstat(fd).st_size:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
                 h.update(m)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 

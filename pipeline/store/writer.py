@@ -81,7 +81,8 @@ class VersionWriter:
         self._stats: dict[str, float] = {}
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self._shards: list[ShardEntry] = []
+        self._shards: list[ShardEntry] = []  # complete entries (sha256 known)
+        self._hashing: list[tuple[str, int, Any]] = []  # (name, rows, file) whose sha256 a helper thread computes
         self._written: list[str] = []  # relpaths, including ones that may be half written
         self._ids: list[np.ndarray] = []
         self._splits: dict[str, int] = {}
@@ -89,7 +90,7 @@ class VersionWriter:
 
     @property
     def rows(self) -> int:
-        return sum(s.rows for s in self._shards) + self._pending_rows
+        return sum(s.rows for s in self._shards) + sum(r for _, r, _ in self._hashing) + self._pending_rows
 
     def write(self, meta: pa.Table | Mapping[str, Any], tensor: torch.Tensor | np.ndarray) -> None:
         """Append rows: ``meta`` (N rows of metadata columns), ``tensor: (N, *shape)``."""
@@ -156,6 +157,7 @@ class VersionWriter:
         if self._pending_rows:
             self._write_shard(pa.concat_tables(self._pending))
             self._pending, self._pending_rows = [], 0
+        self._collect_hashes()
         manifest = Manifest(
             stage=self.stage, version=self.version, final=self._final,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(), codec=self._codec.name, dtype=self._codec.dtype,
@@ -232,7 +234,18 @@ class VersionWriter:
         if stats is not None:
             for k, v in stats().items():
                 self._stats[k] = max(self._stats.get(k, 0), v) if k.startswith("max") else self._stats.get(k, 0) + v
-        self._shards.append(ShardEntry(path=name, rows=rows, bytes=f.nbytes, sha256=f.hexdigest()))
+        self._hashing.append((name, rows, f))  # the sha256 may still be computing: collected at commit
+
+    def _collect_hashes(self) -> None:
+        for name, rows, f in self._hashing:
+            with self._fs.errors("hash", f"{self.dir}/{name}"):
+                try:
+                    digest = f.hexdigest()
+                except BaseException:
+                    self._state = "failed"
+                    raise
+            self._shards.append(ShardEntry(path=name, rows=rows, bytes=f.nbytes, sha256=digest))
+        self._hashing = []
 
 
 def _shares_memory(encoded: pa.FixedSizeBinaryArray, x: torch.Tensor) -> bool:

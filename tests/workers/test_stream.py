@@ -84,12 +84,13 @@ def test_two_trainers_stream_through_the_ring(tmp_path):
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in trainers]
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in trainers]  # a hung trainer must not hang pytest
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a trainer did not finish in 300 s"
 
     m1, m2 = trainers
     chunks = [store.manifest("m1", v) for v in store.versions("m1")]
