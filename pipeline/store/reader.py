@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 from typing import Iterator, Sequence
@@ -97,12 +98,18 @@ class VersionReader:
     def tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole version as one ``(N, *shape)`` tensor of ``dtype``."""
         out = torch.empty((self.manifest.rows, *self.shape), dtype=dtype)
-        for i in range(len(self._rels)):
-            lo = int(self._offsets[i])
-            for part in self._shard_tensors(i):
-                n = part.shape[0]
-                out[lo:lo + n].copy_(part)  # the one copy: Arrow buffer -> out, casting
-                lo += n
+        # The next shard is read (pyarrow, GIL released) while this one is copied out.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-read") as pool:
+            ahead = pool.submit(self._read_shard, 0, [TENSOR_COLUMN]) if self._rels else None
+            for i in range(len(self._rels)):
+                table = ahead.result()
+                ahead = pool.submit(self._read_shard, i + 1, [TENSOR_COLUMN]) if i + 1 < len(self._rels) else None
+                lo = int(self._offsets[i])
+                for part in self._table_tensors(table, i):
+                    n = part.shape[0]
+                    out[lo:lo + n].copy_(part)  # the one copy: Arrow buffer -> out, casting
+                    lo += n
+                del table
         return out
 
     def batches(self, batch_size: int, *, split: str | None = None, sample_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
@@ -168,7 +175,7 @@ class VersionReader:
         rel = self._rels[i]
         try:
             if self._fs.local:
-                table = pq.read_table(self._fs.path(rel), columns=columns, memory_map=True)
+                table = pq.read_table(self._fs.path(rel), columns=columns, memory_map=False)
             else:
                 table = pq.read_table(self._fs.path(rel), columns=columns, filesystem=self._fs.fs)
         except FileNotFoundError:
@@ -185,7 +192,9 @@ class VersionReader:
 
     def _shard_tensors(self, i: int) -> Iterator[torch.Tensor]:
         """Zero-copy storage-dtype views of shard ``i``'s tensor column, one per Arrow chunk."""
-        table = self._read_shard(i, [TENSOR_COLUMN])
+        return self._table_tensors(self._read_shard(i, [TENSOR_COLUMN]), i)
+
+    def _table_tensors(self, table: pa.Table, i: int) -> Iterator[torch.Tensor]:
         codec = self._codec_for(table.schema, i)
         for chunk in table.column(TENSOR_COLUMN).chunks:
             n = len(chunk)
