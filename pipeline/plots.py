@@ -135,7 +135,7 @@ def accuracy_by_depth(rows: list[dict], path: str) -> str:
     rows = [{"module": "m1", "depth": 1, "nearest_centroid": 0.7, "linear_probe": 0.8, "knn": 0.75}, ...].
     """
     metrics = (("nearest_centroid", "nearest centroid", "tab:blue"), ("linear_probe", "linear probe", "tab:orange"),
-               ("knn", "kNN", "tab:green"))
+               ("knn", "kNN", "tab:green"), ("kmeans", "k-means", "tab:red"), ("gmm", "Gaussian mixture", "tab:purple"))
     stack = sorted((r for r in rows if r.get("depth", 0) > 0), key=lambda r: r["depth"])
     base = [r for r in rows if r.get("depth", 0) == 0]
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -25,6 +25,7 @@ stack:
 train: {epochs: 1, batch_size: 16}
 schedule: {poll_seconds: 0.1, settle_epochs: 0}
 export: {plots: false, report: false}
+evaluate: {per_module: true}
 """
 
 
@@ -41,6 +42,11 @@ def test_audio_stack_runs_to_a_complete_summary(tmp_path):
     assert ev["embedding_dim"] == 8 and len(ev["nearest_centroid"]["labels"]) == 3  # the GRU's (8, T) pooled over time
     assert 0.0 <= ev["baselines"]["raw_pixels"]["nearest_centroid"]["test_accuracy"] <= 1.0
     assert "pose" not in summary and "pose" not in summary["exports"]  # audio has no pose metadata
+    depth = ev["per_module"]  # accuracy by depth: every scorer, for each module's final version
+    assert [d["module"] for d in depth] == ["enc", "ar"]
+    assert all(set(d) >= {"nearest_centroid", "linear_probe", "knn", "kmeans", "gmm"} for d in depth)
+    assert depth[-1]["nearest_centroid"] == ev["nearest_centroid"]["test_accuracy"]
+    assert depth[-1]["gmm"] == ev["gmm"]["test_accuracy"]
     assert (root / "embeddings.parquet").is_file() and "nearest centroid" in proc.stdout
 
     # The run's encoder embeds new audio: stored signals as .npy reproduce embeddings.parquet,

@@ -219,8 +219,9 @@ class Evaluator:
 
 
 def _headline(scores: dict) -> dict:
-    return {"nearest_centroid": scores["nearest_centroid"]["test_accuracy"],
-            "linear_probe": scores["linear_probe"]["test_accuracy"], "knn": scores["knn"]["test_accuracy"]}
+    """Test accuracy of each scorer that ran (clustering ones are absent when they were skipped)."""
+    return {key: scores[key]["test_accuracy"] for key in ("nearest_centroid", "linear_probe", "knn", "kmeans", "gmm")
+            if key in scores}
 
 
 def embedding_table(meta: pa.Table, emb: np.ndarray) -> pa.Table:
