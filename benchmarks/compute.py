@@ -14,7 +14,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import Row, cpu_threads, goal_row
+from benchmarks import cpu_threads, goal_row
 from pipeline.config import load_config
 from pipeline.modules import build_module
 from pipeline.objectives import build_objective

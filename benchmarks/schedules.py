@@ -16,7 +16,7 @@ import time
 
 import yaml
 
-from benchmarks import Row, cpu_threads, goal_row, quiet
+from benchmarks import cpu_threads, goal_row, quiet
 from benchmarks.reference_gim import train_reference
 from pipeline.config import load_config, read_source
 from schemas.config import RunConfig

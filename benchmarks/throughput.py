@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks import Row, goal_row
+from benchmarks import goal_row
 from pipeline.config import load_config
 from pipeline.feed import PairedBatches, load_upstream
 from pipeline.modules import build_module

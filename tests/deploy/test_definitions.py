@@ -157,7 +157,7 @@ def test_token_authentication_is_on_everywhere():
 def test_cluster_launcher_installs_this_checkout():
     cluster = _yaml("cluster.yaml")
     mount = next(dst for dst, src in cluster["file_mounts"].items() if src == ".")
-    assert any(f"pip install" in c and mount in c for c in cluster["setup_commands"])
+    assert any("pip install" in c and mount in c for c in cluster["setup_commands"])
 
 
 @pytest.mark.parametrize("store", ["runs", "./isostack-runs"])
