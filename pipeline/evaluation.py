@@ -24,9 +24,20 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.errors import DataError
 
-__all__ = ["classify", "cluster_accuracy", "gmm_cluster_accuracy"]
+__all__ = ["classify", "cluster_accuracy", "gmm_cluster_accuracy", "standardize"]
 
 GMM_MAX_DIMS = 32
+
+
+def standardize(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """train_x: (N, D), test_x: (M, D) -> both z-scored per dimension with the train split's mean and std.
+
+    A dimension that is constant on the train split is only centred (its std counts as 1).
+    """
+    mean = train_x.mean(axis=0)
+    std = train_x.std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)
+    return (train_x - mean) / std, (test_x - mean) / std
 
 
 def classify(

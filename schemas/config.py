@@ -310,6 +310,10 @@ class EvaluateConfig(Strict):
     knn_k: int = Field(5, ge=1, description="Neighbours for the kNN classifier and kNN pose regression.")
     linear_probe_epochs: int = Field(100, ge=1, description="Iterations of the logistic-regression probe.")
     baselines: bool = Field(True, description="Also score raw pixels as the baseline row.")
+    standardize: bool = Field(
+        False, description="Z-score each embedding dimension with the train split's mean and std before scoring (the "
+        "raw baseline too). Off: the seed thesis's protocol, where nearest centroid's Euclidean distance follows the "
+        "highest-variance dimensions.")
 
 
 class ExportConfig(Strict):

@@ -19,7 +19,7 @@ import torch
 from pipeline.config import dump_yaml
 from pipeline.data import capabilities
 from pipeline.encoder import compose_from_store, save_model
-from pipeline.evaluation import classify
+from pipeline.evaluation import classify, standardize
 from pipeline.feed import load_source
 from pipeline.modules import pool_to_vector
 from pipeline.pose import pose_metrics
@@ -92,6 +92,8 @@ class Evaluator:
     def _classify(self, meta: pa.Table, emb: np.ndarray) -> dict:
         xtr, ytr, xte, yte, _, _ = self._split(meta, emb)
         ev = self.cfg.evaluate
+        if ev.standardize:
+            xtr, xte = standardize(xtr, xte)
         return classify(xtr, ytr, xte, yte, knn_k=ev.knn_k, probe_iters=ev.linear_probe_epochs, seed=self.cfg.train.seed)
 
     # ------------------------------------------------------------ stages

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.evaluation import classify, cluster_accuracy
+from pipeline.evaluation import classify, cluster_accuracy, standardize
 
 # Two clusters of three points; centroids (1/3, 1/3) and (31/3, 31/3).
 TRAIN_X = np.array([[0, 0], [0, 1], [1, 0], [10, 10], [10, 11], [11, 10]], dtype=np.float32)
@@ -93,3 +93,21 @@ def test_gmm_separates_clusters_of_unequal_spread_that_kmeans_cuts():
     # Wide inputs are reduced by PCA before the full-covariance fit.
     wide = np.concatenate([x, rng.normal(0, 1e-3, (len(y), 100))], axis=1)
     assert gmm_cluster_accuracy(wide, y, 2, max_dims=4)["dims"] == 4
+
+
+def test_standardize_lets_nearest_centroid_see_past_a_loud_noise_dimension():
+    """Class signal in a quiet dimension, pure noise 1000x louder in another: z-scoring recovers the signal."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    signal = y * 1.0 + rng.normal(0, 0.1, 400)       # separates the classes
+    noise = rng.normal(0, 1000.0, 400)                # carries nothing
+    x = np.stack([signal, noise], axis=1)
+    tr = np.arange(400) % 2 == 0
+    plain = classify(x[tr], y[tr], x[~tr], y[~tr])["nearest_centroid"]["test_accuracy"]
+    ztr, zte = standardize(x[tr], x[~tr])
+    scaled = classify(ztr, y[tr], zte, y[~tr])["nearest_centroid"]["test_accuracy"]
+    assert plain < 0.7 and scaled > 0.95, (plain, scaled)
+    assert np.allclose(ztr.mean(axis=0), 0, atol=1e-9) and np.allclose(ztr.std(axis=0), 1)
+    # A dimension constant on the train split is centred, not divided by zero.
+    ctr, cte = standardize(np.ones((4, 1)), np.full((2, 1), 3.0))
+    assert np.all(ctr == 0) and np.all(cte == 2)
