@@ -309,11 +309,11 @@ class ModuleTrainer:
     def _switch_window(self, block: bool) -> None:
         """Stream mode: the upstream's final version once it exists, else a fresh window of its newest chunks."""
         stage, ring = self.plan.upstream, StreamRing(self.store, self.plan.upstream, self.cfg.store.window_samples)
-        if self._window:
-            return  # read at this epoch boundary already, not trained on yet
         while True:
             final = self.store.final(stage)
             if final is not None:
+                # The final version replaces a window read but not trained on yet (a module waiting past its
+                # epochs holds one): keeping it would wait on the stream forever.
                 self._starved, self._window = False, []
                 if self._upstream is None or self._upstream.manifest.version != final.version:
                     self._upstream = load_source(self.store, stage, final.version, self.cfg.model_dump(mode="json"),
@@ -321,6 +321,8 @@ class ModuleTrainer:
                     self._record(f"{self.name}/upstream/version", final.version)
                     self._update(upstream_version=final.version, upstream_final=True)
                 return
+            if self._window:
+                return  # read at this epoch boundary already, not trained on yet
             chunks, parts = ring.window(self._window_uses, self.cfg.store.max_shard_reuse), []
             for m in chunks:
                 try:

@@ -195,16 +195,30 @@ class Store:
         return m
 
     def newest(self, stage: str) -> Manifest | None:
-        vs = self.versions(stage)
-        return self.manifest(stage, vs[-1]) if vs else None
+        for v in reversed(self.versions(stage)):
+            m = self._listed_manifest(stage, v)
+            if m is not None:
+                return m
+        return None
 
     def final(self, stage: str) -> Manifest | None:
         """The newest committed version marked final, or None."""
         for v in reversed(self.versions(stage)):
-            m = self.manifest(stage, v)
-            if m.final:
+            m = self._listed_manifest(stage, v)
+            if m is not None and m.final:
                 return m
         return None
+
+    def _listed_manifest(self, stage: str, version: int) -> Manifest | None:
+        """The manifest of a version just listed, or None if it was removed since (a stream ring's trim, retention)."""
+        try:
+            return self.manifest(stage, version)
+        except IntegrityError:
+            raise
+        except StoreError:
+            if version in self.versions(stage):
+                raise  # still listed: a real read failure, not a removal
+            return None
 
     def stages(self) -> list[str]:
         """Stages with at least one committed version."""

@@ -391,3 +391,22 @@ def test_an_object_store_behaves_like_a_disk(monkeypatch):
         assert store.begin_version("m1").version == 3
     finally:
         server.stop()
+
+
+def test_final_and_newest_skip_a_version_removed_after_listing(store, monkeypatch):
+    """A stream ring trims versions while readers look: a version listed then removed is skipped, not an error."""
+    x = torch.randn(6, 3)
+    write_version(store, "m1", x, final=True)
+    write_version(store, "m1", x)
+    listed = store.versions("m1")
+    real = store.versions
+    calls = {"n": 0}
+
+    def stale_then_real(stage):
+        calls["n"] += 1
+        return listed + [listed[-1] + 1] if calls["n"] == 1 else real(stage)  # v3 was listed, then trimmed
+
+    monkeypatch.setattr(store, "versions", stale_then_real)
+    assert store.final("m1").version == listed[0]
+    calls["n"] = 0
+    assert store.newest("m1").version == listed[-1]
