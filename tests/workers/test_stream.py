@@ -88,9 +88,9 @@ def test_two_trainers_stream_through_the_ring(tmp_path):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=120)
     assert not errors, errors
-    assert not any(t.is_alive() for t in threads), "a trainer did not finish in 300 s"
+    assert not any(t.is_alive() for t in threads), "a trainer did not finish in 120 s"
 
     m1, m2 = trainers
     chunks = [store.manifest("m1", v) for v in store.versions("m1")]
