@@ -113,6 +113,23 @@ def run(quick: bool, workdir: str) -> dict:
             rows.append(goal_row("schedules", f"{n} modules: async span vs slowest module alone (s)", span_async,
                                  slowest, at_most=1.2 if n == 2 else None,
                                  note="first training start to last final, vs the longest module span in sequential"))
+        if not quick:
+            # The same 2-module stack trained longer: how far the fixed costs per run and per epoch (actor start,
+            # checkpoints, publishing, the upper module's settle epochs) dilute once epochs are not this short.
+            base = sizes(quick) + NO_EXPORTS + ["train.epochs=10"]
+            res = {mode: timed_run(stack_config(workdir, 2, base + [f"schedule.mode={mode}"], f"{mode}2x10"),
+                                   f"sched-{mode}-2-e10", log) for mode in ("async", "sequential")}
+            a, s = res["async"], res["sequential"]
+            a.pop("store"), s.pop("store")
+            slowest = max(s["module_spans"].values())
+            res["slowest_module_alone_s"], res["async_span_s"] = slowest, a["finished"] - a["started"]
+            details["2_modules_10_epochs"] = res
+            rows.append(goal_row("schedules", "2 modules, 10 epochs: wall s, async vs sequential", a["seconds"],
+                                 s["seconds"], at_most=0.6, note=f"async NC acc {a['nearest_centroid']:.1%}, "
+                                 f"sequential NC acc {s['nearest_centroid']:.1%}"))
+            rows.append(goal_row("schedules", "2 modules, 10 epochs: async span vs slowest module alone (s)",
+                                 res["async_span_s"], slowest, at_most=1.2,
+                                 note="first training start to last final, vs the longest module span in sequential"))
     finally:
         ray.shutdown()
     cfg_note = " ".join(sizes(quick))
