@@ -25,7 +25,7 @@ from pipeline.errors import StoreError, TrainingError
 from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_source, load_upstream
 from pipeline.store.stream import StreamRing, chunk_rows, concat_upstreams
 from pipeline.modules import build_module
-from pipeline.objectives import build_objective
+from pipeline.objectives import build_objective, local_loss
 from pipeline.pairing import augment_views
 from pipeline.plan import build_plan
 from pipeline.runs import now_iso
@@ -241,6 +241,7 @@ class ModuleTrainer:
         if self.lineage["started_at"] is None:
             self.lineage["started_at"] = now_iso()
         self._update(state=ModuleState.training, started_at=self.lineage["started_at"])
+        after_step = getattr(self.objective, "after_step", None)
         losses, samples, t0 = [], 0, time.perf_counter()
         for step, batch in enumerate(batches):
             if self._stop.is_set():
@@ -248,13 +249,7 @@ class ModuleTrainer:
             x, x_pos = batch.x, batch.x_pos
             if pairing == "augment":
                 x, x_pos = augment_views(x, gen)
-            if x_pos is not None:
-                z, z_pos = self.module(torch.cat([x, x_pos])).chunk(2)
-            else:
-                z, z_pos = self.module(x), None
-            # Losses on the input itself (autoencoder, aet, moco's key encoder) also get the inputs and the module.
-            extra = {"x": x, "x_pos": x_pos, "module": self.module} if getattr(self.objective, "needs_input", False) else {}
-            loss, _stats = self.objective(z, z_pos, batch.labels, groups=batch.groups, **extra)
+            loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)
             if faults.armed("nan_loss", self.name, self.epoch + 1):
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -266,8 +261,8 @@ class ModuleTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            if hasattr(self.objective, "after_step"):
-                self.objective.after_step(self.module)  # e.g. moco's momentum update of its key encoder
+            if after_step is not None:
+                after_step(self.module)  # e.g. moco's momentum update of its key encoder
             self._stream_tick()
             losses.append(loss.detach())
             samples += len(x)

@@ -55,6 +55,21 @@ class LocalObjective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+def local_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tensor, x_pos: torch.Tensor | None,
+               labels: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """One step's loss: the module on x: (B, *in_shape) and its partners x_pos (one forward of both), then its objective.
+
+    Objectives with ``needs_input`` also get the inputs and the module (see ``LocalObjective``). The caller
+    steps the optimizer and then calls the objective's ``after_step(module)`` where it has one.
+    """
+    if x_pos is not None:
+        z, z_pos = module(torch.cat([x, x_pos])).chunk(2)
+    else:
+        z, z_pos = module(x), None
+    extra = {"x": x, "x_pos": x_pos, "module": module} if getattr(objective, "needs_input", False) else {}
+    return objective(z, z_pos, labels, groups=groups, **extra)
+
+
 def build_objective(cfg, out_shape: tuple[int, ...], num_classes: int | None, *,
                     in_shape: tuple[int, ...] | None = None, module: torch.nn.Module | None = None) -> torch.nn.Module:
     """The objective for a module whose per-sample output is ``out_shape``.

@@ -21,16 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import TrainingError
+from pipeline.modules import pool_to_vector
 from pipeline.objectives.infonce import projection_head
-
-
-def _pooled(z: torch.Tensor) -> torch.Tensor:
-    """(B, D) -> itself; (B, C, T) -> (B, C); (B, C, H, W) -> (B, C); (B, P, C, h, w) -> (B, C)."""
-    if z.ndim == 2:
-        return z
-    if z.ndim == 5:
-        return z.mean(dim=(1, 3, 4))
-    return z.flatten(2).mean(dim=2)
 
 
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float,
@@ -83,11 +75,11 @@ class MoCoObjective(nn.Module):
             raise TrainingError("moco needs each sample's positive view and the inputs of both views",
                                 "set objective.pairing to same_instance, neighbor_pose or augment, and call it with "
                                 "x= and x_pos= (the trainer does so for objectives with needs_input)")
-        q = F.normalize(self.head(_pooled(z).float()), dim=1)  # (B, D)
-        q_pos = F.normalize(self.head(_pooled(z_pos).float()), dim=1)
+        q = F.normalize(self.head(pool_to_vector(z).float()), dim=1)  # (B, D)
+        q_pos = F.normalize(self.head(pool_to_vector(z_pos).float()), dim=1)
         with torch.no_grad():
             keys = self.key_encoder(torch.cat([x_pos, x]))  # (2B, ...): the key of q is f_k(x+), of q_pos f_k(x)
-            k = F.normalize(self.key_head(_pooled(keys).float()), dim=1)
+            k = F.normalize(self.key_head(pool_to_vector(keys).float()), dim=1)
         queries = torch.cat([q, q_pos])  # (2B, D)
         mask = None
         if groups is not None:
