@@ -18,9 +18,9 @@ import dataclasses
 import math
 
 from pipeline.plan import RunPlan
+from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
 
-VALUE_BYTES = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
 META_BYTES_PER_ROW = 4  # sample_id, split, label, pose: zstd-compressed, measured 2-6 B/row
 SHARD_OVERHEAD = 3000  # Parquet footer + Arrow schema of one shard, measured ~2.6 KB
 INT8_PARAM_BYTES_PER_CHANNEL = 64  # scale + offset as JSON, twice (Parquet key-value + Arrow schema), measured ~63
@@ -48,14 +48,9 @@ class Boundary:
         return math.prod(self.shape)
 
 
-def stage_codec(cfg: RunConfig, name: str) -> str:
-    """The codec a module's activations are stored with (``stack.<m>.store.codec`` or ``store.codec``)."""
-    return cfg.stack[name].store.codec or cfg.store.codec
-
-
 def row_bytes(codec: str, shape: tuple[int, ...]) -> int:
-    """Bytes of one sample's tensor in ``codec`` (the ``fixed_size_binary`` width)."""
-    return math.prod(shape) * VALUE_BYTES[codec]
+    """Bytes of one sample's tensor in ``codec`` (the ``fixed_size_binary`` width the codec writes)."""
+    return get_codec(codec, shape).row_bytes
 
 
 def shard_overhead(codec: str, shape: tuple[int, ...]) -> int:
@@ -116,7 +111,7 @@ def capacity(cfg: RunConfig, plan: RunPlan, samples: int, throughput: float) -> 
         # Intermediate versions: a ring of window_samples in stream mode, else the newest keep_versions
         # versions after retention (all of them until training ends; see `isostack gc`).
         held = min(samples, cfg.store.window_samples) if stream else None
-        out.append(_boundary(m.name, tuple(m.out_shape), stage_codec(cfg, m.name), mcfg.store.zstd_level, materialize,
+        out.append(_boundary(m.name, tuple(m.out_shape), cfg.module_codec(m.name), mcfg.store.zstd_level, materialize,
                              readers[m.name], samples, rps, throughput, held=held, flops=chain_flops,
                              params_bytes=m.params * 4, keep=cfg.schedule.keep_versions))
     return out

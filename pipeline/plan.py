@@ -18,12 +18,12 @@ from pipeline.errors import ConfigError
 from pipeline.modules import ShapeError, infer_shape
 from pipeline.objectives import objective_problems, sequence_pairing_problem
 from pipeline.pairing import PAIRING_NEEDS
+from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
 
 # Datasets whose size the plan can state without loading them.
 _KNOWN_SIZES = {"digits": 1797, "cifar10": 60000, "stl10": 13000}
 _NEEDS_PATH = {"smallnorb", "image_folder", "cifar10", "stl10", "wav_folder"}
-_CODEC_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int8": 1}  # per value; pipeline/capacity.py adds the overheads
 
 
 class ModulePlan(BaseModel):
@@ -101,7 +101,8 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
             name=name, index=index, upstream=upstream, in_shape=list(shape or ()), out_shape=list(out_shape or ()),
             params=params, objective=obj.kind, pairing=pairing if obj.kind != "supervised_local" else None,
             epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-            bytes_per_version=(rows * math.prod(out_shape) * _CODEC_BYTES[mod.store.codec or cfg.store.codec])
+            # The tensor bytes alone; pipeline/capacity.py adds the metadata and shard overheads.
+            bytes_per_version=(rows * get_codec(cfg.module_codec(name), tuple(out_shape)).row_bytes)
             if rows and out_shape else None,
         ))
         below = modules[-2] if index > 0 else None
@@ -276,12 +277,11 @@ def _resource_problems(cfg: RunConfig, local_cluster: bool | None) -> list[tuple
 def estimate_rows(cfg: RunConfig) -> int | None:
     """Samples the dataset will have, when known without loading it."""
     ds = cfg.dataset
+    count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731  (a selection, or all n)
     if ds.kind in {"synthetic_norb", "smallnorb"}:
-        count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731
         rows = (count(ds.categories, 5) * count(ds.instances, 10) * count(ds.azimuths, 18)
                 * count(ds.elevations, 9) * count(ds.lightings, 6))
     elif ds.kind == "synthetic_audio":
-        count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731
         rows = count(ds.categories, 10) * count(ds.instances, 8) * 5  # speakers x sentences x 5 takes
     else:
         rows = _KNOWN_SIZES.get(ds.kind)

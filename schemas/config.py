@@ -383,6 +383,10 @@ class RunConfig(Strict):
                 raise ValueError(f"module name {name!r} must be letters, digits, '_' or '-', and not 'input' or 'model'")
         return stack
 
+    def module_codec(self, name: str) -> str:
+        """The codec a module's activations are stored with (``stack.<m>.store.codec``, else ``store.codec``)."""
+        return self.stack[name].store.codec or self.store.codec
+
     def module_train(self, name: str) -> TrainConfig:
         """The effective train settings of one module (defaults + its overrides)."""
         overrides = self.stack[name].train.model_dump(exclude_none=True)

@@ -162,7 +162,7 @@ class ModuleTrainer:
             rng = np.random.default_rng(self.train_cfg.seed + self.epoch)
             rows = np.sort(rng.choice(rows, size=max(1, int(round(fraction * len(rows)))), replace=False))
         writer = self.store.begin_version(
-            self.name, codec=self.mcfg.store.codec or self.cfg.store.codec, zstd_level=self.mcfg.store.zstd_level,
+            self.name, codec=self.cfg.module_codec(self.name), zstd_level=self.mcfg.store.zstd_level,
             final=final, rows_per_shard=self.cfg.store.rows_per_shard, sample_fraction=len(rows) / len(up.sample_id),
             producer={"module": self.name, "epoch": self.epoch, "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors"},
@@ -372,7 +372,7 @@ class ModuleTrainer:
                 self.module.train()
 
         manifest = self._ring.append(
-            write, codec=self.mcfg.store.codec or self.cfg.store.codec, rows=len(rows), total_rows=len(up.sample_id),
+            write, codec=self.cfg.module_codec(self.name), rows=len(rows), total_rows=len(up.sample_id),
             rows_per_shard=self.cfg.store.rows_per_shard, zstd_level=self.mcfg.store.zstd_level,
             producer={"module": self.name, "epoch": self.epoch, "step": self.lineage["step"], "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors" if self.epoch else None},

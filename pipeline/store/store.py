@@ -173,13 +173,21 @@ class Store:
     def manifest(self, stage: str, version: int) -> Manifest:
         """The manifest of a committed version; StoreError if it is not committed."""
         _check_stage(stage)
-        rel = f"{version_dir(stage, version)}/{MANIFEST}"
-        data = self._fs.read(rel)
-        if data is None:
+        m = self._manifest_if_committed(stage, version)
+        if m is None:
             have = self.versions(stage)
             raise StoreError(f"stage {stage!r} has no committed version {version} under {self.root_uri} "
                              f"(committed: {have or 'none'})",
                              "pick a committed version (`isostack status RUN`); a version without _MANIFEST.json was never committed")
+        return m
+
+    def _manifest_if_committed(self, stage: str, version: int) -> Manifest | None:
+        """The manifest, or None where there is none: never committed, or removed since it was listed (a stream
+        ring's trim, retention). A manifest that exists but cannot be read raises."""
+        rel = f"{version_dir(stage, version)}/{MANIFEST}"
+        data = self._fs.read(rel)
+        if data is None:
+            return None
         try:
             raw = json.loads(data)
             if raw.get("format_version", 1) > MANIFEST_FORMAT:
@@ -196,7 +204,7 @@ class Store:
 
     def newest(self, stage: str) -> Manifest | None:
         for v in reversed(self.versions(stage)):
-            m = self._listed_manifest(stage, v)
+            m = self._manifest_if_committed(stage, v)
             if m is not None:
                 return m
         return None
@@ -204,21 +212,10 @@ class Store:
     def final(self, stage: str) -> Manifest | None:
         """The newest committed version marked final, or None."""
         for v in reversed(self.versions(stage)):
-            m = self._listed_manifest(stage, v)
+            m = self._manifest_if_committed(stage, v)
             if m is not None and m.final:
                 return m
         return None
-
-    def _listed_manifest(self, stage: str, version: int) -> Manifest | None:
-        """The manifest of a version just listed, or None if it was removed since (a stream ring's trim, retention)."""
-        try:
-            return self.manifest(stage, version)
-        except IntegrityError:
-            raise
-        except StoreError:
-            if version in self.versions(stage):
-                raise  # still listed: a real read failure, not a removal
-            return None
 
     def stages(self) -> list[str]:
         """Stages with at least one committed version."""
