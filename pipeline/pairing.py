@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.modules import grid_features, pool_to_vector
 
-__all__ = ["PAIRING_NEEDS", "augment_views", "grid_pairs", "paired_vectors", "partner_index", "sequence_pairs"]
+__all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "paired_vectors", "partner_index", "sequence_pairs"]
+
+# Pairings whose positives are positions of one sample (grid neighbours, time steps): no partner row goes
+# through the module, the objective pairs inside z.
+WITHIN_SAMPLE = frozenset({"patch_grid", "temporal"})
 
 # The metadata columns each pairing reads (the plan checks the dataset has them).
 PAIRING_NEEDS: dict[str, set[str]] = {
@@ -182,10 +186,7 @@ def grid_pairs(z: torch.Tensor, max_pairs: int | None = None, generator: torch.G
     pos = g.permute(0, 2, 3, 1)  # (B, H, W, C)
     a = torch.cat([pos[:, :, :-1].reshape(-1, c), pos[:, :-1, :].reshape(-1, c)])
     bb = torch.cat([pos[:, :, 1:].reshape(-1, c), pos[:, 1:, :].reshape(-1, c)])
-    if max_pairs is not None and a.shape[0] > max_pairs:
-        keep = torch.randperm(a.shape[0], generator=generator, device="cpu")[:max_pairs].to(a.device)
-        a, bb = a[keep], bb[keep]
-    return a, bb
+    return _subsample(a, bb, max_pairs, generator)
 
 
 def sequence_pairs(z: torch.Tensor, max_pairs: int | None = None, generator: torch.Generator | None = None):
@@ -200,10 +201,15 @@ def sequence_pairs(z: torch.Tensor, max_pairs: int | None = None, generator: tor
                             "use a module with a longer output sequence or another pairing")
     steps = z.transpose(1, 2)  # (B, T, C)
     a, bb = steps[:, :-1].reshape(-1, c), steps[:, 1:].reshape(-1, c)
-    if max_pairs is not None and a.shape[0] > max_pairs:
-        keep = torch.randperm(a.shape[0], generator=generator, device="cpu")[:max_pairs].to(a.device)
-        a, bb = a[keep], bb[keep]
-    return a, bb
+    return _subsample(a, bb, max_pairs, generator)
+
+
+def _subsample(a: torch.Tensor, b: torch.Tensor, max_pairs: int | None, generator: torch.Generator | None):
+    """The same random ``max_pairs`` rows of both (all rows when there are no more): bounds the score matrix."""
+    if max_pairs is None or a.shape[0] <= max_pairs:
+        return a, b
+    keep = torch.randperm(a.shape[0], generator=generator, device="cpu")[:max_pairs].to(a.device)
+    return a[keep], b[keep]
 
 
 def paired_vectors(z: torch.Tensor, z_pos: torch.Tensor | None, max_pairs: int | None = None):

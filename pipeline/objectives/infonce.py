@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.errors import TrainingError
 from pipeline.modules import grid_features
-from pipeline.pairing import paired_vectors
+from pipeline.pairing import WITHIN_SAMPLE, paired_vectors
 
 # Rows contrasted per step when pairing neighbouring grid positions: the score
 # matrix is rows x rows, so a 64-image batch of 16x16 maps (30k pairs) is subsampled.
@@ -101,7 +101,7 @@ class InfoNCEPairObjective(nn.Module):
         d = projection_dim or width
         # Bilinear scores a^T W b as in CPC/GIM (W initialised like nn.Linear), instead of cosine.
         self.w = nn.Linear(d, d, bias=False) if bilinear else None
-        self.needs_pairs = pairing not in ("patch_grid", "temporal")  # both pair positions within a sample
+        self.needs_pairs = pairing not in WITHIN_SAMPLE
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.errors import TrainingError
 from pipeline.objectives.infonce import projection_head
-from pipeline.pairing import paired_vectors
+from pipeline.pairing import WITHIN_SAMPLE, paired_vectors
 
 
 def whiten(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,7 +56,7 @@ class SFAObjective(nn.Module):
         self.eps = eps
         self.width = projection_dim or width
         self.head = projection_head(width, projection_dim)
-        self.needs_pairs = pairing not in ("patch_grid", "temporal")  # both pair positions within a sample
+        self.needs_pairs = pairing not in WITHIN_SAMPLE
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):

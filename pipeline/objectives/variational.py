@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.objectives.infonce import GRID_PAIRS_MAX, cosine_scores, info_nce_from_scores, projection_head
-from pipeline.pairing import paired_vectors
+from pipeline.pairing import WITHIN_SAMPLE, paired_vectors
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class VInfoNCEObjective(nn.Module):
         self.logvar = nn.Linear(width, latent)
         self.head = projection_head(latent, projection_dim)
         self.temperature, self.kl_weight = temperature, kl_weight
-        self.needs_pairs = pairing not in ("patch_grid", "temporal")  # both pair positions within a sample
+        self.needs_pairs = pairing not in WITHIN_SAMPLE
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):
