@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from pipeline.modules import shape_text
 from pipeline.plan import RunPlan
 from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
@@ -156,8 +157,7 @@ def format_capacity(rows: list[Boundary], samples: int, throughput: float, *, st
         else:
             cells = ("0 (weights)", _size(b.bytes_per_version), "0", _size(b.held_bytes),
                      f"{b.recompute_flops_per_sample / 1e9:,.2f} GFLOP")
-        shape = "(" + ", ".join(str(s) for s in b.shape) + ")"
-        lines.append(f"{b.stage:<10}{shape:<20}{codec:<14}{cells[0]:>13}{cells[1]:>13}{cells[2]:>16}{cells[3]:>13}"
+        lines.append(f"{b.stage:<10}{shape_text(b.shape):<20}{codec:<14}{cells[0]:>13}{cells[1]:>13}{cells[2]:>16}{cells[3]:>13}"
                      f"{cells[4]:>18}  {', '.join(b.read_by) or '-'}")
     stored = sum(b.bytes_per_version for b in rows if b.stage != "input")
     lines.append(f"one version of every module: {_size(stored)}; held: "

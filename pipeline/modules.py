@@ -43,6 +43,7 @@ __all__ = [
     "grid_features",
     "infer_shape",
     "pool_to_vector",
+    "shape_text",
     "to_patches",
 ]
 
@@ -193,7 +194,7 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
 
     def need_sequence(what: str) -> tuple[int, int]:
         if not act.sequence:
-            kind = f"a vector of {act.shape[0]} features" if act.vector else f"a {_shape_text(act.shape)} map"
+            kind = f"a vector of {act.shape[0]} features" if act.vector else f"a {shape_text(act.shape)} map"
             fail(f"{what} needs a sequence (C, T) but its input is {kind}; "
                  "use it on 1-D data (dataset.kind synthetic_audio or wav_folder) or use conv/stem on images")
         return act.shape  # type: ignore[return-value]
@@ -248,7 +249,7 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
     if isinstance(layer, LinearLayer):
         if not act.vector and act.shape[1:] != (1, 1):  # a 1x1 map is a vector (e.g. per patch above a patched module)
             what = "sequence" if act.sequence else "map"
-            fail(f"linear needs a vector but its input is a {_shape_text(act.shape)} {what}; "
+            fail(f"linear needs a vector but its input is a {shape_text(act.shape)} {what}; "
                  "add flatten or global_pool before it")
         return vec(layer.features)
     if isinstance(layer, StemLayer):
@@ -261,7 +262,8 @@ def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
     raise ShapeError([(i, f"unknown layer type {getattr(layer, 'type', layer)!r}")])
 
 
-def _shape_text(shape: tuple[int, ...]) -> str:
+def shape_text(shape) -> str:
+    """A per-sample shape as messages print it: ``(C, H, W)``."""
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from pipeline.data import capabilities
 from pipeline.errors import ConfigError
-from pipeline.modules import ShapeError, infer_shape
+from pipeline.modules import ShapeError, infer_shape, shape_text
 from pipeline.objectives import objective_problems, sequence_pairing_problem
 from pipeline.pairing import PAIRING_NEEDS
 from pipeline.store.codec import get_codec
@@ -85,13 +85,13 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
             except ShapeError as exc:
                 for layer_index, msg in exc.problems:
                     where = f"{key}.layers[{layer_index}]" if layer_index is not None else key
-                    problems.append((where, f"{msg} (input to {name} is {_fmt(shape)})"))
+                    problems.append((where, f"{msg} (input to {name} is {shape_text(shape)})"))
         pairing = getattr(obj, "pairing", None)
         if obj.kind != "supervised_local" and pairing is not None:
             problems += _pairing_problems(key, name, index, pairing, ds.kind, caps)
             if pairing == "augment" and shape is not None and len(shape) == 2:
                 problems.append((f"{key}.objective.pairing", f"'augment' makes two views of an image, but {name} reads "
-                                                             f"a sequence {_fmt(shape)}; use 'temporal' (neighbouring "
+                                                             f"a sequence {shape_text(shape)}; use 'temporal' (neighbouring "
                                                              "time steps) or 'same_instance'"))
         if out_shape is not None:
             problems += _objective_problems(key, obj, out_shape, train.batch_size)
@@ -116,10 +116,6 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
     if problems:
         raise ConfigError(problems)
     return RunPlan(dataset=ds.kind, input_shape=list(input_shape), num_classes=caps.num_classes, rows=rows, modules=modules)
-
-
-def _fmt(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def _dataset_problems(cfg: RunConfig, caps, check_paths: bool) -> list[tuple[str, str]]:
@@ -186,7 +182,7 @@ def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]
     elif obj.kind == "infonce_grid":
         if not spatial:
             out.append((f"{key}.objective.kind", f"'infonce_grid' needs a grid (patches or a feature map), "
-                                                 f"but the module outputs {_fmt(out_shape)}"))
+                                                 f"but the module outputs {shape_text(out_shape)}"))
         else:
             rows = math.isqrt(out_shape[0]) if len(out_shape) == 4 else out_shape[-2]
             if rows < 3:
@@ -195,7 +191,7 @@ def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]
         what = "a sequence" if len(out_shape) == 2 else "a vector"
         fix = "; use pairing 'temporal' on sequences" if len(out_shape) == 2 else ""
         out.append((f"{key}.objective.pairing", f"'patch_grid' pairs positions of a feature map, "
-                                                f"but the module outputs {what} {_fmt(out_shape)}{fix}"))
+                                                f"but the module outputs {what} {shape_text(out_shape)}{fix}"))
     problem = sequence_pairing_problem(obj, out_shape)
     if problem:
         out.append((f"{key}.{problem[0]}", problem[1]))
@@ -292,7 +288,7 @@ def estimate_rows(cfg: RunConfig) -> int | None:
 
 def describe(plan: RunPlan, cfg: RunConfig) -> str:
     """A one-screen summary of the plan for `isostack validate`."""
-    lines = [f"dataset {plan.dataset}: input {_fmt(plan.input_shape)}, "
+    lines = [f"dataset {plan.dataset}: input {shape_text(plan.input_shape)}, "
              f"{plan.rows if plan.rows is not None else 'unknown'} samples, {plan.num_classes or '?'} classes",
              f"schedule {cfg.schedule.mode}, publish every {cfg.schedule.publish_every} epoch(s), "
              f"store {cfg.store.uri} ({cfg.store.codec})",
@@ -303,7 +299,7 @@ def describe(plan: RunPlan, cfg: RunConfig) -> str:
         mb = f"{m.bytes_per_version / 1e6:,.1f}" if m.bytes_per_version is not None else "?"
         total += m.bytes_per_version or 0
         objective = f"{m.objective}/{m.pairing}" if m.pairing else m.objective
-        lines.append(f"{m.name:<10}{m.upstream:<10}{_fmt(m.in_shape):<18}{_fmt(m.out_shape):<18}{m.params:>10,}  "
+        lines.append(f"{m.name:<10}{m.upstream:<10}{shape_text(m.in_shape):<18}{shape_text(m.out_shape):<18}{m.params:>10,}  "
                      f"{objective:<26}{m.epochs:>7}{m.batch_size:>7}{mb:>12}")
     lines.append(f"all modules: {sum(m.params for m in plan.modules):,} parameters, "
                  f"{total / 1e6:,.1f} MB per full set of versions")

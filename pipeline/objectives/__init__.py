@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.modules import shape_text
 from pipeline.objectives.aet import AETObjective
 from pipeline.objectives.autoencoder import MLP_DECODER_MAX_PARAMS, AutoencoderObjective, decoder_kind, mlp_decoder_params
 from pipeline.objectives.cpc import CPCARObjective
@@ -134,7 +135,7 @@ def objective_problems(cfg, *, index: int | None, in_shape: tuple[int, ...] | No
     """
     out_shape, kind = tuple(out_shape), cfg.kind
     out: list[tuple[str, str]] = []
-    shape = f"({', '.join(str(s) for s in out_shape)})"
+    shape = shape_text(out_shape)
     if kind == "cpc_ar":
         if len(out_shape) not in (2, 3, 4):
             out.append(("objective.kind", f"'cpc_ar' predicts later steps of a sequence (C, T), a feature map or a "
@@ -189,7 +190,7 @@ def sequence_pairing_problem(cfg, out_shape: tuple[int, ...]) -> tuple[str, str]
     out_shape, pairing = tuple(out_shape), getattr(cfg, "pairing", None)
     if cfg.kind not in ("infonce_pair", "infonce_grid", "sfa", "vinfonce"):
         return None
-    shape = f"({', '.join(str(s) for s in out_shape)})"
+    shape = shape_text(out_shape)
     if pairing == "temporal" and len(out_shape) != 2:
         what = "a vector" if len(out_shape) == 1 else "a feature map or patch grid"
         fix = "'patch_grid' (positions of the map)" if len(out_shape) >= 3 else "same_instance or neighbor_pose"
