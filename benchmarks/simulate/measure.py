@@ -22,17 +22,13 @@ Measured training phase: the first epoch's start to the last final commit (statu
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import statistics
 import threading
 import time
 
+from benchmarks.schedules import _t
 from benchmarks.simulate.model import Cluster, ModuleCost, Schedule, simulate
-
-
-def _t(iso: str) -> float:
-    return dt.datetime.fromisoformat(iso).timestamp()
 
 
 class CpuSampler:

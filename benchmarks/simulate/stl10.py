@@ -38,30 +38,21 @@ STORES = {
 
 
 def module_flops() -> list[dict]:
-    """Forward FLOPs and activation bytes per image of each stl10-gim module (builds the real modules)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Forward FLOPs and activation bytes per image of each stl10-gim module (the capacity planner's counts)."""
+    from pipeline.capacity import forward_flops, row_bytes
     from pipeline.config import load_config
-    from pipeline.modules import build_module
     from pipeline.plan import build_plan
 
     cfg = load_config("stl10-gim", ["dataset.path=/unused/stl10"])  # shapes only: no file is read
     plan = build_plan(cfg, check_paths=False, local_cluster=False)
-    out, in_bytes = [], 64 * 64 * 1  # the input stage: uint8 gray 64x64
-    torch.manual_seed(0)
+    out, in_bytes = [], row_bytes("uint8", tuple(plan.input_shape))  # the input stage: uint8 gray 64x64
     for name in cfg.stack:
         p = plan.module(name)
-        net = build_module(cfg.stack[name], tuple(p.in_shape))
-        x = torch.randn(2, *p.in_shape)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            net(x)
-        n_out = 1
-        for d in p.out_shape:
-            n_out *= d
-        out.append({"name": name, "forward_flops": fc.get_total_flops() / 2, "in_bytes": in_bytes,
-                    "out_bytes": n_out * 2, "in_shape": list(p.in_shape), "out_shape": list(p.out_shape)})
-        in_bytes = n_out * 2
+        out_bytes = row_bytes(cfg.module_codec(name), tuple(p.out_shape))
+        out.append({"name": name, "forward_flops": forward_flops(cfg.stack[name], tuple(p.in_shape)),
+                    "in_bytes": in_bytes, "out_bytes": out_bytes, "in_shape": list(p.in_shape),
+                    "out_shape": list(p.out_shape)})
+        in_bytes = out_bytes
     return out
 
 
