@@ -70,14 +70,14 @@ def timed_run(cfg: RunConfig, run_id: str, log: str) -> dict:
     for name in cfg.stack:
         st = store.read_json(f"status/{name}.json") or {}
         if st.get("started_at") and st.get("finished_at"):
-            spans[name] = (_t(st["finished_at"]) - _t(st["started_at"]))
+            spans[name] = (iso_seconds(st["finished_at"]) - iso_seconds(st["started_at"]))
     return {"seconds": seconds, "module_spans": spans, "store": store,
-            "started": min(_t((store.read_json(f"status/{n}.json") or {})["started_at"]) for n in cfg.stack),
-            "finished": max(_t((store.read_json(f"status/{n}.json") or {})["finished_at"]) for n in cfg.stack),
+            "started": min(iso_seconds((store.read_json(f"status/{n}.json") or {})["started_at"]) for n in cfg.stack),
+            "finished": max(iso_seconds((store.read_json(f"status/{n}.json") or {})["finished_at"]) for n in cfg.stack),
             "nearest_centroid": summary["evaluation"]["nearest_centroid"]["test_accuracy"]}
 
 
-def _t(iso: str) -> float:
+def iso_seconds(iso: str) -> float:
     return dt.datetime.fromisoformat(iso).timestamp()
 
 

@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 
-from benchmarks.schedules import _t
+from benchmarks.schedules import iso_seconds
 from benchmarks.simulate.model import Cluster, ModuleCost, Schedule, simulate
 
 
@@ -129,11 +129,11 @@ def measured_run(cfg, run_id: str, log: str) -> dict:
         modules[name] = {
             "epochs": len(ends), "epoch_seconds": [round(s, 4) for _, s in ends], "post_seconds": [round(p, 4) for p in post],
             "upstream_loads": up_loads,
-            "cpu_cores": cpu.cores(int(st["pid"]), _t(st["started_at"]), _t(st["finished_at"])),
+            "cpu_cores": cpu.cores(int(st["pid"]), iso_seconds(st["started_at"]), iso_seconds(st["finished_at"])),
             "train_s": statistics.mean(s for _, s in ends), "post_s": statistics.mean(post) if post else 0.0,
             "gap_s": statistics.median(gap) if gap else 0.0, "load_s": load_s, "loads": len(loads),
             "start_s": max(0.0, first_load - begin - load_s), "published": len(pubs),
-            "started": _t(st["started_at"]), "finished": _t(st["finished_at"]),
+            "started": iso_seconds(st["started_at"]), "finished": iso_seconds(st["finished_at"]),
         }
         if cfg.schedule.mode == "async" and i > 0:  # its first load waited for m1's first version: not start-up
             modules[name]["start_s"] = modules[names[0]]["start_s"]
