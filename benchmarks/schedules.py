@@ -66,14 +66,12 @@ def timed_run(cfg: RunConfig, run_id: str, log: str) -> dict:
         if rc != 0:
             raise RuntimeError(f"run {run_id} failed (rc {rc}); see {log}")
         summary = final_stage(store, store.read_json("run.json"), cfg, evaluate=True, export=False)
-    spans = {}
-    for name in cfg.stack:
-        st = store.read_json(f"status/{name}.json") or {}
-        if st.get("started_at") and st.get("finished_at"):
-            spans[name] = (iso_seconds(st["finished_at"]) - iso_seconds(st["started_at"]))
+    status = {name: store.read_json(f"status/{name}.json") or {} for name in cfg.stack}
+    spans = {name: iso_seconds(st["finished_at"]) - iso_seconds(st["started_at"])
+             for name, st in status.items() if st.get("started_at") and st.get("finished_at")}
     return {"seconds": seconds, "module_spans": spans, "store": store,
-            "started": min(iso_seconds((store.read_json(f"status/{n}.json") or {})["started_at"]) for n in cfg.stack),
-            "finished": max(iso_seconds((store.read_json(f"status/{n}.json") or {})["finished_at"]) for n in cfg.stack),
+            "started": min(iso_seconds(st["started_at"]) for st in status.values()),
+            "finished": max(iso_seconds(st["finished_at"]) for st in status.values()),
             "nearest_centroid": summary["evaluation"]["nearest_centroid"]["test_accuracy"]}
 
 
