@@ -1,6 +1,6 @@
 """Activation codecs per stage (issue 8): bytes per sample, write and read MB/s and reconstruction error of
 each codec (with and without zstd) on ReLU conv outputs, against float32; and the nearest-centroid accuracy
-of the digits preset's 2-module stack run for real (``pipeline.driver.run``) with every module stored in each
+of the digits preset's 2-module stack run for real (``pipeline.run.driver.run``) with every module stored in each
 codec.
 
 MB/s count the float32 activations going in (write) and coming out (read, a warm page cache), so the codecs
@@ -70,7 +70,7 @@ def measure_codecs(workdir: str, rows: int, repeats: int) -> dict:
 def accuracy_by_codec(workdir: str, quick: bool) -> dict:
     from benchmarks import quiet
     from benchmarks.schedules import NO_EXPORTS, start_ray, timed_run
-    from pipeline.config import load_config
+    from pipeline.planning.config import load_config
 
     # The digits preset (2 modules): a stack well above chance, so a codec that hurt would show.
     start_ray()

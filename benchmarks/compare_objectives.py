@@ -1,7 +1,7 @@
 """Local objectives compared the way the seed thesis's Table 4 does: single-module vs multi-module stacks,
 objective x learning rate, train and test nearest-centroid accuracy, on ``synthetic_norb`` and ``digits``.
 
-Every cell is a real run through ``pipeline.driver.run`` (the path of ``isostack run``: ingest into the
+Every cell is a real run through ``pipeline.run.driver.run`` (the path of ``isostack run``: ingest into the
 store, one Ray actor per module, async schedule, the final stage on the top module's final version), tiny
 and short so the whole grid fits in ~10-15 minutes on 2 cores: 16x16 images, a subset of samples, 8 epochs
 of batch 32 per module (~130 steps on synthetic_norb), 2 learning rates for the single-module stacks; each multi-module stack runs once, at the
@@ -79,7 +79,7 @@ def stack(dataset: str, objectives: list[str]) -> tuple[dict, str]:
 
 
 def config(dataset: str, objectives: list[str], lr: float, workdir: str, quick: bool):
-    from pipeline.config import load_config
+    from pipeline.planning.config import load_config
 
     import yaml
 
@@ -96,7 +96,7 @@ def config(dataset: str, objectives: list[str], lr: float, workdir: str, quick: 
 
 
 def one_run(cfg, run_id: str, log: str) -> dict:
-    from pipeline import driver
+    from pipeline.run import driver
 
     t0 = time.perf_counter()
     with quiet(log):

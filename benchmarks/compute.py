@@ -15,10 +15,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import cpu_threads, goal_row
-from pipeline.config import load_config
-from pipeline.modules import build_module
-from pipeline.objectives import build_objective
-from pipeline.plan import build_plan
+from pipeline.planning.config import load_config
+from pipeline.nn.modules import build_module
+from pipeline.nn.objectives import build_objective
+from pipeline.planning.plan import build_plan
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

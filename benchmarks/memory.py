@@ -24,10 +24,10 @@ from benchmarks import goal_row, python
 def _child(mode: str, batch: int, steps: int) -> dict:
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.modules import build_module
-    from pipeline.objectives import build_objective
-    from pipeline.plan import build_plan
+    from pipeline.planning.config import load_config
+    from pipeline.nn.modules import build_module
+    from pipeline.nn.objectives import build_objective
+    from pipeline.planning.plan import build_plan
 
     torch.set_num_threads(2)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

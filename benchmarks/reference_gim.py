@@ -14,12 +14,12 @@ import time
 import numpy as np
 import torch
 
-from pipeline.evaluation import classify
+from pipeline.final.evaluation import classify
 from pipeline.feed import PairedBatches, load_upstream, to_float
-from pipeline.modules import build_module, pool_to_vector
-from pipeline.objectives import build_objective
-from pipeline.pairing import augment_views
-from pipeline.plan import build_plan
+from pipeline.nn.modules import build_module, pool_to_vector
+from pipeline.nn.objectives import build_objective
+from pipeline.nn.pairing import augment_views
+from pipeline.planning.plan import build_plan
 from pipeline.store import Store
 from schemas.config import RunConfig
 

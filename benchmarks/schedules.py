@@ -1,5 +1,5 @@
 """Wall time of the same tiny 2- and 3-module stack trained `async`, `sequential` (both through
-``pipeline.driver.run`` on one local Ray) and by the single-process GIM loop of ``reference_gim``,
+``pipeline.run.driver.run`` on one local Ray) and by the single-process GIM loop of ``reference_gim``,
 each with its final nearest-centroid test accuracy.
 
 Timed: ``driver.run(final_stage=False)`` after the dataset is ingested (actor start, training, checkpoints,
@@ -18,7 +18,7 @@ import yaml
 
 from benchmarks import cpu_threads, goal_row, quiet
 from benchmarks.reference_gim import train_reference
-from pipeline.config import load_config, read_source
+from pipeline.planning.config import load_config, read_source
 from schemas.config import RunConfig
 
 TINY_NORB = [  # tests/conftest.py's TINY_NORB
@@ -55,8 +55,8 @@ def start_ray():
 
 def timed_run(cfg: RunConfig, run_id: str, log: str) -> dict:
     """Wall seconds of training one run (after ingest), per-module spans, nearest-centroid accuracy."""
-    from pipeline import driver
-    from pipeline.final import final_stage
+    from pipeline.run import driver
+    from pipeline.run.final_stage import final_stage
 
     with quiet(log):
         store, info, _ = driver.prepare_run(cfg, run_id)

@@ -23,11 +23,11 @@ import pyarrow as pa
 import torch
 
 from benchmarks import goal_row
-from pipeline.config import load_config
+from pipeline.planning.config import load_config
 from pipeline.feed import PairedBatches, load_upstream
-from pipeline.modules import build_module
-from pipeline.objectives import build_objective
-from pipeline.plan import build_plan
+from pipeline.nn.modules import build_module
+from pipeline.nn.objectives import build_objective
+from pipeline.planning.plan import build_plan
 from pipeline.store import Store
 
 

@@ -1,8 +1,17 @@
-"""isostack's driver side: config, plan, store, data, modules and objectives, scheduler, final stage, CLI."""
+"""isostack: a stack of gradient-isolated modules trained by Ray actors through a versioned activation store.
+
+Packages by phase, in import order (each imports only those before it; tests/test_layout.py checks it):
+``errors`` -> ``store`` -> ``data`` -> ``nn`` -> ``planning`` -> ``feed`` -> ``final`` -> ``workers/`` -> ``run`` -> ``cli``.
+"""
+
+__all__ = ["load_encoder"]
 
 
-def load_encoder(run: str, store: str | None = None):
-    """The composed encoder of a finished run as an ``nn.Module`` (see pipeline.final.load_encoder)."""
-    from pipeline.final import load_encoder as _load
+def __getattr__(name: str):
+    # PEP 562: `from pipeline import load_encoder` works without making `import pipeline.errors`
+    # (every actor, every CLI call) pay for torch and the store.
+    if name == "load_encoder":
+        from pipeline.final.encoder import load_encoder
 
-    return _load(run, store)
+        return load_encoder
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

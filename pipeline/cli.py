@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_presets(args) -> int:
-    from pipeline.config import DEFAULT_PRESET, preset_description, preset_names
+    from pipeline.planning.config import DEFAULT_PRESET, preset_description, preset_names
 
     for name in preset_names():
         mark = " (default)" if name == DEFAULT_PRESET else ""
@@ -120,8 +120,9 @@ def cmd_schema(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.plan import build_plan, describe
+    from pipeline.planning.config import load_config
+    from pipeline.planning.capacity import describe
+    from pipeline.planning.plan import build_plan
 
     cfg = load_config(args.config, args.overrides, args.store)
     plan = build_plan(cfg)
@@ -132,8 +133,8 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     import dataclasses
 
-    from pipeline.capacity import capacity, format_capacity, plan_for_capacity
-    from pipeline.config import load_config
+    from pipeline.planning.capacity import capacity, format_capacity, plan_for_capacity
+    from pipeline.planning.config import load_config
 
     cfg = load_config(args.config, args.overrides, args.store)
     plan = plan_for_capacity(cfg)
@@ -151,8 +152,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.driver import prepare_run
+    from pipeline.planning.config import load_config
+    from pipeline.run.driver import prepare_run
 
     cfg = load_config(args.config, args.overrides, args.store)
     store, _, manifest = prepare_run(cfg, args.run_id)
@@ -161,16 +162,16 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.driver import run
+    from pipeline.planning.config import load_config
+    from pipeline.run.driver import run
 
     cfg = load_config(args.config, args.overrides, args.store)
     return run(cfg, run_id=args.run_id, address=args.address, final_stage=not args.no_final_stage)
 
 
 def cmd_status(args) -> int:
-    from pipeline.driver import status_report
-    from pipeline.runs import open_run
+    from pipeline.run.driver import status_report
+    from pipeline.store.runs import open_run
 
     store, info = open_run(args.run, args.store)
     report = status_report(store, info)
@@ -186,37 +187,37 @@ def cmd_status(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from pipeline.driver import retrain
+    from pipeline.run.driver import retrain
 
     return retrain(args.run, args.module, store_uri=args.store, overrides=args.overrides, address=args.address)
 
 
 def cmd_resume(args) -> int:
-    from pipeline.driver import resume
+    from pipeline.run.driver import resume
 
     return resume(args.run, store_uri=args.store, address=args.address)
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.final import evaluate_run
+    from pipeline.run.final_stage import evaluate_run
 
     return evaluate_run(args.run, store_uri=args.store)
 
 
 def cmd_export(args) -> int:
-    from pipeline.final import export_run
+    from pipeline.run.final_stage import export_run
 
     return export_run(args.run, store_uri=args.store)
 
 
 def cmd_embed(args) -> int:
-    from pipeline.final import embed_command
+    from pipeline.run.final_stage import embed_command
 
     return embed_command(args.run, args.input, out=args.out, store_uri=args.store)
 
 
 def cmd_verify(args) -> int:
-    from pipeline.runs import open_run
+    from pipeline.store.runs import open_run
 
     store, _ = open_run(args.run, args.store)
     problems = store.verify()
@@ -231,8 +232,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from pipeline.driver import apply_retention
-    from pipeline.runs import open_run, run_config
+    from pipeline.run.driver import apply_retention
+    from pipeline.store.runs import open_run, run_config
 
     store, info = open_run(args.run, args.store)
     removed = store.gc()

@@ -15,10 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from safetensors.torch import load as st_load
 
 from pipeline.errors import StoreError
-from pipeline.pairing import partner_index
+from pipeline.nn.modules import build_module
+from pipeline.nn.pairing import partner_index
+from pipeline.planning.plan import build_plan
 from pipeline.store import Store
+from schemas.config import RunConfig
 from schemas.manifest import Manifest
 
 
@@ -101,12 +105,6 @@ def load_source(store: Store, stage: str, version: int, config: dict, device: to
     those are loaded and the weights become a frozen ``recompute`` network (bottom to top).
     A linked version that retention removed is replaced by its stage's newest committed one.
     """
-    from safetensors.torch import load as st_load
-
-    from pipeline.modules import build_module
-    from pipeline.plan import build_plan
-    from schemas.config import RunConfig
-
     manifest, chain = store.manifest(stage, version), []
     while manifest.codec == "weights":
         chain.append(manifest)
@@ -226,6 +224,25 @@ class PairedBatches:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def concat_upstreams(parts: list[Upstream]) -> Upstream:
+    """One ``Upstream`` of several chunks' rows; a sample in several chunks keeps its newest rows."""
+    newest = parts[-1]
+    ids = np.concatenate([p.sample_id for p in parts])
+    # The last occurrence of each sample_id (chunks come oldest first).
+    _, first_from_end = np.unique(ids[::-1], return_index=True)
+    keep = np.sort(len(ids) - 1 - first_from_end)
+    idx = torch.from_numpy(keep)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])[keep]
+
+    return Upstream(
+        manifest=newest.manifest, meta=pa.concat_tables([p.meta for p in parts]).take(pa.array(keep)),
+        x=torch.cat([p.x for p in parts]).index_select(0, idx), sample_id=ids[keep], split=cat("split"),
+        label=cat("label"), instance=cat("instance"), azimuth=cat("azimuth"), elevation=cat("elevation"),
+        lighting=cat("lighting"))
 
 
 def inference_chunks(up: Upstream, rows: np.ndarray, chunk: int):

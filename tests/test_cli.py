@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import preset_names
+from pipeline.planning.config import preset_names
 
 NEEDS_PATH = {"smallnorb", "stl10-gim"}
 

@@ -2,8 +2,8 @@
 
 A plain class (``setup / run / shutdown``) that reads only the store: the top
 module's final version, the input version (raw-pixel baselines) and the
-metrics the trainers wrote. The maths lives in ``pipeline.evaluation`` and
-``pipeline.pose`` and takes arrays.
+metrics the trainers wrote. The maths lives in ``pipeline.final.evaluation`` and
+``pipeline.final.pose`` and takes arrays.
 """
 
 from __future__ import annotations
@@ -16,14 +16,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import dump_yaml
+from pipeline.planning.config import dump_yaml
 from pipeline.data import capabilities
-from pipeline.encoder import compose_from_store, save_model
-from pipeline.evaluation import classify, standardize
+from pipeline.final.encoder import compose_from_store, save_model
+from pipeline.final.evaluation import classify, standardize
 from pipeline.feed import load_source
-from pipeline.modules import pool_to_vector
-from pipeline.pose import pose_metrics
-from pipeline.runs import now_iso
+from pipeline.nn.modules import pool_to_vector
+from pipeline.final import plots
+from pipeline.final.pose import pose_metrics
+from pipeline.final.report import render_report
+from pipeline.store.runs import now_iso
 from pipeline.store import Store
 from schemas.config import RunConfig
 
@@ -149,8 +151,6 @@ class Evaluator:
         self.store.write_bytes(relpath, sink.getvalue().to_pybytes())
 
     def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict[str, str]:
-        from pipeline import plots
-
         made: dict[str, str] = {}
         with tempfile.TemporaryDirectory() as tmp:
             def out(name):
@@ -198,8 +198,6 @@ class Evaluator:
         return curves
 
     def _report(self, results: dict, images: dict[str, str]) -> None:
-        from pipeline.report import render_report
-
         info = self.store.read_json("run.json") or {}
         summary = self.store.read_json("summary.json") or {}
         modules = [{"name": n, **(summary.get("modules", {}).get(n) or {})} for n in self.names]

@@ -20,15 +20,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import checkpoint, faults
+from pipeline import faults
+from pipeline.store import checkpoint
 from pipeline.errors import StoreError, TrainingError
-from pipeline.feed import PairedBatches, Upstream, inference_chunks, load_source, load_upstream
-from pipeline.store.stream import StreamRing, chunk_rows, concat_upstreams
-from pipeline.modules import build_module
-from pipeline.objectives import build_objective, local_loss
-from pipeline.pairing import augment_views
-from pipeline.plan import build_plan
-from pipeline.runs import now_iso
+from pipeline.feed import PairedBatches, Upstream, concat_upstreams, inference_chunks, load_source, load_upstream
+from pipeline.store.stream import StreamRing, chunk_rows
+from pipeline.nn.modules import build_module
+from pipeline.nn.objectives import build_objective, local_loss
+from pipeline.nn.pairing import augment_views
+from pipeline.planning.plan import build_plan
+from pipeline.store.runs import now_iso
 from pipeline.store import Store
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus

@@ -87,7 +87,7 @@ def measured_run(cfg, run_id: str, log: str) -> dict:
     import torch
 
     from benchmarks import quiet
-    from pipeline import driver
+    from pipeline.run import driver
     from pipeline.feed import load_source
 
     with quiet(log):

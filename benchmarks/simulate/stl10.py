@@ -39,9 +39,9 @@ STORES = {
 
 def module_flops() -> list[dict]:
     """Forward FLOPs and activation bytes per image of each stl10-gim module (the capacity planner's counts)."""
-    from pipeline.capacity import forward_flops, row_bytes
-    from pipeline.config import load_config
-    from pipeline.plan import build_plan
+    from pipeline.planning.capacity import forward_flops, row_bytes
+    from pipeline.planning.config import load_config
+    from pipeline.planning.plan import build_plan
 
     cfg = load_config("stl10-gim", ["dataset.path=/unused/stl10"])  # shapes only: no file is read
     plan = build_plan(cfg, check_paths=False, local_cluster=False)

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-import pyarrow as pa
-import torch
 
 from pipeline.errors import StoreError
 from pipeline.store.store import Store
@@ -93,23 +90,3 @@ class StreamRing:
         """The chunks a consumer may train on now: committed, and used fewer than ``max_reuse`` times."""
         return [m for m in self.chunks() if uses.get(m.version, 0) < max_reuse]
 
-
-def concat_upstreams(parts: list) -> object:
-    """One ``Upstream`` of several chunks' rows; a sample in several chunks keeps its newest rows."""
-    from pipeline.feed import Upstream
-
-    newest = parts[-1]
-    ids = np.concatenate([p.sample_id for p in parts])
-    # The last occurrence of each sample_id (chunks come oldest first).
-    _, first_from_end = np.unique(ids[::-1], return_index=True)
-    keep = np.sort(len(ids) - 1 - first_from_end)
-    idx = torch.from_numpy(keep)
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(p, name) for p in parts])[keep]
-
-    return Upstream(
-        manifest=newest.manifest, meta=pa.concat_tables([p.meta for p in parts]).take(pa.array(keep)),
-        x=torch.cat([p.x for p in parts]).index_select(0, idx), sample_id=ids[keep], split=cat("split"),
-        label=cat("label"), instance=cat("instance"), azimuth=cat("azimuth"), elevation=cat("elevation"),
-        lighting=cat("lighting"))

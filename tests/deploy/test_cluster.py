@@ -225,7 +225,7 @@ def three_nodes():
 
 def _three_module_config(tmp_path: Path) -> Path:
     """The tiny default preset without its MLP head: three conv modules."""
-    from pipeline.config import load_config
+    from pipeline.planning.config import load_config
 
     tiny = TINY_NORB + ["train.epochs=1", "schedule.poll_seconds=0.1"] + \
         [f"stack.m{i}.layers.0.channels=8" for i in (1, 2, 3)]
@@ -242,8 +242,8 @@ def _placed(cluster, config: Path, store: Path, run_id: str, placement: str) -> 
          "--address", cluster.address, "--no-final-stage", "--set", f"resources.placement={placement}"],
         env=loopback_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    from pipeline.driver import status_report
-    from pipeline.runs import open_run
+    from pipeline.run.driver import status_report
+    from pipeline.store.runs import open_run
 
     report = status_report(*open_run(run_id, str(store)))
     assert [m["state"] for m in report["modules"].values()] == ["final"] * 3

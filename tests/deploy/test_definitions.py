@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from pipeline.config import load_config, preset_names
+from pipeline.planning.config import load_config, preset_names
 from pipeline.errors import ConfigError
-from pipeline.plan import build_plan
-from pipeline.scheduler import module_bundle, resolve_gpus
+from pipeline.planning.plan import build_plan
+from pipeline.run.scheduler import module_bundle, resolve_gpus
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

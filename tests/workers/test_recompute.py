@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.driver import prepare_run
+from pipeline.planning.config import load_config
+from pipeline.run.driver import prepare_run
 from pipeline.errors import ConfigError, StoreError
 from pipeline.feed import load_source, load_upstream
-from pipeline.plan import build_plan
+from pipeline.planning.plan import build_plan
 from tests.conftest import TINY_NORB
 from workers.trainer import ModuleTrainer
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import load_config
-from pipeline.driver import prepare_run
+from pipeline.planning.config import load_config
+from pipeline.run.driver import prepare_run
 from pipeline.feed import load_upstream
 from pipeline.store import Store
 from pipeline.store.stream import StreamRing

@@ -1,0 +1,1 @@
+"""The final stage's parts: evaluation maths, pose metrics, plots, the report and the composed encoder."""

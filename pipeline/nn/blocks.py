@@ -1,0 +1,108 @@
+"""The torch blocks a module's layers are built from (``pipeline.nn.modules`` maps config layers onto them).
+
+Shapes are with the batch dim N. Inside a patched module (GIM's patch grid) a
+per-patch vector is kept as ``(N, D, 1, 1)`` (``keep_map``), so every patched
+shape stays 4-D.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GRU", "Flatten", "GlobalPool", "Linear", "PreActBlock", "PreActBottleneck"]
+
+
+class GlobalPool(nn.Module):
+    """(N, C, H, W) or (N, C, T) -> (N, C), or (N, C, 1, 1) inside a patched module."""
+
+    def __init__(self, mode: str, keep_map: bool) -> None:
+        super().__init__()
+        self.mode, self.keep_map = mode, keep_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.ndim))
+        y = x.amax(dim=dims) if self.mode == "max" else x.mean(dim=dims)
+        return y[:, :, None, None] if self.keep_map else y
+
+
+class Flatten(nn.Module):
+    """(N, ...) -> (N, D), or (N, D, 1, 1) inside a patched module."""
+
+    def __init__(self, keep_map: bool) -> None:
+        super().__init__()
+        self.keep_map = keep_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.flatten(1)
+        return y[:, :, None, None] if self.keep_map else y
+
+
+class Linear(nn.Module):
+    """Fully connected layer (+ optional ReLU) on (N, D), or on (N, D, 1, 1) inside a patched module."""
+
+    def __init__(self, d_in: int, d_out: int, relu: bool, keep_map: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.relu, self.keep_map = relu, keep_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x.flatten(1))
+        if self.relu:
+            y = F.relu(y)
+        return y[:, :, None, None] if self.keep_map else y
+
+
+class GRU(nn.Module):
+    """(N, C, T) -> (N, H, T): every step's hidden state of a (stacked) GRU run forward in time (CPC's g_ar)."""
+
+    def __init__(self, c_in: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.gru = nn.GRU(c_in, hidden, num_layers=layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.gru(x.transpose(1, 2))  # (N, T, C) -> (N, T, H)
+        return y.transpose(1, 2)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block without batch norm (GIM's PreActBlockNoBN): relu-conv3x3-relu-conv3x3 + shortcut."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, planes, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1)
+        # Projection shortcut only when the shape changes (He et al. 2016, option B).
+        self.shortcut = nn.Conv2d(c_in, planes, 1, stride=stride) if stride != 1 or c_in != planes else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(x)
+        # As in GIM / pre-act ResNet: a projection shortcut sees the activated input, an identity the raw one.
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.conv1(out)))
+        return out + skip
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck without batch norm (GIM's PreActBottleneckNoBN): 1x1 -> 3x3 (stride) -> 1x1 (4x wider)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        super().__init__()
+        c_out = planes * self.expansion
+        self.conv1 = nn.Conv2d(c_in, planes, 1)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1)
+        self.conv3 = nn.Conv2d(planes, c_out, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride) if stride != 1 or c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(x)
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(out))
+        out = self.conv3(F.relu(out))
+        return out + skip

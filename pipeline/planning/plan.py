@@ -1,0 +1,286 @@
+"""The plan: shapes inferred through the stack and every check that can run before Ray.
+
+``build_plan`` reports ALL problems at once as a ``ConfigError``, each naming
+its key path. It imports torch (for shape inference on the meta device) but
+never Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from pipeline.data import capabilities
+from pipeline.errors import ConfigError
+from pipeline.nn.modules import ShapeError, infer_shape, shape_text
+from pipeline.nn.objectives import objective_problems, sequence_pairing_problem
+from pipeline.nn.pairing import PAIRING_NEEDS
+from pipeline.store.codec import get_codec
+from schemas.config import RunConfig
+
+# Datasets whose size the plan can state without loading them.
+_KNOWN_SIZES = {"digits": 1797, "cifar10": 60000, "stl10": 13000}
+_NEEDS_PATH = {"smallnorb", "image_folder", "cifar10", "stl10", "wav_folder"}
+
+
+class ModulePlan(BaseModel):
+    name: str = Field(description="Module name (its stage in the store).")
+    index: int = Field(description="Position in the stack, 0 = bottom.")
+    upstream: str = Field(description="Stage this module reads: 'input' or the module below.")
+    in_shape: list[int] = Field(description="Per-sample input shape.")
+    out_shape: list[int] = Field(description="Per-sample output shape (what it publishes).")
+    params: int = Field(description="Trainable parameters of the module (objective heads excluded).")
+    objective: str = Field(description="Local loss.")
+    pairing: str | None = Field(description="Positive pairing used by the loss.")
+    epochs: int = Field(description="Training epochs (settle epochs come on top).")
+    batch_size: int = Field(description="Samples per step.")
+    lr: float = Field(description="Adam learning rate.")
+    bytes_per_version: int | None = Field(description="Estimated bytes of one full version of its activations.")
+    source: str = Field("", description="The materialized stage its input is read from ('' = upstream itself).")
+    recompute: list[str] = Field(default_factory=list, description="Modules below (not materialized) whose frozen "
+                                 "weights recompute its input from `source`, bottom to top.")
+
+
+class RunPlan(BaseModel):
+    dataset: str = Field(description="Dataset kind.")
+    input_shape: list[int] = Field(description="Per-sample input shape: an image (C, H, W) or a signal (C, T).")
+    num_classes: int | None = Field(description="Classes of the dataset, where known.")
+    rows: int | None = Field(description="Estimated samples (train + test), where known without loading.")
+    modules: list[ModulePlan] = Field(description="The stack, bottom to top.")
+
+    def module(self, name: str) -> ModulePlan:
+        return next(m for m in self.modules if m.name == name)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+
+def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool | None = None) -> RunPlan:
+    """Infer every module's shapes and check the config; ConfigError lists every problem."""
+    problems: list[tuple[str, str]] = []
+    ds = cfg.dataset
+    caps = capabilities(ds.kind)
+    problems += _dataset_problems(cfg, caps, check_paths)
+
+    # Sequence datasets (audio) give (C, T) signals; the rest (C, S, S) images.
+    shape: tuple[int, ...] = (ds.channels, ds.length) if caps.sequence else (ds.channels, ds.image_size, ds.image_size)
+    input_shape = shape
+    rows = estimate_rows(cfg)
+    modules: list[ModulePlan] = []
+    upstream = "input"
+    for index, (name, mod) in enumerate(cfg.stack.items()):
+        key = f"stack.{name}"
+        train = cfg.module_train(name)
+        obj = mod.objective
+        if mod.patches is not None and index > 0:
+            problems.append((f"{key}.patches", "only the first module can cut images into patches"))
+        out_shape, params = None, 0
+        if shape is not None:
+            try:
+                out_shape, params = infer_shape(mod, shape)
+            except ShapeError as exc:
+                for layer_index, msg in exc.problems:
+                    where = f"{key}.layers[{layer_index}]" if layer_index is not None else key
+                    problems.append((where, f"{msg} (input to {name} is {shape_text(shape)})"))
+        pairing = getattr(obj, "pairing", None)
+        if obj.kind != "supervised_local" and pairing is not None:
+            problems += _pairing_problems(key, name, index, pairing, ds.kind, caps)
+            if pairing == "augment" and shape is not None and len(shape) == 2:
+                problems.append((f"{key}.objective.pairing", f"'augment' makes two views of an image, but {name} reads "
+                                                             f"a sequence {shape_text(shape)}; use 'temporal' (neighbouring "
+                                                             "time steps) or 'same_instance'"))
+        if out_shape is not None:
+            problems += _objective_problems(key, obj, out_shape, train.batch_size)
+            problems += [(f"{key}.{field}", msg) for field, msg in objective_problems(
+                obj, index=index, in_shape=shape, out_shape=out_shape, batch_size=train.batch_size)]
+        modules.append(ModulePlan(
+            name=name, index=index, upstream=upstream, in_shape=list(shape or ()), out_shape=list(out_shape or ()),
+            params=params, objective=obj.kind, pairing=pairing if obj.kind != "supervised_local" else None,
+            epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
+            # The tensor bytes alone; pipeline/planning/capacity.py adds the metadata and shard overheads.
+            bytes_per_version=(rows * get_codec(cfg.module_codec(name), tuple(out_shape)).row_bytes)
+            if rows and out_shape else None,
+        ))
+        below = modules[-2] if index > 0 else None
+        if below is not None and not cfg.stack[below.name].store.materialize:
+            modules[-1].source = below.source or below.upstream
+            modules[-1].recompute = [*below.recompute, below.name]
+        shape, upstream = out_shape, name
+
+    problems += _materialize_problems(cfg, modules)
+    problems += _resource_problems(cfg, local_cluster)
+    if problems:
+        raise ConfigError(problems)
+    return RunPlan(dataset=ds.kind, input_shape=list(input_shape), num_classes=caps.num_classes, rows=rows, modules=modules)
+
+
+def _dataset_problems(cfg: RunConfig, caps, check_paths: bool) -> list[tuple[str, str]]:
+    ds, out = cfg.dataset, []
+    if ds.kind in _NEEDS_PATH:
+        if not ds.path:
+            out.append(("dataset.path", f"dataset {ds.kind!r} reads local files and needs dataset.path "
+                                        f"(e.g. --set dataset.path=/data/{ds.kind})"))
+        elif check_paths and "://" not in ds.path and not Path(ds.path).expanduser().is_dir():
+            out.append(("dataset.path", f"{ds.path!r} is not a directory; dataset {ds.kind!r} expects its files there"))
+    if ds.split == "lighting" and not caps.has_lighting:
+        out.append(("dataset.split", f"'lighting' needs lighting metadata, which dataset {ds.kind!r} lacks; use 'instances'"))
+    if caps.sequence and ds.channels != 1:
+        out.append(("dataset.channels", f"dataset {ds.kind!r} gives mono signals (1, T); set dataset.channels: 1"))
+    norb_like = caps.has_pose
+    for key, values, top in (("instances", ds.instances, 9), ("azimuths", ds.azimuths, 17),
+                             ("elevations", ds.elevations, 8), ("lightings", ds.lightings, 5)):
+        if values is None:
+            continue
+        if key == "instances" and not caps.has_instance or key != "instances" and not norb_like:
+            out.append((f"dataset.{key}", f"dataset {ds.kind!r} has no {key}; remove the key"))
+        elif any(v < 0 or v > top for v in values) or not values:
+            out.append((f"dataset.{key}", f"indices must be within 0..{top}, found {values}"))
+    if ds.categories is not None and caps.num_classes is not None:
+        bad = [c for c in ds.categories if c < 0 or c >= caps.num_classes]
+        if bad or not ds.categories:
+            out.append(("dataset.categories", f"labels must be within 0..{caps.num_classes - 1}, found {ds.categories}"))
+    if ds.kind in {"synthetic_norb", "smallnorb"} and ds.split == "instances" and ds.instances is not None:
+        train_ids, test_ids = {4, 6, 7, 8, 9}, {0, 1, 2, 3, 5}
+        if not set(ds.instances) & train_ids or not set(ds.instances) & test_ids:
+            out.append(("dataset.instances", f"{ds.instances} leaves a split empty under split 'instances' "
+                                             "(train 4,6,7,8,9; test 0,1,2,3,5); keep one of each or use split 'lighting'"))
+    if ds.split == "lighting" and ds.lightings is not None:
+        if not set(ds.lightings) & {0, 2, 4} or not set(ds.lightings) & {1, 3, 5}:
+            out.append(("dataset.lightings", f"{ds.lightings} leaves a split empty under split 'lighting' "
+                                             "(train 0,2,4; test 1,3,5)"))
+    return out
+
+
+def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, str]]:
+    have = {"label"}
+    if caps.has_instance:
+        have.add("instance")
+    if caps.has_pose:
+        have |= {"azimuth", "elevation"}
+    missing = sorted(PAIRING_NEEDS[pairing] - have)
+    out = []
+    if missing:
+        instead = "'temporal' (time steps of a sequence)" if caps.sequence else "'augment' (first module) or 'patch_grid'"
+        out.append((f"{key}.objective.pairing",
+                    f"{pairing!r} needs {' and '.join(missing)}, which dataset {kind!r} lacks; use {instead}"))
+    if pairing == "augment" and index > 0:
+        out.append((f"{key}.objective.pairing",
+                    f"'augment' makes two views of an image, so only the first module can use it ({name} is module {index + 1})"))
+    return out
+
+
+def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]]:
+    out = []
+    pooled = out_shape[-3] if len(out_shape) >= 3 else out_shape[0]
+    spatial = len(out_shape) >= 3
+    if obj.kind == "infonce_grid" and len(out_shape) == 2:
+        pass  # a sequence (C, T): steps ahead in time, checked by sequence_pairing_problem below
+    elif obj.kind == "infonce_grid":
+        if not spatial:
+            out.append((f"{key}.objective.kind", f"'infonce_grid' needs a grid (patches or a feature map), "
+                                                 f"but the module outputs {shape_text(out_shape)}"))
+        else:
+            rows = math.isqrt(out_shape[0]) if len(out_shape) == 4 else out_shape[-2]
+            if rows < 3:
+                out.append((f"{key}.objective.steps", f"the grid has {rows} rows; predicting rows below needs at least 3"))
+    if getattr(obj, "pairing", None) == "patch_grid" and obj.kind != "infonce_grid" and not spatial:
+        what = "a sequence" if len(out_shape) == 2 else "a vector"
+        fix = "; use pairing 'temporal' on sequences" if len(out_shape) == 2 else ""
+        out.append((f"{key}.objective.pairing", f"'patch_grid' pairs positions of a feature map, "
+                                                f"but the module outputs {what} {shape_text(out_shape)}{fix}"))
+    problem = sequence_pairing_problem(obj, out_shape)
+    if problem:
+        out.append((f"{key}.{problem[0]}", problem[1]))
+    if obj.kind == "sfa":
+        width = obj.projection_dim or pooled
+        if batch_size <= width:
+            out.append((f"{key}.train.batch_size", f"SFA whitens each batch, so the batch ({batch_size}) must exceed "
+                                                   f"the output width ({width})"))
+    return out
+
+
+def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tuple[str, str]]:
+    """A non-materialized module needs a module above it, and the recompute chain must fit that module's device."""
+    out = []
+    top = modules[-1].name if modules else None
+    if top is not None and not cfg.stack[top].store.materialize:
+        out.append((f"stack.{top}.store.materialize", "the top module's activations are what the final stage reads and "
+                                                      "exports; only modules below the top can skip materializing"))
+    for m in modules:
+        if not m.recompute or not m.in_shape:
+            continue
+        need = recompute_bytes(cfg, modules, m)
+        have, where = _device_bytes(cfg)
+        if have is not None and need > have:
+            last = m.recompute[-1]
+            out.append((f"stack.{last}.store.materialize",
+                        f"{m.name} would recompute {' -> '.join(m.recompute)} from {m.source} for each batch: "
+                        f"about {need / 2**30:.2f} GiB on top of its own training, more than {where} "
+                        f"({have / 2**30:.2f} GiB); materialize {last} (true), lower stack.{m.name}.train.batch_size, "
+                        "or set resources.device_memory_gb"))
+    return out
+
+
+def recompute_bytes(cfg: RunConfig, modules: list[ModulePlan], m: ModulePlan) -> int:
+    """Memory of recomputing ``m``'s input per batch: the frozen chain's float32 weights plus its two largest
+    live activations (a layer's input and output) for a batch of pairs."""
+    by_name = {p.name: p for p in modules}
+    chain = [by_name[n] for n in m.recompute]
+    weights = sum(p.params for p in chain) * 4
+    widest = max([math.prod(chain[0].in_shape)] + [math.prod(p.out_shape) for p in chain if p.out_shape])
+    return int(weights + 2 * (2 * m.batch_size) * widest * 4)
+
+
+def _device_bytes(cfg: RunConfig) -> tuple[int | None, str]:
+    """Memory of one module's device: resources.device_memory_gb, else this machine's GPU or RAM."""
+    if cfg.resources.device_memory_gb is not None:
+        return int(cfg.resources.device_memory_gb * 2**30), "resources.device_memory_gb"
+    gpus = cfg.resources.gpus_per_module
+    if gpus != 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory), "this machine's GPU memory"
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "this machine's memory"
+    except (ValueError, OSError, AttributeError):
+        return None, ""
+
+
+def _resource_problems(cfg: RunConfig, local_cluster: bool | None) -> list[tuple[str, str]]:
+    res, out = cfg.resources, []
+    gpus = res.gpus_per_module
+    if isinstance(gpus, float) and gpus > 1 and not gpus.is_integer():
+        out.append(("resources.gpus_per_module", f"above 1 a module needs whole GPUs, found {gpus}"))
+    if local_cluster is None:
+        local_cluster = not (res.address or os.environ.get("RAY_ADDRESS"))
+    if local_cluster and isinstance(gpus, float) and gpus > 0:
+        import torch
+
+        have = torch.cuda.device_count()
+        need = gpus if cfg.schedule.mode == "sequential" else gpus * len(cfg.stack)
+        if have < need:
+            out.append(("resources.gpus_per_module",
+                        f"{gpus} GPU(s) per module for {len(cfg.stack)} module(s) needs {need:g} GPUs, this machine has {have}; "
+                        "use 'auto' (CPU when there is no GPU) or pass a cluster address"))
+    return out
+
+
+def estimate_rows(cfg: RunConfig) -> int | None:
+    """Samples the dataset will have, when known without loading it."""
+    ds = cfg.dataset
+    count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731  (a selection, or all n)
+    if ds.kind in {"synthetic_norb", "smallnorb"}:
+        rows = (count(ds.categories, 5) * count(ds.instances, 10) * count(ds.azimuths, 18)
+                * count(ds.elevations, 9) * count(ds.lightings, 6))
+    elif ds.kind == "synthetic_audio":
+        rows = count(ds.categories, 10) * count(ds.instances, 8) * 5  # speakers x sentences x 5 takes
+    else:
+        rows = _KNOWN_SIZES.get(ds.kind)
+    if rows is not None and ds.max_per_split is not None:
+        rows = min(rows, 2 * ds.max_per_split)
+    return rows

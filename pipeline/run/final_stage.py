@@ -1,0 +1,86 @@
+"""The final stage as the driver runs it: `run`'s last step, `evaluate`, `export`, `embed`, `load_encoder`."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pipeline.errors import RunError
+from pipeline.store.runs import open_run, run_config
+from pipeline.store import Store
+from pipeline.final.encoder import load_encoder, read_images, read_signals
+from schemas.config import RunConfig
+from workers.evaluator import Evaluator
+
+
+def final_stage(store: Store, info: dict, cfg: RunConfig, *, evaluate: bool = True, export: bool = True) -> dict:
+    """Evaluate and export; merge the results into summary.json; print the headline."""
+    names = list(cfg.stack)
+    missing = [n for n in names if store.final(n) is None]
+    if missing:
+        raise RunError(f"module(s) {', '.join(missing)} of run {info['run_id']} have no final version",
+                       f"finish training first: `isostack resume {info['run_id']}`")
+    worker = Evaluator(store.uri, store.run_id, info["config"])
+    try:
+        results = worker.run(evaluate=evaluate, export=export)
+    finally:
+        worker.shutdown()
+    summary = store.read_json("summary.json") or {}
+    summary.update(results)
+    store.write_json("summary.json", summary)
+    _print_headline(summary, store)
+    return summary
+
+
+def _print_headline(summary: dict, store: Store) -> None:
+    ev = summary.get("evaluation")
+    if ev and "skipped" in ev:
+        print(f"classification skipped: {ev['skipped']}")
+    elif ev:
+        nc = ev["nearest_centroid"]["test_accuracy"]
+        line = f"nearest centroid (test): {nc:.1%}"
+        base = ev.get("baselines", {}).get("raw_pixels")
+        if base:
+            raw = base["nearest_centroid"]["test_accuracy"]
+            line += f"  vs raw pixels {raw:.1%} ({(nc - raw) * 100:+.1f} points)"
+        line += f"; linear probe {ev['linear_probe']['test_accuracy']:.1%}, kNN {ev['knn']['test_accuracy']:.1%}"
+        if "gmm" in ev:
+            line += f", k-means {ev['kmeans']['test_accuracy']:.1%}, GMM {ev['gmm']['test_accuracy']:.1%}"
+        print(line)
+    pose = summary.get("pose")
+    if pose:
+        print(f"pose (held out): azimuth error {pose['azimuth_mae_deg']:.1f} deg, elevation error "
+              f"{pose['elevation_mae_deg']:.1f} deg, trustworthiness {pose['trustworthiness']:.3f}")
+    report = summary.get("exports", {}).get("report")
+    if report:
+        print(f"report: {report}")
+
+
+def evaluate_run(run: str, store_uri: str | None = None) -> int:
+    store, info = open_run(run, store_uri)
+    final_stage(store, info, run_config(info), evaluate=True, export=False)
+    return 0
+
+
+def export_run(run: str, store_uri: str | None = None) -> int:
+    store, info = open_run(run, store_uri)
+    final_stage(store, info, run_config(info), evaluate=True, export=True)
+    return 0
+
+
+def embed_command(run: str, input_path: str, *, out: str | None = None, store_uri: str | None = None) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    encoder = load_encoder(run, store_uri)
+    shape = encoder.input_shape
+    images = read_signals(input_path, shape, encoder.sample_rate) if len(shape) == 2 else read_images(input_path, shape)
+    chunks = [encoder.embed(torch.from_numpy(images[i:i + 256])).numpy() for i in range(0, len(images), 256)]
+    emb = np.concatenate(chunks)
+    table = pa.table({"index": pa.array(np.arange(len(emb))), **{f"e{j}": pa.array(emb[:, j]) for j in range(emb.shape[1])}})
+    out = out or f"{os.path.splitext(input_path.rstrip('/'))[0]}.embeddings.parquet"
+    pq.write_table(table, out)
+    print(f"wrote {len(emb)} embeddings of width {emb.shape[1]} to {out}")
+    return 0

@@ -1,0 +1,252 @@
+"""Starting module actors on Ray, watching them, and deciding what a failure means.
+
+Workers report ``ModuleStatus`` data; ``decide`` (a pure function, tested
+without a cluster) turns a set of statuses into actions; the loop here only
+carries them out and draws one progress line per module.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from pipeline.errors import TrainingError
+from schemas.config import RunConfig
+from schemas.status import ModuleState, ModuleStatus
+from workers.trainer import ModuleTrainer
+
+
+# ---------------------------------------------------------------- decisions (pure)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str        # "stop": stop this module (its upstream can never become final)
+    module: str
+    reason: str
+
+
+def decide(order: list[str], statuses: dict[str, ModuleStatus]) -> list[Decision]:
+    """What to do given every module's status: modules above a failed one can never finish."""
+    decisions = []
+    for i, name in enumerate(order):
+        st = statuses.get(name)
+        if st is None or st.state != ModuleState.failed:
+            continue
+        for above in order[i + 1:]:
+            other = statuses.get(above)
+            if other is None or not other.state.done:
+                decisions.append(Decision("stop", above, f"module {name} below it failed: {st.error}"))
+        break
+    return decisions
+
+
+def resolve_gpus(cfg: RunConfig, cluster_gpus: float) -> float:
+    """GPUs per module actor: 'auto' = 1 when the cluster has GPUs, else 0 (CPU)."""
+    gpus = cfg.resources.gpus_per_module
+    if gpus == "auto":
+        return 1.0 if cluster_gpus >= 1 else 0.0
+    return float(gpus)
+
+
+# ---------------------------------------------------------------- Ray side
+
+
+def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
+    """Connect to a cluster, or start a local instance sized for every module actor. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or cfg.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # A laptop may have fewer cores than modules: let Ray oversubscribe (each actor uses its own torch threads).
+    # address="local": a new instance even when `ray start --head` runs on this machine (a bare ray.init()
+    # would join that head, and refuse num_cpus); joining a cluster takes --address / RAY_ADDRESS.
+    need = len(cfg.stack) * cfg.resources.cpus_per_module
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
+             object_store_memory=256 * 1024 * 1024)
+    return True
+
+
+def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generation: int, pg=None,
+                   bundle: int = 0) -> dict:
+    res = cfg.resources
+    opts = dict(num_cpus=res.cpus_per_module, num_gpus=gpus, max_restarts=res.max_restarts, max_task_retries=-1,
+                max_concurrency=2, name=f"isostack/{run_id}/{name}/{generation}")
+    if pg is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                       placement_group_bundle_index=bundle)
+    elif res.placement == "spread":
+        opts["scheduling_strategy"] = "SPREAD"  # best effort: Ray spreads the actors over the nodes that fit them
+    return opts
+
+
+def module_bundle(cfg: RunConfig, gpus: float) -> dict[str, float]:
+    """The resources one module actor asks for (one placement-group bundle)."""
+    bundle = {"CPU": float(cfg.resources.cpus_per_module)}
+    if gpus > 0:
+        bundle["GPU"] = gpus
+    return bundle
+
+
+def _reserve(cfg: RunConfig, run_id: str, names: list[str], gpus: float):
+    """placement=pack: a placement group with one bundle per module (PACK), ready before any actor starts.
+
+    Waits as long as the cluster needs (an autoscaler may be adding nodes), saying every 30 s what it waits for.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundle = module_bundle(cfg, gpus)
+    pg = placement_group([dict(bundle) for _ in names], strategy="PACK", name=f"isostack/{run_id}/{'+'.join(names)}")
+    waited = 0.0
+    while not ray.wait([pg.ready()], timeout=30.0)[0]:
+        waited += 30.0
+        total, free = _cpus_gpus(ray.cluster_resources()), _cpus_gpus(ray.available_resources())
+        print(f"waiting {waited:.0f} s for a placement group of {len(names)} x {bundle} (resources.placement=pack); "
+              f"cluster total {total}, free {free}", flush=True)
+    return pg
+
+
+def _cpus_gpus(resources: dict) -> dict:
+    return {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+
+
+class _Progress:
+    """One live line per module in a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, names: list[str], enabled: bool = True) -> None:
+        self.names, self.enabled = names, enabled
+        self.tty = sys.stdout.isatty()
+        self._live = None
+        self._last_plain = 0.0
+        if enabled and self.tty:
+            from rich.live import Live
+
+            self._live = Live(refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def update(self, statuses: dict[str, ModuleStatus]) -> None:
+        if not self.enabled:
+            return
+        lines = [format_line(statuses.get(n) or ModuleStatus(module=n)) for n in self.names]
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text("\n".join(lines)))
+        elif time.monotonic() - self._last_plain > 10:
+            self._last_plain = time.monotonic()
+            print("\n".join(lines), flush=True)
+
+    def close(self, statuses: dict[str, ModuleStatus]) -> None:
+        if self._live is not None:
+            self.update(statuses)
+            self._live.stop()
+        elif self.enabled:
+            print("\n".join(format_line(statuses.get(n) or ModuleStatus(module=n)) for n in self.names), flush=True)
+
+
+def format_line(st: ModuleStatus) -> str:
+    total = st.target_epochs or "?"
+    loss = f"{st.loss:.4f}" if st.loss is not None else "-"
+    rate = f"{st.samples_per_second:,.0f}/s" if st.samples_per_second else "-"
+    up = f"v{st.upstream_version}{'F' if st.upstream_final else ''}" if st.upstream_version else "-"
+    eta = "-"
+    if st.samples_per_second and st.epoch and isinstance(total, int) and st.epoch < total:
+        eta = f"{(st.train_seconds / st.epoch) * (total - st.epoch):.0f}s"
+    tail = f"  {st.error.splitlines()[0][:80]}" if st.error else ""
+    return (f"{st.module:<8} {st.state.value:<16} epoch {st.epoch}/{total:<4} loss {loss:<9} upstream {up:<6} "
+            f"{rate:<10} eta {eta}{tail}")
+
+
+def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *, generation: dict[str, int] | None = None,
+                  address: str | None = None, progress: bool = True) -> dict[str, ModuleStatus]:
+    """Train ``names`` (in stack order) on Ray actors until each is final, failed or stopped."""
+    import ray
+
+    generation = generation or {}
+    started_here = ensure_ray(address, cfg)
+    gpus = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
+    if not started_here and gpus == 0 and cfg.resources.gpus_per_module == "auto":
+        # An autoscaling cluster shows no GPU until a GPU worker is up: 'auto' would then train on CPUs.
+        print("note: resources.gpus_per_module=auto found no GPU in the cluster, so modules train on CPU; "
+              "set resources.gpus_per_module=1 to wait for GPU workers (an autoscaler starts them on demand)",
+              file=sys.stderr, flush=True)
+    actor_cls = ray.remote(ModuleTrainer)
+    config = cfg.model_dump(mode="json")
+    statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
+    actors, runs = {}, {}
+    pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
+    view = _Progress(names, progress)
+
+    def start(name: str) -> None:
+        gen = generation.get(name, 0)
+        opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
+        actor = actor_cls.options(**opts).remote(
+            store_uri, run_id, name, config, generation=gen, threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
+        actors[name], runs[name] = actor, actor.run.remote()
+
+    pending = list(names)
+    if cfg.schedule.mode == "async":
+        for name in names:
+            start(name)
+        pending = []
+    else:
+        start(pending.pop(0))
+    try:
+        while runs:
+            ready, _ = ray.wait(list(runs.values()), num_returns=1, timeout=1.0)
+            for ref in ready:
+                name = next(n for n, r in runs.items() if r == ref)
+                del runs[name]
+                try:
+                    statuses[name] = ModuleStatus.model_validate(ray.get(ref))
+                except Exception as exc:  # noqa: BLE001 - the actor's error becomes its status
+                    statuses[name] = statuses[name].model_copy(update={"state": ModuleState.failed, "error": _cause(exc)})
+                if cfg.schedule.mode == "sequential" and pending and statuses[name].state == ModuleState.final:
+                    start(pending.pop(0))
+            for name, actor in actors.items():
+                if name in runs:
+                    try:
+                        statuses[name] = ModuleStatus.model_validate(ray.get(actor.status.remote(), timeout=5))
+                    except Exception:  # noqa: BLE001 - a restarting actor answers later
+                        pass
+            for d in decide(names, statuses):
+                if d.module in runs:
+                    ray.kill(actors[d.module], no_restart=True)
+                    del runs[d.module]
+                statuses[d.module] = statuses[d.module].model_copy(update={"state": ModuleState.stopped, "error": d.reason})
+                if d.module in pending:
+                    pending.remove(d.module)
+            view.update(statuses)
+    except KeyboardInterrupt:
+        for actor in actors.values():
+            ray.kill(actor, no_restart=True)
+        raise
+    finally:
+        view.close(statuses)
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)  # also ends any actor still in it
+    for actor in actors.values():
+        ray.kill(actor, no_restart=True)
+    return statuses
+
+
+def _cause(exc: Exception) -> str:
+    """The user-facing message inside a RayTaskError / ActorDiedError."""
+    inner = getattr(exc, "cause", None)
+    if isinstance(inner, Exception) and hasattr(inner, "message"):
+        return inner.message
+    if isinstance(exc, TrainingError):
+        return exc.message
+    text = str(exc)
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__

@@ -1,0 +1,113 @@
+"""Classifiers on frozen embeddings: hand-computed cases and JSON-ready output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.errors import DataError
+from pipeline.final.evaluation import classify, cluster_accuracy, standardize
+
+# Two clusters of three points; centroids (1/3, 1/3) and (31/3, 31/3).
+TRAIN_X = np.array([[0, 0], [0, 1], [1, 0], [10, 10], [10, 11], [11, 10]], dtype=np.float32)
+TRAIN_Y = np.array([0, 0, 0, 1, 1, 1])
+# (6, 6) is nearer centroid 1 but labelled 0: one error in three.
+TEST_X = np.array([[0.5, 0.5], [10, 10], [6, 6]], dtype=np.float32)
+TEST_Y = np.array([0, 1, 0])
+
+
+def test_nearest_centroid_hand_computed():
+    r = classify(TRAIN_X, TRAIN_Y, TEST_X, TEST_Y, knn_k=3)
+    nc = r["nearest_centroid"]
+    assert nc["train_accuracy"] == 1.0
+    assert nc["test_accuracy"] == pytest.approx(2 / 3)
+    assert nc["per_class_accuracy"] == {"0": 0.5, "1": 1.0}
+    assert nc["confusion"] == [[1, 1], [0, 1]]  # rows true, columns predicted
+    assert nc["labels"] == [0, 1]
+    assert r["knn"] == {"test_accuracy": pytest.approx(2 / 3), "k": 3}
+    assert r["linear_probe"]["train_accuracy"] == 1.0
+
+
+def test_output_is_plain_json():
+    r = classify(TRAIN_X, TRAIN_Y, TEST_X, TEST_Y)
+    assert json.loads(json.dumps(r)) == r
+    for clf in ("nearest_centroid", "linear_probe", "knn", "kmeans", "gmm"):
+        assert 0.0 <= r[clf]["test_accuracy"] <= 1.0
+    assert r["knn"]["k"] == 5  # k=5 fits in the 6 train points
+
+
+def test_separable_blobs_score_perfectly():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, size=(4, 8))
+    def blobs(n):
+        y = np.repeat(np.arange(4), n)
+        return centres[y] + rng.normal(0, 0.5, size=(len(y), 8)), y
+    (xtr, ytr), (xte, yte) = blobs(30), blobs(20)
+    r = classify(xtr, ytr, xte, yte, seed=1)
+    assert r["nearest_centroid"]["test_accuracy"] == 1.0
+    assert r["linear_probe"]["test_accuracy"] == 1.0
+    assert r["knn"]["test_accuracy"] == 1.0
+    assert r["kmeans"]["test_accuracy"] == 1.0
+    assert r["gmm"] == {"test_accuracy": 1.0, "dims": 8}
+    assert np.array(r["nearest_centroid"]["confusion"]).shape == (4, 4)
+    assert set(r["nearest_centroid"]["per_class_accuracy"]) == {"0", "1", "2", "3"}
+
+
+def test_confusion_covers_labels_of_both_splits():
+    # Label 2 appears only in test: the confusion matrix still has a row for it.
+    r = classify(TRAIN_X, TRAIN_Y, TEST_X, np.array([0, 1, 2]))
+    assert np.array(r["nearest_centroid"]["confusion"]).shape == (3, 3)
+    assert r["nearest_centroid"]["labels"] == [0, 1, 2]
+
+
+def test_cluster_accuracy_is_permutation_invariant():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert cluster_accuracy(y, np.array([2, 2, 0, 0, 1, 1])) == 1.0
+    assert cluster_accuracy(np.array([0, 0, 1, 1]), np.array([1, 1, 1, 0])) == 0.75
+    assert cluster_accuracy(np.array(["a", "b"]), np.array([7, 3])) == 1.0
+
+
+def test_bad_input_is_a_data_error():
+    with pytest.raises(DataError):
+        classify(TRAIN_X, TRAIN_Y, np.zeros((3, 5)), TEST_Y)
+    with pytest.raises(DataError):
+        classify(TRAIN_X, TRAIN_Y[:4], TEST_X, TEST_Y)
+    with pytest.raises(DataError):
+        classify(TRAIN_X, np.zeros(6), TEST_X, TEST_Y)
+    with pytest.raises(DataError):
+        cluster_accuracy([0, 1], [0])
+
+
+def test_gmm_separates_clusters_of_unequal_spread_that_kmeans_cuts():
+    from pipeline.final.evaluation import gmm_cluster_accuracy
+
+    # A tight cluster beside a broad one: k-means puts the boundary half-way and gives the tight cluster the
+    # broad one's near side; a Gaussian mixture models each cluster's own covariance.
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 300)
+    x = np.array([[0.0, 0.0], [5.0, 0.0]])[y] + np.where(y == 0, 0.3, 3.0)[:, None] * rng.normal(size=(len(y), 2))
+    r = classify(x, y, x, y, seed=0)
+    assert r["gmm"]["test_accuracy"] > 0.97 and r["gmm"]["test_accuracy"] > r["kmeans"]["test_accuracy"] + 0.05
+    # Wide inputs are reduced by PCA before the full-covariance fit.
+    wide = np.concatenate([x, rng.normal(0, 1e-3, (len(y), 100))], axis=1)
+    assert gmm_cluster_accuracy(wide, y, 2, max_dims=4)["dims"] == 4
+
+
+def test_standardize_lets_nearest_centroid_see_past_a_loud_noise_dimension():
+    """Class signal in a quiet dimension, pure noise 1000x louder in another: z-scoring recovers the signal."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    signal = y * 1.0 + rng.normal(0, 0.1, 400)       # separates the classes
+    noise = rng.normal(0, 1000.0, 400)                # carries nothing
+    x = np.stack([signal, noise], axis=1)
+    tr = np.arange(400) % 2 == 0
+    plain = classify(x[tr], y[tr], x[~tr], y[~tr])["nearest_centroid"]["test_accuracy"]
+    ztr, zte = standardize(x[tr], x[~tr])
+    scaled = classify(ztr, y[tr], zte, y[~tr])["nearest_centroid"]["test_accuracy"]
+    assert plain < 0.7 and scaled > 0.95, (plain, scaled)
+    assert np.allclose(ztr.mean(axis=0), 0, atol=1e-9) and np.allclose(ztr.std(axis=0), 1)
+    # A dimension constant on the train split is centred, not divided by zero.
+    ctr, cte = standardize(np.ones((4, 1)), np.full((2, 1), 3.0))
+    assert np.all(ctr == 0) and np.all(cte == 2)

@@ -1,0 +1,108 @@
+"""Figures are real PNGs; the report is one self-contained, escaped, parseable HTML file."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from pipeline.final import plots
+from pipeline.final.evaluation import classify
+from pipeline.final.report import render_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(8) == PNG_MAGIC
+
+
+@pytest.fixture
+def ring_pose():
+    az, el = np.meshgrid(np.arange(0, 360, 20.0), np.arange(30, 75, 5.0), indexing="ij")
+    az, el = az.ravel(), el.ravel()
+    r = np.radians(az)
+    return np.column_stack([np.cos(r), np.sin(r), (el - 50) / 20, np.zeros_like(r)]), az, el
+
+
+def test_pose_views_png(tmp_path, ring_pose):
+    emb, az, el = ring_pose
+    assert is_png(plots.pose_views(emb, az, el, str(tmp_path / "pose.png")))  # 4 columns: PCA to 3-D
+    assert is_png(plots.pose_views(emb[:, :2], az, el, str(tmp_path / "pose2.png")))  # 2 columns: padded
+
+
+def test_other_plots_png(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    emb = rng.normal(size=(60, 6)) + labels[:, None]
+    assert is_png(plots.class_scatter(emb, labels, ["a", "b", "c"], str(tmp_path / "classes.png")))
+    assert is_png(plots.confusion_matrix_plot([[5, 1, 0], [0, 6, 0], [2, 0, 4]], ["a", "b", "c"],
+                                              str(tmp_path / "confusion.png")))
+    curves = {"m1": {"epoch": [0, 1, 2, 3], "loss": [2.0, 1.5, 1.2, 1.1], "switches": [(0, 1), (1, 1), (2, 2)]},
+              "m2": {"epoch": [0, 1], "loss": [3.0, 2.0], "switches": []}}
+    assert is_png(plots.loss_curves(curves, str(tmp_path / "loss.png")))
+    rows = [{"module": "raw pixels", "depth": 0, "nearest_centroid": 0.5, "linear_probe": 0.6, "knn": 0.55},
+            {"module": "m1", "depth": 1, "nearest_centroid": 0.6, "linear_probe": 0.7, "knn": 0.65},
+            {"module": "m2", "depth": 2, "nearest_centroid": 0.7, "linear_probe": 0.8, "knn": 0.75}]
+    assert is_png(plots.accuracy_by_depth(rows, str(tmp_path / "depth.png")))
+
+
+def test_version_changes_drop_repeats():
+    assert plots._version_changes([(0, 1), (1, 1), (2, 2), (3, 2)]) == [(0, 1), (2, 2)]
+
+
+class _Strict(HTMLParser):
+    """Counts tags so the test can check the page is balanced where it matters."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.srcs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.srcs += [v for k, v in attrs if k in ("src", "href")]
+
+
+def test_report_is_self_contained(tmp_path, ring_pose):
+    emb, az, el = ring_pose
+    png = plots.pose_views(emb, az, el, str(tmp_path / "pose.png"))
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 10)
+    x = rng.normal(size=(20, 3)) + 3 * y[:, None]
+    metrics = classify(x, y, x, y)
+    metrics["baselines"] = {"raw_pixels": classify(rng.normal(size=(20, 3)), y, rng.normal(size=(20, 3)), y)}
+    metrics["per_module"] = [{"module": "m1", "depth": 1, "nearest_centroid": 0.9, "linear_probe": 0.95, "knn": 0.9}]
+    config = "name: <script>alert('x')</script> & co\nstack:\n  m1: {objective: infonce_pair}\n"
+    out = render_report(
+        str(tmp_path / "report.html"), title="run <a&b>", config_yaml=config,
+        lineage={"m1": {"input": 1}, "m2": None, "retrains": []},
+        modules=[{"name": "m1", "final_version": 3, "epochs": 4, "final_loss": 1.2345, "train_seconds": 12.5,
+                  "samples_per_second": 1234.5, "peak_memory_bytes": 3 * 2**20, "node": "10.0.0.1"},
+                 {"name": "m<2>"}],
+        metrics=metrics, pose={"azimuth_mae_deg": 12.3, "elevation_mae_deg": 4.5, "ridge_r2": 0.8,
+                               "trustworthiness": 0.93},
+        images={"pose views": png, "missing": str(tmp_path / "nope.png")})
+    text = open(out, encoding="utf-8").read()
+    assert "data:image/png;base64," in text
+    assert 'src="http' not in text and "<script" not in text and "<link" not in text
+    assert "name: &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co" in text
+    assert "run &lt;a&amp;b&gt;" in text and "m&lt;2&gt;" in text
+    assert "12.30 deg" in text and "3.0 MiB" in text
+    parser = _Strict()
+    parser.feed(text)
+    parser.close()
+    assert parser.tags.count("table") >= 4 and "pre" in parser.tags
+    assert all(s.startswith("data:") for s in parser.srcs)
+
+
+def test_report_without_pose_or_baseline(tmp_path):
+    y = np.array([0, 0, 1, 1])
+    x = np.array([[0.0], [0.1], [1.0], [1.1]])
+    out = render_report(str(tmp_path / "r.html"), title="t", config_yaml="a: 1", lineage={}, modules=[],
+                        metrics=classify(x, y, x, y, knn_k=1), pose=None, images={})
+    text = open(out, encoding="utf-8").read()
+    assert "Pose" not in text and "100.0%" in text
+    HTMLParser().feed(text)

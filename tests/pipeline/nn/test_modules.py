@@ -1,0 +1,128 @@
+import pickle
+
+import pytest
+import torch
+
+from pipeline.nn.modules import ShapeError, build_module, grid_features, infer_shape, pool_to_vector, to_patches
+from schemas.config import ModuleConfig
+
+
+def module(*layers, patches=None) -> ModuleConfig:
+    return ModuleConfig.model_validate({"layers": list(layers), "patches": patches})
+
+
+def conv(ch, k=5, **kw):
+    return {"type": "conv", "channels": ch, "kernel": k, **kw}
+
+
+def run(cfg: ModuleConfig, in_shape, batch=2):
+    torch.manual_seed(0)
+    mod = build_module(cfg, in_shape)
+    y = mod(torch.rand(batch, *in_shape))
+    return tuple(y.shape[1:]), sum(p.numel() for p in mod.parameters())
+
+
+CASES = [
+    (module(conv(8), {"type": "maxpool"}), (1, 16, 16)),
+    (module(conv(8, 3, stride=2, padding=0), {"type": "avgpool", "kernel": 3, "stride": 2}), (3, 17, 15)),
+    (module(conv(4, 4), conv(6, 2, padding=1, activation="none")), (1, 9, 9)),
+    (module(conv(8), {"type": "global_pool", "mode": "max"}, {"type": "linear", "features": 3}), (1, 12, 12)),
+    (module(conv(4), {"type": "flatten"}, {"type": "linear", "features": 16, "activation": "relu"},
+            {"type": "linear", "features": 3}), (2, 8, 8)),
+    (module({"type": "global_pool"}, {"type": "linear", "features": 5}), (7, 4, 4)),
+    (module({"type": "linear", "features": 5}, {"type": "flatten"}), (12,)),
+    (module({"type": "stem", "channels": 16}, {"type": "resnet_stage", "block": "basic", "channels": 16, "blocks": 2},
+            {"type": "resnet_stage", "block": "basic", "channels": 32, "blocks": 2, "stride": 2}), (3, 15, 15)),
+    (module(conv(8, 3), {"type": "maxpool"}, patches={"size": 16, "stride": 8}), (1, 64, 64)),
+    (module(conv(4, 3), {"type": "global_pool"}, {"type": "linear", "features": 6}, patches={"size": 8, "stride": 4}),
+     (1, 16, 16)),
+    (module(conv(4, 3), {"type": "flatten"}, patches={"size": 4, "stride": 4}), (2, 8, 12)),
+    (module(conv(5, 3), {"type": "maxpool"}), (49, 8, 4, 4)),  # above a patched module: per patch
+    (module({"type": "linear", "features": 3}), (9, 6, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("cfg,in_shape", CASES)
+def test_infer_shape_matches_forward(cfg, in_shape):
+    assert infer_shape(cfg, in_shape) == run(cfg, in_shape)
+
+
+def test_gim_patches_give_7x7_grid():
+    cfg = module(conv(8, 3), patches={"size": 16, "stride": 8})
+    out, _ = infer_shape(cfg, (1, 64, 64))
+    assert out == (49, 8, 16, 16)
+    assert run(cfg, (1, 64, 64))[0] == out
+
+
+RESNET50_SPLIT = [
+    module({"type": "stem", "channels": 64},
+           {"type": "resnet_stage", "block": "bottleneck", "channels": 64, "blocks": 3, "stride": 1},
+           patches={"size": 16, "stride": 8}),
+    module({"type": "resnet_stage", "block": "bottleneck", "channels": 128, "blocks": 4, "stride": 2}),
+    module({"type": "resnet_stage", "block": "bottleneck", "channels": 256, "blocks": 6, "stride": 2}),
+]
+
+
+def test_resnet50_split_in_three_modules():
+    shape = (1, 64, 64)
+    x = torch.rand(1, *shape)
+    expected = [(49, 256, 16, 16), (49, 512, 8, 8), (49, 1024, 4, 4)]
+    for cfg, want in zip(RESNET50_SPLIT, expected):
+        out, n_params = infer_shape(cfg, shape)
+        mod = build_module(cfg, shape)
+        with torch.no_grad():
+            x = mod(x)
+        assert out == want == tuple(x.shape[1:])
+        assert n_params == sum(p.numel() for p in mod.parameters())
+        shape = out
+    # the bottleneck counts: 3 + 4 + 6 blocks, each three convs (+ a projection in each stage's first block)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for cfg, s in zip(RESNET50_SPLIT, [(1, 64, 64), (49, 256, 16, 16),
+                                                                               (49, 512, 8, 8)])
+                for m in build_module(cfg, s).modules())
+    assert convs == 1 + 3 * 13 + 3
+
+
+def test_patches_are_cut_row_major():
+    x = torch.arange(64.0).reshape(1, 1, 8, 8)
+    p = to_patches(x, 4, 2)  # 3x3 grid
+    assert p.shape == (1, 9, 1, 4, 4)
+    assert torch.equal(p[0, 1, 0], x[0, 0, 0:4, 2:6])  # row 0, column 1
+    assert torch.equal(p[0, 3, 0], x[0, 0, 2:6, 0:4])  # row 1, column 0
+
+
+@pytest.mark.parametrize("cfg,in_shape,index,words", [
+    (module({"type": "linear", "features": 3}, conv(4)), (8, 4, 4), 0, "add flatten or global_pool"),
+    (module({"type": "flatten"}, conv(4)), (8, 4, 4), 1, "vector"),
+    (module(conv(4), {"type": "maxpool", "kernel": 8}), (1, 6, 6), 1, "larger than the 6x6"),
+    (module(conv(4, 7, padding=0)), (1, 5, 5), 0, "larger than"),
+    (module({"type": "global_pool"}, {"type": "global_pool"}), (3, 4, 4), 1, "vector"),
+    (module({"type": "resnet_stage", "channels": 4, "blocks": 1}), (10,), 0, "vector"),
+    (module(conv(4), patches={"size": 16, "stride": 8}), (10,), None, "image"),
+    (module(conv(4), patches={"size": 16, "stride": 8}), (1, 12, 12), None, "larger than the 12x12"),
+    (module(conv(4), patches={"size": 4, "stride": 4}), (9, 1, 8, 8), None, "already cut"),
+])
+def test_shape_errors_name_the_layer(cfg, in_shape, index, words):
+    with pytest.raises(ShapeError) as info:
+        infer_shape(cfg, in_shape)
+    [(where, message)] = info.value.problems
+    assert where == index and words in message
+    with pytest.raises(ShapeError):
+        build_module(cfg, in_shape)
+
+
+def test_shape_error_pickles():
+    err = ShapeError([(2, "bad"), (None, "worse")])
+    back = pickle.loads(pickle.dumps(err))
+    assert back.problems == err.problems and str(back) == str(err)
+
+
+def test_pool_to_vector_and_grid_features_shapes():
+    assert pool_to_vector(torch.rand(2, 5)).shape == (2, 5)
+    assert pool_to_vector(torch.rand(2, 5, 3, 3)).shape == (2, 5)
+    z = torch.rand(2, 49, 5, 3, 3)
+    assert pool_to_vector(z).shape == (2, 5)
+    g = grid_features(z)
+    assert g.shape == (2, 5, 7, 7)
+    # patch p = row * 7 + col lands at g[:, :, row, col]
+    assert torch.allclose(g[1, :, 2, 3], z[1, 2 * 7 + 3].mean(dim=(1, 2)))
+    assert grid_features(torch.rand(2, 5, 4, 6)).shape == (2, 5, 4, 6)

@@ -1,0 +1,77 @@
+"""The capacity planner: its bytes per version against what a real tiny run wrote, FLOPs, stream bounds, the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.planning.capacity import capacity, format_capacity, forward_flops, plan_for_capacity, version_bytes
+from pipeline.cli import main
+from pipeline.planning.config import load_config
+from pipeline.run.driver import prepare_run
+from tests.conftest import TINY_NORB
+from workers.trainer import ModuleTrainer
+
+STACK = TINY_NORB + ["train.epochs=1", "train.batch_size=32", "schedule.poll_seconds=0.05",
+                     "schedule.settle_epochs=0", "train.max_steps_per_epoch=2"]
+
+
+def test_planned_bytes_per_version_match_the_manifests_of_a_real_run(tmp_path):
+    torch.set_num_threads(1)
+    cfg = load_config(None, STACK + ["stack.m1.store.codec=int8", "stack.m2.store.codec=bfloat16",
+                                     "store.rows_per_shard=200"], str(tmp_path / "store"))
+    cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
+    store, _, _ = prepare_run(cfg, "r")
+    config = cfg.model_dump(mode="json")
+    for name in ("m1", "m2"):
+        ModuleTrainer(store.uri, "r", name, config).run()
+    plan = plan_for_capacity(cfg)
+    rows = store.final("input").rows
+    planned = {b.stage: b for b in capacity(cfg, plan, rows, 100.0)}
+    for stage, codec in (("input", "uint8"), ("m1", "int8"), ("m2", "bfloat16")):
+        final = store.final(stage)
+        written = sum(s.bytes for s in final.shards)
+        assert final.codec == codec and planned[stage].codec == codec
+        assert len(final.shards) == math.ceil(rows / 200)
+        assert planned[stage].bytes_per_version == pytest.approx(written, rel=0.10), stage
+    # Each stage is read by the one above at the given throughput (the top by the final stage).
+    assert planned["m1"].read_by == ("m2",) and planned["m2"].read_by == ("final",)
+    assert planned["m1"].read_bytes_per_s == pytest.approx(100.0 * planned["m1"].bytes_per_sample)
+
+
+def test_a_non_materialized_boundary_costs_weights_and_recompute_flops():
+    cfg = load_config(None, ["stack.m1.store.materialize=false", "stack.m2.store.materialize=false"], None)
+    plan = plan_for_capacity(cfg)
+    b = {x.stage: x for x in capacity(cfg, plan, 1000, 500.0)}
+    assert b["m1"].bytes_per_sample == 0 and b["m1"].read_bytes_per_s == 0
+    assert b["m1"].bytes_per_version == plan.module("m1").params * 4  # float32 weights only
+    # m1 is a 5x5 conv 1 -> 32 channels on 32x32 ('same' padding): 2 FLOPs per multiply-add.
+    conv = 2 * 1 * 25 * 32 * 32 * 32
+    assert b["m1"].recompute_flops_per_sample == forward_flops(cfg.stack["m1"], (1, 32, 32)) == conv
+    # m2's rows are rebuilt from the input through m1 and m2; the input is read by m2 and m3.
+    assert b["m2"].recompute_flops_per_sample == conv + forward_flops(cfg.stack["m2"], tuple(plan.module("m2").in_shape))
+    assert b["input"].read_by == ("m1", "m2", "m3")
+    assert "GFLOP" in format_capacity(list(b.values()), 1000, 500.0)
+
+
+def test_stream_mode_bounds_what_a_stage_holds_by_the_window():
+    full = load_config(None, [], None)
+    stream = load_config(None, ["schedule.publish=stream", "store.window_samples=1000", "stack.m2.store.zstd_level=5"], None)
+    plan = plan_for_capacity(full)
+    a = {x.stage: x for x in capacity(full, plan, 100_000, 1.0)}
+    b = {x.stage: x for x in capacity(stream, plan, 100_000, 1.0)}
+    window = version_bytes("float16", tuple(plan.module("m1").out_shape), 1000, stream.store.rows_per_shard)
+    assert b["m1"].held_bytes == window + b["m1"].bytes_per_version < a["m1"].held_bytes
+    assert b["m2"].upper_bound and "≤" in format_capacity(list(b.values()), 100_000, 1.0, stream=True)
+
+
+def test_cli_plan_prints_the_stl10_gim_numbers_of_the_issue(capsys):
+    # GIM's STL-10 recipe needs no data to be sized: 6.4 / 3.2 / 1.6 MB per image in float16.
+    assert main(["plan", "stl10-gim", "--samples", "100000", "--throughput", "1000"]) == 0
+    out = capsys.readouterr().out
+    for stage, gb in (("m1", "642.3 GB"), ("m2", "321.1 GB"), ("m3", "160.6 GB")):
+        line = next(x for x in out.splitlines() if x.startswith(stage))
+        assert gb in line
+    assert main(["plan", "stl10-gim", "--samples", "0"]) != 0

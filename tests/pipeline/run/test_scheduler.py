@@ -1,0 +1,41 @@
+"""The scheduler's decisions are data in, data out: tested without a cluster."""
+
+from __future__ import annotations
+
+from pipeline.planning.config import load_config
+from pipeline.run.scheduler import decide, format_line, resolve_gpus
+from schemas.status import ModuleState, ModuleStatus
+
+
+def _st(name, state, error=None):
+    return ModuleStatus(module=name, state=state, error=error)
+
+
+def test_failure_stops_every_module_above_and_nothing_below():
+    order = ["m1", "m2", "m3", "m4"]
+    statuses = {"m1": _st("m1", ModuleState.training), "m2": _st("m2", ModuleState.failed, "loss became nan"),
+                "m3": _st("m3", ModuleState.waiting_upstream), "m4": _st("m4", ModuleState.training)}
+    decisions = decide(order, statuses)
+    assert [(d.action, d.module) for d in decisions] == [("stop", "m3"), ("stop", "m4")]
+    assert all("m2" in d.reason and "nan" in d.reason for d in decisions)
+
+
+def test_no_decision_while_healthy_or_done():
+    order = ["m1", "m2"]
+    assert decide(order, {"m1": _st("m1", ModuleState.final), "m2": _st("m2", ModuleState.training)}) == []
+    done = {"m1": _st("m1", ModuleState.failed, "x"), "m2": _st("m2", ModuleState.final)}
+    assert decide(order, done) == []
+
+
+def test_gpus_auto_and_explicit():
+    cfg = load_config(None)
+    assert resolve_gpus(cfg, 0) == 0.0 and resolve_gpus(cfg, 4) == 1.0
+    cfg = load_config(None, ["resources.gpus_per_module=0.25"])
+    assert resolve_gpus(cfg, 1) == 0.25
+
+
+def test_progress_line_names_epoch_loss_upstream_and_rate():
+    st = ModuleStatus(module="m2", state=ModuleState.training, epoch=2, target_epochs=5, loss=1.23456,
+                      upstream_version=3, upstream_final=False, samples_per_second=812.0, train_seconds=10.0)
+    line = format_line(st)
+    assert "m2" in line and "2/5" in line and "1.2346" in line and "v3" in line and "812/s" in line and "eta 15s" in line
