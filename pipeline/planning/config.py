@@ -24,8 +24,22 @@ DEFAULT_PRESET = "norb-synthetic"
 
 # Tags of the discriminated unions: pydantic puts them into error locations
 # (stack.m1.layers.0.conv.channels); users never write them.
-_UNION_TAGS = {"conv", "maxpool", "avgpool", "global_pool", "flatten", "linear", "resnet_stage", "stem",
-               "infonce_pair", "infonce_grid", "sfa", "vinfonce", "supervised_local"}
+
+
+def _union_tags(*unions: Any) -> frozenset[str]:
+    """Every tag value of the discriminated unions (layer `type`, objective `kind`), read from the schema itself,
+    so a new layer or objective needs no edit here."""
+    tags: set[str] = set()
+    for union in unions:
+        for member in typing.get_args(typing.get_args(union)[0]):
+            field = member.model_fields.get("type") or member.model_fields.get("kind")
+            tags.update(typing.get_args(field.annotation))
+    return frozenset(tags)
+
+
+# pydantic puts the tag of a discriminated union's member into an error's location
+# (stack.m1.objective.moco.temperature); a `--set` path has no such step, so it is dropped.
+_UNION_TAGS = _union_tags(schema.Layer, schema.Objective)
 
 
 def preset_names() -> list[str]:
@@ -177,8 +191,6 @@ def _check_path(parts: list[str], raw: Any, model: Any = RunConfig, prefix: list
 
 def _resolve_union(model: Any, node: Any) -> Any:
     """The member of a (discriminated) union that ``node`` selects."""
-    import typing
-
     args = typing.get_args(model)
     if typing.get_origin(model) is typing.Annotated:
         return _resolve_union(args[0], node)

@@ -135,3 +135,16 @@ def test_new_objectives_validate_in_the_plan(sets, path, words):
     with pytest.raises(ConfigError) as err:
         build_plan(load_config(DEFAULT_PRESET, sets), check_paths=False)
     assert any(p == path and words in m for p, m in err.value.problems), err.value.message
+
+
+@pytest.mark.parametrize("kind, field, bad", [
+    ("moco", "temperature", "-1"), ("dim", "max_locations", "0"), ("cpc_ar", "steps", "0"), ("vinfonce", "kl_weight", "-2"),
+])
+def test_a_bad_value_of_any_objective_is_reported_at_a_path_set_can_address(kind, field, bad):
+    path = f"stack.m1.objective.{field}"
+    with pytest.raises(ConfigError) as err:
+        load_config(DEFAULT_PRESET, [f"stack.m1.objective.kind={kind}", f"{path}={bad}"])
+    assert path in [p for p, _ in err.value.problems], err.value.message
+    # The reported path is one `--set` accepts: fixing it there loads.
+    fixed = load_config(DEFAULT_PRESET, [f"stack.m1.objective.kind={kind}", f"{path}=1"])
+    assert fixed.stack["m1"].objective.kind == kind
