@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from pipeline.data import capabilities
 from pipeline.errors import ConfigError
 from pipeline.nn.modules import ShapeError, infer_shape, shape_text
-from pipeline.nn.objectives import objective_problems, sequence_pairing_problem
+from pipeline.nn.objectives import ModuleFacts, objective_problems
 from pipeline.nn.pairing import PAIRING_NEEDS
 from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
@@ -94,9 +94,9 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
                                                              f"a sequence {shape_text(shape)}; use 'temporal' (neighbouring "
                                                              "time steps) or 'same_instance'"))
         if out_shape is not None:
-            problems += _objective_problems(key, obj, out_shape, train.batch_size)
-            problems += [(f"{key}.{field}", msg) for field, msg in objective_problems(
-                obj, index=index, in_shape=shape, out_shape=out_shape, batch_size=train.batch_size)]
+            facts = ModuleFacts(tuple(out_shape), tuple(shape), index=index, batch_size=train.batch_size,
+                                num_classes=caps.num_classes)
+            problems += [(f"{key}.{field}", msg) for field, msg in objective_problems(obj, facts)]
         modules.append(ModulePlan(
             name=name, index=index, upstream=upstream, in_shape=list(shape or ()), out_shape=list(out_shape or ()),
             params=params, objective=obj.kind, pairing=pairing if obj.kind != "supervised_local" else None,
@@ -170,36 +170,6 @@ def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, 
     if pairing == "augment" and index > 0:
         out.append((f"{key}.objective.pairing",
                     f"'augment' makes two views of an image, so only the first module can use it ({name} is module {index + 1})"))
-    return out
-
-
-def _objective_problems(key, obj, out_shape, batch_size) -> list[tuple[str, str]]:
-    out = []
-    pooled = out_shape[-3] if len(out_shape) >= 3 else out_shape[0]
-    spatial = len(out_shape) >= 3
-    if obj.kind == "infonce_grid" and len(out_shape) == 2:
-        pass  # a sequence (C, T): steps ahead in time, checked by sequence_pairing_problem below
-    elif obj.kind == "infonce_grid":
-        if not spatial:
-            out.append((f"{key}.objective.kind", f"'infonce_grid' needs a grid (patches or a feature map), "
-                                                 f"but the module outputs {shape_text(out_shape)}"))
-        else:
-            rows = math.isqrt(out_shape[0]) if len(out_shape) == 4 else out_shape[-2]
-            if rows < 3:
-                out.append((f"{key}.objective.steps", f"the grid has {rows} rows; predicting rows below needs at least 3"))
-    if getattr(obj, "pairing", None) == "patch_grid" and obj.kind != "infonce_grid" and not spatial:
-        what = "a sequence" if len(out_shape) == 2 else "a vector"
-        fix = "; use pairing 'temporal' on sequences" if len(out_shape) == 2 else ""
-        out.append((f"{key}.objective.pairing", f"'patch_grid' pairs positions of a feature map, "
-                                                f"but the module outputs {what} {shape_text(out_shape)}{fix}"))
-    problem = sequence_pairing_problem(obj, out_shape)
-    if problem:
-        out.append((f"{key}.{problem[0]}", problem[1]))
-    if obj.kind == "sfa":
-        width = obj.projection_dim or pooled
-        if batch_size <= width:
-            out.append((f"{key}.train.batch_size", f"SFA whitens each batch, so the batch ({batch_size}) must exceed "
-                                                   f"the output width ({width})"))
     return out
 
 

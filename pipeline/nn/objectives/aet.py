@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import TrainingError
-from pipeline.nn.modules import grid_features
+from pipeline.nn.modules import grid_features, shape_text
+from pipeline.nn.objectives.autoencoder import need_input_shape
+from pipeline.nn.objectives.base import ModuleFacts, Problems
 
 
 def random_affine(n: int, *, rotation: float, translation: float, scale: tuple[float, float], shear: float,
@@ -95,3 +97,24 @@ class AETObjective(nn.Module):
         pair = torch.cat([_layout(z.float(), self.side), _layout(z_t.float(), self.side)], dim=1)
         loss = aet_loss(self.decoder(pair), theta)
         return loss, {}
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    out = []
+    if facts.index is not None and facts.index > 0:
+        out.append(("objective.kind", f"'aet' transforms the input images, so only the first module (which "
+                                      f"reads them) can use it, and this is module {facts.index + 1}; put aet on the "
+                                      "first module or choose another objective here"))
+    elif facts.in_shape is not None and len(facts.in_shape) != 3:
+        out.append(("objective.kind", f"'aet' transforms images (C, H, W), but the module's input is "
+                                      f"{tuple(facts.in_shape)}; use it on a module that reads images"))
+    if len(facts.out_shape) == 2:
+        out.append(("objective.kind", f"'aet' compares (z(x), z(t(x))) as vectors or maps, but the module "
+                                      f"outputs a sequence {shape_text(facts.out_shape)}; use a map or vector output"))
+    return out
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    need_input_shape(cfg, facts)
+    return AETObjective(facts.out_shape, rotation=cfg.rotation, translation=cfg.translation, scale=cfg.scale,
+                        shear=cfg.shear, hidden=cfg.hidden)

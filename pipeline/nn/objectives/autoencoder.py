@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.nn.objectives.base import ModuleFacts, Problems
 
 # The MLP decoder's weights grow with prod(in_shape) * hidden; beyond this the plan refuses it.
 MLP_DECODER_MAX_PARAMS = 32_000_000
@@ -91,3 +92,27 @@ class AutoencoderObjective(nn.Module):
         recon = self.decoder(z.float())
         loss = F.mse_loss(recon, x.detach().float())
         return loss, {"mse": float(loss.detach())}
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    if facts.in_shape is None or decoder_kind(tuple(facts.in_shape), facts.out_shape) != "mlp":
+        return []
+    params = mlp_decoder_params(tuple(facts.in_shape), facts.out_shape, cfg.hidden)
+    if params <= MLP_DECODER_MAX_PARAMS:
+        return []
+    return [("objective.hidden", f"the autoencoder's MLP decoder from {tuple(facts.out_shape)} back to the input "
+                                 f"{tuple(facts.in_shape)} would have {params:,} parameters (limit "
+                                 f"{MLP_DECODER_MAX_PARAMS:,}); lower objective.hidden, or make the "
+                                 "module output a feature map of the input's rank")]
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    return AutoencoderObjective(tuple(need_input_shape(cfg, facts)), facts.out_shape, hidden=cfg.hidden)
+
+
+def need_input_shape(cfg, facts: ModuleFacts) -> tuple[int, ...]:
+    """The module's input shape, which objectives that reconstruct or transform the input cannot build without."""
+    if facts.in_shape is None:
+        raise ConfigError([("objective.kind", f"{cfg.kind!r} needs the module's input shape; "
+                                              "call build_objective(..., in_shape=in_shape)")])
+    return tuple(facts.in_shape)

@@ -14,12 +14,15 @@ grid that predicts rows below. Both are here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import TrainingError
-from pipeline.nn.modules import grid_features
+from pipeline.nn.modules import grid_features, shape_text
+from pipeline.nn.objectives.base import ModuleFacts, Problems
 from pipeline.nn.objectives.infonce import grid_step_loss
 
 
@@ -113,3 +116,30 @@ class CPCARObjective(nn.Module):
             loss, accuracy = grid_step_loss(ctx, w(g), offset, self.negatives)
             total, acc, used = total + loss, acc + accuracy, used + 1
         return total / used, {"accuracy": float(acc / used)}
+
+
+def steps_of(out_shape: tuple[int, ...]) -> int:
+    """Steps along which cpc_ar predicts: T of (C, T), rows of (C, H, W), grid rows of (P, C, h, w)."""
+    return math.isqrt(out_shape[0]) if len(out_shape) == 4 else out_shape[1]
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    out_shape, shape, out = facts.out_shape, shape_text(facts.out_shape), []
+    if len(out_shape) not in (2, 3, 4):
+        out.append(("objective.kind", f"'cpc_ar' predicts later steps of a sequence (C, T), a feature map or a "
+                                      f"patch grid, but the module outputs a vector {shape}; remove the "
+                                      "global_pool/flatten/linear layers or put cpc_ar on a lower module"))
+    elif len(out_shape) == 4 and math.isqrt(out_shape[0]) ** 2 != out_shape[0]:
+        out.append(("objective.kind", f"{out_shape[0]} patches do not form a square grid; use square images and patches"))
+    elif steps_of(out_shape) < 2:
+        out.append(("objective.kind", f"'cpc_ar' needs at least 2 steps to predict ahead, but the module's "
+                                      f"output {shape} has {steps_of(out_shape)}; pool less or use a larger input"))
+    if cfg.bptt_steps is not None and cfg.context != "gru":
+        out.append(("objective.bptt_steps", "truncated backprop through time applies to the 'gru' context only; "
+                                            "remove bptt_steps or set objective.context: gru"))
+    return out
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    return CPCARObjective(facts.width, steps_of(facts.out_shape), context=cfg.context, context_dim=cfg.context_dim,
+                          steps=cfg.steps, negatives=cfg.negatives, bptt_steps=cfg.bptt_steps, kernel=cfg.kernel)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import TrainingError
-from pipeline.nn.modules import grid_features
+from pipeline.nn.modules import grid_features, shape_text
+from pipeline.nn.objectives.base import ModuleFacts, Problems
 
 
 def local_features(z: torch.Tensor) -> torch.Tensor:
@@ -90,3 +91,19 @@ class DIMObjective(nn.Module):
         scores = local_global_scores(self.local_head(loc), glob)  # (B, B, L)
         loss, accuracy = (dim_infonce if self.estimator == "infonce" else dim_jsd)(scores)
         return loss, {"accuracy": float(accuracy)}
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    out = []
+    if len(facts.out_shape) not in (2, 3, 4):
+        out.append(("objective.kind", f"'dim' contrasts local features with a global vector, but the module "
+                                      f"outputs a vector {shape_text(facts.out_shape)} with no locations; remove the "
+                                      "global_pool/flatten/linear layers or use another objective on this module"))
+    if facts.batch_size is not None and facts.batch_size < 2:
+        out.append(("train.batch_size", "'dim' contrasts the images of a batch; use at least 2"))
+    return out
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    return DIMObjective(facts.width, estimator=cfg.estimator, projection_dim=cfg.projection_dim,
+                        max_locations=cfg.max_locations)

@@ -6,12 +6,15 @@ learned parts (projection head, bilinear W, W_k), discarded after training.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import TrainingError
-from pipeline.nn.modules import grid_features
+from pipeline.nn.modules import grid_features, shape_text
+from pipeline.nn.objectives.base import ModuleFacts, Problems, pairing_problems
 from pipeline.nn.pairing import WITHIN_SAMPLE, paired_vectors
 
 # Rows contrasted per step when pairing neighbouring grid positions: the score
@@ -164,3 +167,45 @@ class InfoNCEGridObjective(nn.Module):
             loss, accuracy = grid_step_loss(step_in, w(step_in), offset, self.negatives)
             total, acc, used = total + loss, acc + accuracy, used + 1
         return total / used, {"accuracy": float(acc / used)}
+
+
+def pair_problems(cfg, facts: ModuleFacts) -> Problems:
+    return pairing_problems(cfg, facts)
+
+
+def build_pair(cfg, facts: ModuleFacts) -> nn.Module:
+    return InfoNCEPairObjective(facts.width, temperature=cfg.temperature, bilinear=cfg.bilinear,
+                                projection_dim=cfg.projection_dim, pairing=cfg.pairing)
+
+
+def grid_problems(cfg, facts: ModuleFacts) -> Problems:
+    """A grid to predict rows of (GIM §3.1): square patches or a feature map with at least 3 rows, or a sequence
+    (C, T) of at least 2 steps paired 'temporal' (steps ahead in time)."""
+    out_shape, shape = facts.out_shape, shape_text(facts.out_shape)
+    if len(out_shape) == 2:
+        if cfg.pairing != "temporal":
+            return [("objective.pairing", f"'infonce_grid' on a sequence {shape} predicts steps ahead in time, but "
+                                          f"its pairing is {cfg.pairing!r} (rows of a 2-D grid); set objective.pairing: temporal")]
+        if out_shape[1] < 2:
+            return [("objective.steps", f"the sequence {shape} has {out_shape[1]} step; predicting steps ahead needs "
+                                        "at least 2 (use a longer dataset.length or smaller strides)")]
+        return []
+    if not facts.spatial:
+        return [("objective.kind", f"'infonce_grid' needs a grid (patches or a feature map), but the module outputs {shape}")]
+    problems = pairing_problems(cfg, facts)
+    if len(out_shape) == 4 and math.isqrt(out_shape[0]) ** 2 != out_shape[0]:
+        return problems + [("objective.kind", f"{out_shape[0]} patches do not form a square grid")]
+    if _grid_rows(out_shape) < 3:
+        problems.append(("objective.steps", f"the grid has {_grid_rows(out_shape)} rows; predicting rows below needs at least 3"))
+    return problems
+
+
+def build_grid(cfg, facts: ModuleFacts) -> nn.Module:
+    if len(facts.out_shape) == 2:  # a sequence (C, T): k steps ahead in time
+        return InfoNCEGridObjective(facts.width, facts.out_shape[1], steps=cfg.steps, negatives=cfg.negatives, sequence=True)
+    # projection_dim is not used: W_k (C x C) is this loss's learned part, as in GIM.
+    return InfoNCEGridObjective(facts.width, _grid_rows(facts.out_shape), steps=cfg.steps, negatives=cfg.negatives)
+
+
+def _grid_rows(out_shape: tuple[int, ...]) -> int:
+    return math.isqrt(out_shape[0]) if len(out_shape) == 4 else out_shape[-2]

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.nn.modules import pool_to_vector
+from pipeline.nn.objectives.base import ModuleFacts, Problems
 from pipeline.nn.objectives.infonce import projection_head
 
 
@@ -103,3 +104,19 @@ class MoCoObjective(nn.Module):
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_groups[idx] = groups[-size:] if groups is not None else -1
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    if cfg.pairing == "patch_grid":
+        return [("objective.pairing", "'moco' encodes a second view of each sample with its key encoder, so it "
+                                      "needs sample pairs: use same_instance, neighbor_pose or augment "
+                                      "(first module), not patch_grid")]
+    return []
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    if facts.module is None:
+        raise ConfigError([("objective.kind", "'moco' copies the module as its key encoder, but no module was "
+                                              "given; call build_objective(..., module=module)")])
+    return MoCoObjective(facts.module, facts.width, temperature=cfg.temperature, momentum=cfg.momentum,
+                         queue_size=cfg.queue_size, projection_dim=cfg.projection_dim)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import TrainingError
+from pipeline.nn.objectives.base import ModuleFacts, Problems, pairing_problems
 from pipeline.nn.objectives.infonce import projection_head
 from pipeline.nn.pairing import WITHIN_SAMPLE, paired_vectors
 
@@ -67,3 +68,16 @@ class SFAObjective(nn.Module):
                                 "raise train.batch_size or set objective.projection_dim lower")
         loss = sfa_loss(self.head(a), self.head(b), self.eps)
         return loss, {}
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    out = pairing_problems(cfg, facts)
+    width = cfg.projection_dim or facts.width
+    if facts.batch_size is not None and facts.batch_size <= width:
+        out.append(("train.batch_size", f"SFA whitens each batch, so the batch ({facts.batch_size}) must exceed "
+                                        f"the output width ({width})"))
+    return out
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    return SFAObjective(facts.width, eps=cfg.eps, projection_dim=cfg.projection_dim, pairing=cfg.pairing)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import TrainingError
+from pipeline.nn.objectives.base import ModuleFacts, Problems
 from pipeline.nn.objectives.infonce import projection_head
 from pipeline.nn.modules import pool_to_vector
 
@@ -30,3 +31,14 @@ class SupervisedObjective(nn.Module):
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return loss, {"accuracy": float(accuracy)}
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    if not facts.num_classes:
+        return [("objective.kind", "'supervised_local' needs class labels, which this dataset lacks; "
+                                   "choose a self-supervised objective (infonce_pair, sfa, ...)")]
+    return []
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    return SupervisedObjective(facts.width, facts.num_classes, projection_dim=cfg.projection_dim)

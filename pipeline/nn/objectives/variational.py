@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.nn.objectives.base import ModuleFacts, Problems, pairing_problems
 from pipeline.nn.objectives.infonce import GRID_PAIRS_MAX, cosine_scores, info_nce_from_scores, projection_head
 from pipeline.nn.pairing import WITHIN_SAMPLE, paired_vectors
 
@@ -56,3 +57,12 @@ class VInfoNCEObjective(nn.Module):
         nce, accuracy = info_nce_from_scores(scores, groups=groups if z_pos is not None else None)
         kl = gaussian_kl(mu, logvar).mean()
         return nce + self.kl_weight * kl, {"kl": kl.item(), "infonce": nce.item(), "accuracy": accuracy.item()}
+
+
+def problems(cfg, facts: ModuleFacts) -> Problems:
+    return pairing_problems(cfg, facts)
+
+
+def build(cfg, facts: ModuleFacts) -> nn.Module:
+    return VInfoNCEObjective(facts.width, latent_dim=cfg.latent_dim, temperature=cfg.temperature,
+                             kl_weight=cfg.kl_weight, projection_dim=cfg.projection_dim, pairing=cfg.pairing)
