@@ -26,10 +26,10 @@ from pipeline.final import plots
 from pipeline.final.pose import pose_metrics
 from pipeline.final.report import render_report
 from pipeline.store.runs import now_iso
-from pipeline.store import Store
+from pipeline.store import META_COLUMNS, Store
 from schemas.config import RunConfig
 
-_META = ["sample_id", "split", "label", "instance", "azimuth", "elevation", "lighting"]
+_META = list(META_COLUMNS)
 
 
 class Evaluator:

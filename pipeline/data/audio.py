@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.base import CAPS, META_SCHEMA, Catalog, Dataset, DatasetCaps, Selection, select
+from pipeline.data.base import (CAPS, META_SCHEMA, N_SENTENCES, N_SPEAKERS, N_TAKES, Catalog, Dataset, DatasetCaps,
+                                Selection, select)
 from pipeline.data.simple import _root, stratified_train_mask
 from pipeline.errors import DataError
 from schemas.config import DatasetConfig
 
-N_SPEAKERS, N_SENTENCES, N_TAKES = 10, 8, 5
 TEST_SENTENCES = (6, 7)
 PHONES_PER_SENTENCE = 6
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
+from pipeline.store.columns import meta_schema
 from schemas.config import DatasetConfig
 
 NORB_TRAIN_INSTANCES = (4, 6, 7, 8, 9)
@@ -20,18 +21,10 @@ NORB_TEST_INSTANCES = (0, 1, 2, 3, 5)
 LIGHTING_TRAIN = (0, 2, 4)
 NORB_CLASS_NAMES = ["animal", "human", "airplane", "truck", "car"]
 N_AZIMUTHS, N_ELEVATIONS, N_LIGHTINGS, N_INSTANCES = 18, 9, 6, 10
+N_SPEAKERS, N_SENTENCES, N_TAKES = 10, 8, 5  # synthetic_audio
 
-META_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.int64(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("label", pa.int64(), nullable=False),
-        pa.field("instance", pa.int64()),
-        pa.field("azimuth", pa.float32()),
-        pa.field("elevation", pa.float32()),
-        pa.field("lighting", pa.int64()),
-    ]
-)
+# The one metadata schema is the store's (pipeline.store.columns): a dataset fills it, with labels always set.
+META_SCHEMA = meta_schema()
 
 
 @dataclass(frozen=True)
@@ -46,22 +39,36 @@ class DatasetCaps:
     native_size: int | None  # side of the stored images; None = any (rendered) or varies (image_folder)
     channels: int  # 1 or 3, as stored
     sequence: bool = False  # samples are 1-D signals (C, T) (dataset.length), not images (C, S, S)
+    needs_path: bool = False  # reads local files from dataset.path
+    # How many samples the full dataset has: a product of factors, each selectable by the dataset key named
+    # (dataset.instances=[0, 4] keeps 2 of 10); a factor with key None is not selectable. Empty = unknown.
+    size: tuple[tuple[str | None, int], ...] = ()
+    norb_instance_split: bool = False  # split 'instances' is small-NORB's own train/test instances
+
+    def factor(self, key: str) -> int | None:
+        """How many values ``dataset.<key>`` can select from (indices 0..n-1), or None when it selects nothing."""
+        return dict((k, n) for k, n in self.size if k).get(key)
 
 
 _CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 _STL10_NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
 # The static capabilities of every dataset kind (pipeline.data.capabilities hands out copies).
+_NORB_SIZE = (("categories", 5), ("instances", N_INSTANCES), ("azimuths", N_AZIMUTHS), ("elevations", N_ELEVATIONS),
+              ("lightings", N_LIGHTINGS))
 CAPS = {
-    "synthetic_norb": DatasetCaps(True, True, True, 5, NORB_CLASS_NAMES, None, 1),  # rendered at any size
-    "smallnorb": DatasetCaps(True, True, True, 5, NORB_CLASS_NAMES, 96, 1),
-    "digits": DatasetCaps(False, False, False, 10, [str(d) for d in range(10)], 8, 1),
-    "image_folder": DatasetCaps(False, False, False, None, None, None, 3),  # classes known once loaded
-    "cifar10": DatasetCaps(False, False, False, 10, _CIFAR10_NAMES, 32, 3),
-    "stl10": DatasetCaps(False, False, False, 10, _STL10_NAMES, 96, 3),
+    "synthetic_norb": DatasetCaps(True, True, True, 5, NORB_CLASS_NAMES, None, 1, size=_NORB_SIZE,  # rendered at any size
+                                  norb_instance_split=True),
+    "smallnorb": DatasetCaps(True, True, True, 5, NORB_CLASS_NAMES, 96, 1, needs_path=True, size=_NORB_SIZE,
+                             norb_instance_split=True),
+    "digits": DatasetCaps(False, False, False, 10, [str(d) for d in range(10)], 8, 1, size=((None, 1797),)),
+    "image_folder": DatasetCaps(False, False, False, None, None, None, 3, needs_path=True),  # classes known once loaded
+    "cifar10": DatasetCaps(False, False, False, 10, _CIFAR10_NAMES, 32, 3, needs_path=True, size=((None, 60000),)),
+    "stl10": DatasetCaps(False, False, False, 10, _STL10_NAMES, 96, 3, needs_path=True, size=((None, 13000),)),
     # Sequences: label = speaker; synthetic_audio's instance = the sentence spoken (several takes of each).
-    "synthetic_audio": DatasetCaps(True, False, False, 10, [f"speaker{i}" for i in range(10)], None, 1, sequence=True),
-    "wav_folder": DatasetCaps(False, False, False, None, None, None, 1, sequence=True),  # classes known once loaded
+    "synthetic_audio": DatasetCaps(True, False, False, N_SPEAKERS, [f"speaker{i}" for i in range(N_SPEAKERS)], None, 1, sequence=True,
+                                   size=(("categories", N_SPEAKERS), ("instances", N_SENTENCES), (None, N_TAKES))),
+    "wav_folder": DatasetCaps(False, False, False, None, None, None, 1, sequence=True, needs_path=True),
 }
 
 

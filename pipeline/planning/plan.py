@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from pipeline.data import capabilities
+from pipeline.data.base import LIGHTING_TRAIN, N_LIGHTINGS, NORB_TEST_INSTANCES, NORB_TRAIN_INSTANCES
 from pipeline.errors import ConfigError
 from pipeline.nn.modules import ShapeError, infer_shape, shape_text
 from pipeline.nn.objectives import ModuleFacts, objective_problems
@@ -22,8 +23,6 @@ from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
 
 # Datasets whose size the plan can state without loading them.
-_KNOWN_SIZES = {"digits": 1797, "cifar10": 60000, "stl10": 13000}
-_NEEDS_PATH = {"smallnorb", "image_folder", "cifar10", "stl10", "wav_folder"}
 
 
 class ModulePlan(BaseModel):
@@ -120,7 +119,7 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
 
 def _dataset_problems(cfg: RunConfig, caps, check_paths: bool) -> list[tuple[str, str]]:
     ds, out = cfg.dataset, []
-    if ds.kind in _NEEDS_PATH:
+    if caps.needs_path:
         if not ds.path:
             out.append(("dataset.path", f"dataset {ds.kind!r} reads local files and needs dataset.path "
                                         f"(e.g. --set dataset.path=/data/{ds.kind})"))
@@ -130,28 +129,28 @@ def _dataset_problems(cfg: RunConfig, caps, check_paths: bool) -> list[tuple[str
         out.append(("dataset.split", f"'lighting' needs lighting metadata, which dataset {ds.kind!r} lacks; use 'instances'"))
     if caps.sequence and ds.channels != 1:
         out.append(("dataset.channels", f"dataset {ds.kind!r} gives mono signals (1, T); set dataset.channels: 1"))
-    norb_like = caps.has_pose
-    for key, values, top in (("instances", ds.instances, 9), ("azimuths", ds.azimuths, 17),
-                             ("elevations", ds.elevations, 8), ("lightings", ds.lightings, 5)):
+    for key in ("instances", "azimuths", "elevations", "lightings"):
+        values, count = getattr(ds, key), caps.factor(key)
         if values is None:
             continue
-        if key == "instances" and not caps.has_instance or key != "instances" and not norb_like:
+        if count is None:
             out.append((f"dataset.{key}", f"dataset {ds.kind!r} has no {key}; remove the key"))
-        elif any(v < 0 or v > top for v in values) or not values:
-            out.append((f"dataset.{key}", f"indices must be within 0..{top}, found {values}"))
+        elif any(v < 0 or v >= count for v in values) or not values:
+            out.append((f"dataset.{key}", f"indices must be within 0..{count - 1}, found {values}"))
     if ds.categories is not None and caps.num_classes is not None:
         bad = [c for c in ds.categories if c < 0 or c >= caps.num_classes]
         if bad or not ds.categories:
             out.append(("dataset.categories", f"labels must be within 0..{caps.num_classes - 1}, found {ds.categories}"))
-    if ds.kind in {"synthetic_norb", "smallnorb"} and ds.split == "instances" and ds.instances is not None:
-        train_ids, test_ids = {4, 6, 7, 8, 9}, {0, 1, 2, 3, 5}
-        if not set(ds.instances) & train_ids or not set(ds.instances) & test_ids:
-            out.append(("dataset.instances", f"{ds.instances} leaves a split empty under split 'instances' "
-                                             "(train 4,6,7,8,9; test 0,1,2,3,5); keep one of each or use split 'lighting'"))
+    if caps.norb_instance_split and ds.split == "instances" and ds.instances is not None:
+        if not set(ds.instances) & set(NORB_TRAIN_INSTANCES) or not set(ds.instances) & set(NORB_TEST_INSTANCES):
+            out.append(("dataset.instances", f"{ds.instances} leaves a split empty under split 'instances' (train "
+                                             f"{_ids(NORB_TRAIN_INSTANCES)}; test {_ids(NORB_TEST_INSTANCES)}); "
+                                             "keep one of each or use split 'lighting'"))
     if ds.split == "lighting" and ds.lightings is not None:
-        if not set(ds.lightings) & {0, 2, 4} or not set(ds.lightings) & {1, 3, 5}:
+        test_lightings = set(range(N_LIGHTINGS)) - set(LIGHTING_TRAIN)
+        if not set(ds.lightings) & set(LIGHTING_TRAIN) or not set(ds.lightings) & test_lightings:
             out.append(("dataset.lightings", f"{ds.lightings} leaves a split empty under split 'lighting' "
-                                             "(train 0,2,4; test 1,3,5)"))
+                                             f"(train {_ids(LIGHTING_TRAIN)}; test {_ids(test_lightings)})"))
     return out
 
 
@@ -241,16 +240,15 @@ def _resource_problems(cfg: RunConfig, local_cluster: bool | None) -> list[tuple
 
 
 def estimate_rows(cfg: RunConfig) -> int | None:
-    """Samples the dataset will have, when known without loading it."""
-    ds = cfg.dataset
-    count = lambda sel, n: len(sel) if sel is not None else n  # noqa: E731  (a selection, or all n)
-    if ds.kind in {"synthetic_norb", "smallnorb"}:
-        rows = (count(ds.categories, 5) * count(ds.instances, 10) * count(ds.azimuths, 18)
-                * count(ds.elevations, 9) * count(ds.lightings, 6))
-    elif ds.kind == "synthetic_audio":
-        rows = count(ds.categories, 10) * count(ds.instances, 8) * 5  # speakers x sentences x 5 takes
-    else:
-        rows = _KNOWN_SIZES.get(ds.kind)
-    if rows is not None and ds.max_per_split is not None:
+    """Samples the config selects, from the dataset's size factors (None when only loading can tell)."""
+    ds, caps = cfg.dataset, capabilities(cfg.dataset.kind)
+    if not caps.size:
+        return None
+    rows = math.prod(len(getattr(ds, key)) if key and getattr(ds, key) is not None else n for key, n in caps.size)
+    if ds.max_per_split is not None:
         rows = min(rows, 2 * ds.max_per_split)
     return rows
+
+
+def _ids(values) -> str:
+    return ",".join(str(v) for v in sorted(values))
