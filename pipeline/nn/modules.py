@@ -178,88 +178,122 @@ def _walk(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[int | None, lis
     return n_patches, acts
 
 
+@dataclass(frozen=True)
+class _Input:
+    """Layer ``i``'s input during shape inference, with the checks every layer kind shares."""
+
+    i: int
+    act: _Act
+    patched: bool
+
+    def fail(self, msg: str):
+        raise ShapeError([(self.i, msg)])
+
+    def need_map(self, what: str) -> tuple[int, int, int]:
+        if self.act.vector:
+            self.fail(f"{what} needs a feature map (C, H, W) but its input is a vector of {self.act.shape[0]} features")
+        if self.act.sequence:
+            c, t = self.act.shape
+            self.fail(f"{what} needs a feature map (C, H, W) but its input is a sequence ({c}, {t}); "
+                      "use conv1d (and maxpool/avgpool/global_pool, which take sequences) on sequences")
+        return self.act.shape  # type: ignore[return-value]
+
+    def need_sequence(self, what: str) -> tuple[int, int]:
+        if not self.act.sequence:
+            kind = f"a vector of {self.act.shape[0]} features" if self.act.vector else f"a {shape_text(self.act.shape)} map"
+            self.fail(f"{what} needs a sequence (C, T) but its input is {kind}; "
+                      "use it on 1-D data (dataset.kind synthetic_audio or wav_folder) or use conv/stem on images")
+        return self.act.shape  # type: ignore[return-value]
+
+    def vec(self, d: int) -> _Act:
+        return _Act((d, 1, 1) if self.patched else (d,), True)
+
+
 def _step(i: int, layer, act: _Act, patched: bool) -> _Act:
-    def fail(msg: str):
-        raise ShapeError([(i, msg)])
-
-    def need_map(what: str) -> tuple[int, int, int]:
-        if act.vector:
-            d = act.shape[0]
-            fail(f"{what} needs a feature map (C, H, W) but its input is a vector of {d} features")
-        if act.sequence:
-            c, t = act.shape
-            fail(f"{what} needs a feature map (C, H, W) but its input is a sequence ({c}, {t}); "
-                 "use conv1d (and maxpool/avgpool/global_pool, which take sequences) on sequences")
-        return act.shape  # type: ignore[return-value]
-
-    def need_sequence(what: str) -> tuple[int, int]:
-        if not act.sequence:
-            kind = f"a vector of {act.shape[0]} features" if act.vector else f"a {shape_text(act.shape)} map"
-            fail(f"{what} needs a sequence (C, T) but its input is {kind}; "
-                 "use it on 1-D data (dataset.kind synthetic_audio or wav_folder) or use conv/stem on images")
-        return act.shape  # type: ignore[return-value]
-
-    def vec(d: int) -> _Act:
-        return _Act((d, 1, 1) if patched else (d,), True)
-
-    if isinstance(layer, ConvLayer):
-        c, h, w = need_map("conv")
-        pad = layer.kernel // 2 if layer.padding == "same" else layer.padding
-        if pad < 0:
-            fail(f"conv padding must be 'same' or at least 0, found {pad}")
-        oh, ow = _out_size(h, layer.kernel, layer.stride, pad), _out_size(w, layer.kernel, layer.stride, pad)
-        if oh < 1 or ow < 1:
-            fail(f"conv kernel {layer.kernel} (padding {pad}) is larger than the {h}x{w} map")
-        return _Act((layer.channels, oh, ow), False)
-    if isinstance(layer, Conv1dLayer):
-        c, t = need_sequence("conv1d")
-        pad = layer.kernel // 2 if layer.padding == "same" else layer.padding
-        if pad < 0:
-            fail(f"conv1d padding must be 'same' or at least 0, found {pad}")
-        ot = _out_size(t, layer.kernel, layer.stride, pad)
-        if ot < 1:
-            fail(f"conv1d kernel {layer.kernel} (padding {pad}) is longer than the {t} steps of its input")
-        return _Act((layer.channels, ot), False)
-    if isinstance(layer, GRULayer):
-        c, t = need_sequence("gru")
-        return _Act((layer.hidden, t), False)
-    if isinstance(layer, PoolLayer) and act.sequence:
-        c, t = act.shape
-        stride = layer.stride if layer.stride is not None else layer.kernel
-        if stride < 1:
-            fail(f"{layer.type} stride must be at least 1, found {stride}")
-        if layer.kernel > t:
-            fail(f"{layer.type} window {layer.kernel} is longer than the {t} steps of its input")
-        return _Act((c, _out_size(t, layer.kernel, stride, 0)), False)
-    if isinstance(layer, PoolLayer):
-        c, h, w = need_map(layer.type)
-        stride = layer.stride if layer.stride is not None else layer.kernel
-        if stride < 1:
-            fail(f"{layer.type} stride must be at least 1, found {stride}")
-        if layer.kernel > h or layer.kernel > w:
-            fail(f"{layer.type} window {layer.kernel} is larger than the {h}x{w} map")
-        return _Act((c, _out_size(h, layer.kernel, stride, 0), _out_size(w, layer.kernel, stride, 0)), False)
-    if isinstance(layer, GlobalPoolLayer):
-        if act.sequence:
-            return vec(act.shape[0])
-        c, _, _ = need_map("global_pool")
-        return vec(c)
-    if isinstance(layer, FlattenLayer):
-        return vec(act.shape[0] if act.vector else math.prod(act.shape))
-    if isinstance(layer, LinearLayer):
-        if not act.vector and act.shape[1:] != (1, 1):  # a 1x1 map is a vector (e.g. per patch above a patched module)
-            what = "sequence" if act.sequence else "map"
-            fail(f"linear needs a vector but its input is a {shape_text(act.shape)} {what}; "
-                 "add flatten or global_pool before it")
-        return vec(layer.features)
-    if isinstance(layer, StemLayer):
-        c, h, w = need_map("stem")
-        return _Act((layer.channels, h, w), False)
-    if isinstance(layer, ResNetStage):
-        c, h, w = need_map("resnet_stage")
-        width = layer.channels * (4 if layer.block == "bottleneck" else 1)
-        return _Act((width, _out_size(h, 3, layer.stride, 1), _out_size(w, 3, layer.stride, 1)), False)
+    for kind, infer in _SHAPE_RULES:
+        if isinstance(layer, kind):
+            return infer(layer, _Input(i, act, patched))
     raise ShapeError([(i, f"unknown layer type {getattr(layer, 'type', layer)!r}")])
+
+
+def _padding(layer, inp: _Input) -> int:
+    pad = layer.kernel // 2 if layer.padding == "same" else layer.padding
+    if pad < 0:
+        inp.fail(f"{layer.type} padding must be 'same' or at least 0, found {pad}")
+    return pad
+
+
+def _conv(layer: ConvLayer, inp: _Input) -> _Act:
+    c, h, w = inp.need_map("conv")
+    pad = _padding(layer, inp)
+    oh, ow = _out_size(h, layer.kernel, layer.stride, pad), _out_size(w, layer.kernel, layer.stride, pad)
+    if oh < 1 or ow < 1:
+        inp.fail(f"conv kernel {layer.kernel} (padding {pad}) is larger than the {h}x{w} map")
+    return _Act((layer.channels, oh, ow), False)
+
+
+def _conv1d(layer: Conv1dLayer, inp: _Input) -> _Act:
+    c, t = inp.need_sequence("conv1d")
+    pad = _padding(layer, inp)
+    ot = _out_size(t, layer.kernel, layer.stride, pad)
+    if ot < 1:
+        inp.fail(f"conv1d kernel {layer.kernel} (padding {pad}) is longer than the {t} steps of its input")
+    return _Act((layer.channels, ot), False)
+
+
+def _gru(layer: GRULayer, inp: _Input) -> _Act:
+    c, t = inp.need_sequence("gru")
+    return _Act((layer.hidden, t), False)
+
+
+def _pool(layer: PoolLayer, inp: _Input) -> _Act:
+    stride = layer.stride if layer.stride is not None else layer.kernel
+    if stride < 1:
+        inp.fail(f"{layer.type} stride must be at least 1, found {stride}")
+    if inp.act.sequence:
+        c, t = inp.act.shape
+        if layer.kernel > t:
+            inp.fail(f"{layer.type} window {layer.kernel} is longer than the {t} steps of its input")
+        return _Act((c, _out_size(t, layer.kernel, stride, 0)), False)
+    c, h, w = inp.need_map(layer.type)
+    if layer.kernel > h or layer.kernel > w:
+        inp.fail(f"{layer.type} window {layer.kernel} is larger than the {h}x{w} map")
+    return _Act((c, _out_size(h, layer.kernel, stride, 0), _out_size(w, layer.kernel, stride, 0)), False)
+
+
+def _global_pool(layer: GlobalPoolLayer, inp: _Input) -> _Act:
+    if inp.act.sequence:
+        return inp.vec(inp.act.shape[0])
+    c, _, _ = inp.need_map("global_pool")
+    return inp.vec(c)
+
+
+def _flatten(layer: FlattenLayer, inp: _Input) -> _Act:
+    return inp.vec(inp.act.shape[0] if inp.act.vector else math.prod(inp.act.shape))
+
+
+def _linear(layer: LinearLayer, inp: _Input) -> _Act:
+    if not inp.act.vector and inp.act.shape[1:] != (1, 1):  # a 1x1 map is a vector (e.g. per patch above a patched module)
+        what = "sequence" if inp.act.sequence else "map"
+        inp.fail(f"linear needs a vector but its input is a {shape_text(inp.act.shape)} {what}; "
+                 "add flatten or global_pool before it")
+    return inp.vec(layer.features)
+
+
+def _stem(layer: StemLayer, inp: _Input) -> _Act:
+    c, h, w = inp.need_map("stem")
+    return _Act((layer.channels, h, w), False)
+
+
+def _resnet_stage(layer: ResNetStage, inp: _Input) -> _Act:
+    c, h, w = inp.need_map("resnet_stage")
+    width = layer.channels * (4 if layer.block == "bottleneck" else 1)
+    return _Act((width, _out_size(h, 3, layer.stride, 1), _out_size(w, 3, layer.stride, 1)), False)
+
+
+_SHAPE_RULES = ((ConvLayer, _conv), (Conv1dLayer, _conv1d), (GRULayer, _gru), (PoolLayer, _pool),
+                (GlobalPoolLayer, _global_pool), (FlattenLayer, _flatten), (LinearLayer, _linear), (StemLayer, _stem),
+                (ResNetStage, _resnet_stage))
 
 
 def shape_text(shape) -> str:
