@@ -159,21 +159,27 @@ def accuracy_by_depth(rows: list[dict], path: str) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def _to_3d(emb, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3) coordinates of at most max_points rows and the row indices kept."""
+def pose_coordinates(emb, seed: int = 0) -> np.ndarray:
+    """(N, D) -> (N, 3) coordinates the pose figure draws (and pose.parquet holds): PCA to 3 dimensions,
+    the embedding itself (zero-padded) when it has 3 or fewer."""
     x = np.asarray(emb, dtype=np.float64)
     x = x.reshape(len(x), -1)
-    keep = np.arange(len(x))
-    if len(x) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
-        x = x[keep]
     if x.shape[1] > 3:
         from sklearn.decomposition import PCA
 
         x = PCA(n_components=3, random_state=seed).fit_transform(x) if len(x) >= 3 else x[:, :3]
     if x.shape[1] < 3:  # pad a 1-D or 2-D embedding with zeros so every view still draws
         x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
-    return x, keep
+    return x
+
+
+def _to_3d(emb, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) coordinates (`pose_coordinates` of every row) of at most max_points rows and the row indices kept."""
+    x = pose_coordinates(emb, seed)
+    keep = np.arange(len(x))
+    if len(x) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
+    return x[keep], keep
 
 
 def _marker_size(n: int) -> float:
