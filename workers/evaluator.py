@@ -197,7 +197,9 @@ class Evaluator:
             rows = pq.read_table(pa.BufferReader(data)).to_pylist()
             loss = [r for r in rows if r["name"] == f"{name}/loss/train"]
             switches = [(r["epoch"], int(r["value"])) for r in rows if r["name"] == f"{name}/upstream/version"]
-            curves[name] = {"epoch": [r["epoch"] for r in loss], "loss": [r["value"] for r in loss], "switches": switches}
+            heldout = [r for r in rows if r["name"] == f"{name}/loss/heldout"]
+            curves[name] = {"epoch": [r["epoch"] for r in loss], "loss": [r["value"] for r in loss], "switches": switches,
+                            "heldout_epoch": [r["epoch"] for r in heldout], "heldout_loss": [r["value"] for r in heldout]}
         return curves
 
     def _report(self, results: dict, images: dict[str, str]) -> None:
@@ -216,7 +218,7 @@ class Evaluator:
             out = os.path.join(tmp, "report.html")
             render_report(out, title=f"isostack run {self.run_id} ({now_iso()})", config_yaml=dump_yaml(self.cfg),
                           lineage=lineage, modules=modules, metrics=results.get("evaluation", {}),
-                          pose=results.get("pose"), images=local)
+                          pose=results.get("pose"), images=local, class_names=self.caps.class_names)
             with open(out, "rb") as fh:
                 self.store.write_bytes("report.html", fh.read())
 

@@ -6,6 +6,8 @@ than three columns are projected to 3-D with PCA (fit on the points drawn), so t
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: workers and CI have no display
@@ -102,7 +104,8 @@ def confusion_matrix_plot(confusion, class_names, path: str, *, labels=None) -> 
 
 
 def loss_curves(curves: dict[str, dict], path: str) -> str:
-    """One panel per module: training loss by epoch, a dotted line where its upstream version changed.
+    """One panel per module: training (and, where recorded, held-out) loss by epoch, a dotted line where its
+    upstream version changed (labelled where the labels do not overlap).
 
     curves[module] = {"epoch": [...], "loss": [...], "switches": [(epoch, version), ...]}; a switch is
     drawn only where the version differs from the previous one (the first version is written in the title).
@@ -111,14 +114,21 @@ def loss_curves(curves: dict[str, dict], path: str) -> str:
     fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names) + 0.6), squeeze=False, sharex=True)
     for ax, name in zip(axes[:, 0], names):
         c = curves.get(name, {})
-        ax.plot(c.get("epoch", []), c.get("loss", []), marker="o", ms=3, lw=1.5, color="tab:blue")
+        ax.plot(c.get("epoch", []), c.get("loss", []), marker="o", ms=3, lw=1.5, color="tab:blue", label="train")
+        if c.get("heldout_loss"):  # where the objective reports a loss on held-out samples
+            ax.plot(c["heldout_epoch"], c["heldout_loss"], marker="s", ms=3, lw=1.5, color="tab:orange", label="held out")
+            ax.legend(fontsize=8, loc="upper right")
         changes = _version_changes(c.get("switches", []))
         first = f" (upstream v{changes[0][1]} first)" if changes else ""
+        epochs = c.get("epoch") or [0, 1]
+        min_gap = 0.04 * max(max(epochs) - min(epochs), 1)  # labels closer than this would overlap: skip them
+        last = -math.inf
         for epoch, version in changes[1:]:
             ax.axvline(epoch, ls=":", color="tab:gray", lw=1)
-            if len(changes) <= 16:
-                ax.annotate(f"v{version}", (epoch, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+            if epoch - last >= min_gap:
+                ax.annotate(f"v{version}", (epoch, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
                             color="tab:gray", ha="left", va="top", xytext=(2, -2), textcoords="offset points")
+                last = epoch
         ax.set_title(f"{name}{first}", fontsize=10, loc="left")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
