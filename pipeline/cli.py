@@ -219,11 +219,11 @@ def cmd_runs(args) -> int:
     if not rows:
         print(f"no runs under {args.store or os.environ.get('ISOSTACK_STORE', './isostack-runs')}")
         return 0
-    print(f"{'run':<28}{'status':<10}{'modules':<24}{'accuracy':>9}  {'created':<26}updated")
+    print(f"{'run':<28}{'status':<10}{'modules':<24}{'accuracy':>9}  {'created':<31}updated")
     for r in rows:
         acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.1%}"
         print(f"{r['run_id']:<28}{r['status'] or '-':<10}{','.join(r['modules']):<24}{acc:>9}  "
-              f"{r['created_at'] or '-':<26}{r['updated_at'] or '-'}")
+              f"{r['created_at'] or '-':<31}{r['updated_at'] or '-'}")
     return 0
 
 

@@ -111,7 +111,9 @@ def loss_curves(curves: dict[str, dict], path: str) -> str:
     drawn only where the version differs from the previous one (the first version is written in the title).
     """
     names = list(curves) or ["(no curves)"]
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names) + 0.6), squeeze=False, sharex=True)
+    # constrained layout: each panel's title clears the panel above it
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names) + 0.6), squeeze=False, sharex=True,
+                             layout="constrained")
     for ax, name in zip(axes[:, 0], names):
         c = curves.get(name, {})
         ax.plot(c.get("epoch", []), c.get("loss", []), marker="o", ms=3, lw=1.5, color="tab:blue", label="train")
@@ -131,6 +133,7 @@ def loss_curves(curves: dict[str, dict], path: str) -> str:
                 last = epoch
         ax.set_title(f"{name}{first}", fontsize=10, loc="left")
         ax.set_ylabel("loss")
+        ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-5+7.271" offset text over the next panel's title
         ax.grid(alpha=0.3)
     from matplotlib.ticker import MaxNLocator
 

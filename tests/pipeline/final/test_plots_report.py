@@ -150,3 +150,16 @@ def test_loss_panel_draws_held_out_loss_and_keeps_switch_labels_apart(tmp_path, 
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert 10 <= len(boxes) < 39  # some switch labels shown, the crowded ones left out
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_loss_panels_with_tiny_changes_keep_titles_and_ticks_apart(tmp_path, monkeypatch):
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), fig.canvas.draw(), save(fig, path))[-1])
+    flat = {"epoch": [1, 2], "loss": [7.27195, 7.27187], "switches": [(1, 2)]}  # the case that printed "1e-5+7.271"
+    plots.loss_curves({"m1": flat, "m2": flat}, str(tmp_path / "loss.png"))
+    fig = figures[0]
+    renderer = fig._get_renderer()
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert all(ax.yaxis.get_offset_text().get_text() == "" for ax in fig.axes)
+    assert not bottom.title.get_window_extent(renderer).overlaps(top.get_tightbbox(renderer))
