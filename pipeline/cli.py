@@ -87,13 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="delete orphan files (uncommitted versions, temp files) and apply retention")
     _add_run_arg(p)
 
+    _add_listing_commands(sub)
+    return parser
+
+
+def _add_listing_commands(sub) -> None:
     p = sub.add_parser("runs", help="list the runs in a store: status, modules, headline accuracy, time")
     p.add_argument("--store", default=None, help="store root (default: ISOSTACK_STORE or ./isostack-runs)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-
     sub.add_parser("presets", help="list the packaged presets")
     sub.add_parser("schema", help="print the config's JSON Schema")
-    return parser
 
 
 def _version() -> str:
