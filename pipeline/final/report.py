@@ -92,7 +92,9 @@ def render_report(
         "<h2>Modules</h2>",
         _modules_table(modules),
     ]
-    if metrics:
+    if "skipped" in metrics:
+        parts += ["<h2>Classification</h2>", f"<p>skipped: {_e(metrics['skipped'])}</p>"]
+    elif metrics:
         parts += ["<h2>Classification (against raw pixels)</h2>", _metrics_table(metrics), _per_class_table(metrics, class_names)]
     if metrics.get("per_module"):
         parts += ["<h2>Accuracy by depth</h2>", _depth_table(metrics["per_module"])]
@@ -200,7 +202,9 @@ def _lineage_table(lineage: dict) -> str:
     stages = {k: v for k, v in lineage.items() if k != "retrains"}
     if not stages and not lineage.get("retrains"):
         return "<p>no lineage recorded</p>"
-    parts = [_records_table("stage", {k: v if isinstance(v, dict) else {"upstream": v} for k, v in stages.items()})]
+    upstream = {k: {f"upstream {f}": x for f, x in v.items()} if isinstance(v, dict) else {"upstream": v}
+                for k, v in stages.items()}
+    parts = [_records_table("module", upstream)]
     retrains = lineage.get("retrains") or []
     if retrains:
         parts += ["<h3>Retrains</h3>", _records_table("#", {str(i + 1): r if isinstance(r, dict) else {"record": r}

@@ -123,7 +123,8 @@ def test_report_names_classes_flags_chance_and_tabulates_lineage(tmp_path):
     assert all(f"<td>{n} ({i})</td>" in text for i, n in enumerate(names))
     assert "At chance level" in text and "nearest centroid, test: 21.0%, at chance level (1/5 = 20.0%)" in text
     assert "azimuth error 88.5 deg" in text and "ridge R² 0.040" in text
-    assert "<th>stage</th><th>version</th>" in text and "<td>m1</td><td>4</td>" in text  # a table, not JSON
+    assert "<th>module</th><th>upstream stage</th><th>upstream version</th>" in text  # a table, not JSON
+    assert "<td>m2</td><td>m1</td><td>4</td>" in text
     assert "{&quot;" not in text and "<td>2026-11-29T10:00:00</td>" in text
 
 
