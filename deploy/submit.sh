@@ -6,7 +6,9 @@
 #
 # It runs, from the repository root:
 #   ray job submit --address ADDR --submission-id ID --working-dir . \
-#       --runtime-env deploy/runtime_env.yaml -- isostack run CONFIG --store URI ...
+#       --runtime-env deploy/runtime_env.yaml -- sh deploy/job.sh run CONFIG --store URI ...
+# (deploy/job.sh runs `python -m pipeline ...` with the interpreter the cluster's Ray runs, whatever the head's PATH).
+# `ray` is the one on PATH, else this checkout's .venv/bin/ray, else $RAY_BIN: no venv needs to be activated.
 # prints the job id, then follows the job's log until it ends and exits 0 only if it SUCCEEDED
 # (with --no-wait it returns at once). Ctrl-C stops following; the job keeps running.
 #
@@ -29,7 +31,12 @@ set -euo pipefail
 die() { echo "deploy/submit.sh: error: $*" >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RAY_BIN="${RAY_BIN:-ray}"
+if [[ -z "${RAY_BIN:-}" ]]; then
+  if command -v ray >/dev/null; then RAY_BIN=ray
+  elif [[ -x "$ROOT/.venv/bin/ray" ]]; then RAY_BIN="$ROOT/.venv/bin/ray"
+  else RAY_BIN=ray
+  fi
+fi
 ADDRESS="${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-}}"
 SUBMISSION_ID=""
 RUNTIME_ENV="deploy/runtime_env.yaml"
@@ -129,26 +136,37 @@ if [[ "${RAY_AUTH_MODE:-}" == token && -z "${RAY_AUTH_TOKEN:-}" ]]; then
   token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
   [[ -s "$token_file" ]] || die "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, or put the head's token (\`ray get-auth-token\` on the head) in $token_file or a file named by --token-file / RAY_AUTH_TOKEN_PATH"
 fi
-[[ $DRY_RUN -eq 1 ]] || command -v "$RAY_BIN" >/dev/null || die "'$RAY_BIN' not found: install ray[default]==2.60.0 (pip install -e '.[dev]' does) or set RAY_BIN"
+[[ $DRY_RUN -eq 1 ]] || command -v "$RAY_BIN" >/dev/null || die "'$RAY_BIN' not found on PATH nor as $ROOT/.venv/bin/ray: run \`make run\` once (it creates .venv), install ray[default]==2.60.0, or set RAY_BIN=/path/to/ray"
 
 SUBMISSION_ID="${SUBMISSION_ID:-isostack-${COMMAND}-${RUN_ID}-$(date +%s)}"
 cd "$ROOT"
+ENTRY=(sh deploy/job.sh "$COMMAND" "${ARGS[@]}")
 submit=("$RAY_BIN" job submit --address "$ADDRESS" --submission-id "$SUBMISSION_ID" --working-dir .
         --runtime-env "$RUNTIME_ENV")
 if [[ $DRY_RUN -eq 1 ]]; then
-  printf '%q ' "${submit[@]}" -- isostack "$COMMAND" "${ARGS[@]}"; echo
+  printf '%q ' "${submit[@]}" -- "${ENTRY[@]}"; echo
   exit 0
 fi
 echo "isostack: job $SUBMISSION_ID -> $ADDRESS: isostack $COMMAND ${ARGS[*]}"
-echo "isostack: follow with \`ray job logs -f $SUBMISSION_ID\`, stop with \`ray job stop $SUBMISSION_ID\` (--address $ADDRESS)"
+# The hints carry what this client needed to reach the cluster (address, token mode and file, never the token
+# itself), so they work pasted into a fresh shell whether the head wants a token or not.
+hint_env=""
+if [[ "${RAY_AUTH_MODE:-}" == token ]]; then
+  hint_env="RAY_AUTH_MODE=token "
+  [[ -n "${RAY_AUTH_TOKEN:-}" ]] || hint_env+="RAY_AUTH_TOKEN_PATH=$(printf '%q' "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}") "
+fi
+hint() { echo "${hint_env}$(printf '%q' "$RAY_BIN") job $1 $SUBMISSION_ID --address $(printf '%q' "$ADDRESS")"; }
+echo "isostack: follow with: $(hint 'logs -f')"
+echo "isostack: stop with:   $(hint stop)"
+echo "isostack: list jobs:   ${hint_env}$(printf '%q' "$RAY_BIN") job list --address $(printf '%q' "$ADDRESS")"
 
 if [[ $WAIT -eq 0 ]]; then
-  exec "${submit[@]}" --no-wait -- isostack "$COMMAND" "${ARGS[@]}"
+  exec "${submit[@]}" --no-wait -- "${ENTRY[@]}"
 fi
 # Waits, streams the job's log and exits 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED.
 set +e
-"${submit[@]}" -- isostack "$COMMAND" "${ARGS[@]}"
+"${submit[@]}" -- "${ENTRY[@]}"
 rc=$?
 set -e
-echo "isostack: job $SUBMISSION_ID $( [[ $rc -eq 0 ]] && echo SUCCEEDED || echo "did not succeed (exit $rc); see \`ray job logs $SUBMISSION_ID\`")"
+echo "isostack: job $SUBMISSION_ID $( [[ $rc -eq 0 ]] && echo SUCCEEDED || echo "did not succeed (exit $rc); see: $(hint logs)")"
 exit $rc

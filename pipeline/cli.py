@@ -1,4 +1,4 @@
-"""The ``isostack`` command line (also ``python -m pipeline``).
+"""The isostack command line (also `python -m pipeline`).
 
 Each command exits 0 on success; on failure it prints one paragraph naming the
 cause and the fix and exits non-zero. Heavy imports (torch, Ray) happen inside
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pipeline.errors import ConfigError, IsostackError
@@ -26,9 +27,14 @@ def _add_run_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="store root the run lives under (default ./isostack-runs)")
 
 
+DESCRIPTION = ("Train a deep network as a stack of gradient-isolated modules, one Ray actor per module, through a "
+               "versioned activation store. `isostack COMMAND --help` describes each command.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isostack", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="isostack", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"isostack {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="validate, ingest, train every module on its own Ray actor, evaluate and export")
     _add_config_args(p)
@@ -81,13 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="delete orphan files (uncommitted versions, temp files) and apply retention")
     _add_run_arg(p)
 
-    sub.add_parser("presets", help="list the packaged presets")
-    sub.add_parser("schema", help="print the config's JSON Schema")
+    _add_listing_commands(sub)
     return parser
 
 
+def _add_listing_commands(sub) -> None:
+    p = sub.add_parser("runs", help="list the runs in a store: status, modules, headline accuracy, time")
+    p.add_argument("--store", default=None, help="store root (default: ISOSTACK_STORE or ./isostack-runs)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("presets", help="list the packaged presets")
+    sub.add_parser("schema", help="print the config's JSON Schema")
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("isostack")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # a mistyped flag: the command's own usage, not the top-level one
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     handler = globals()[f"cmd_{args.command}"]
     try:
         return handler(args) or 0
@@ -183,6 +209,24 @@ def cmd_status(args) -> int:
             stale = "  STALE" if m["stale"] else ""
             print(f"  {name:<10}{m['state']:<18}versions {m['versions']}  final v{m['final_version'] or '-'}"
                   f"  upstream {m['upstream_version'] or '-'}  node {m.get('node') or '-'}  device {m.get('device') or '-'}{stale}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from pipeline.store.runs import list_runs
+
+    rows = list_runs(args.store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs under {args.store or os.environ.get('ISOSTACK_STORE', './isostack-runs')}")
+        return 0
+    print(f"{'run':<28}{'status':<10}{'modules':<24}{'accuracy':>9}  {'created':<31}updated")
+    for r in rows:
+        acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.1%}"
+        print(f"{r['run_id']:<28}{r['status'] or '-':<10}{','.join(r['modules']):<24}{acc:>9}  "
+              f"{r['created_at'] or '-':<31}{r['updated_at'] or '-'}")
     return 0
 
 

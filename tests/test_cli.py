@@ -82,3 +82,56 @@ def test_all_problems_at_once(capsys):
 def test_status_of_missing_run(tmp_path, capsys):
     assert main(["status", "nosuchrun", "--store", str(tmp_path)]) != 0
     assert "no run 'nosuchrun'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a conventional terminal
+
+
+def test_version_and_help_read_as_plain_text(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"isostack {version('isostack')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "runs" in text and "COMMAND" in text
+
+
+def test_a_mistyped_flag_shows_the_command_s_own_usage(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "digits", "--sett", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.startswith("usage: isostack validate") and "unrecognized arguments: --sett" in err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_runs_lists_a_finished_and_a_failed_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    small = ["--set", "train.epochs=2", "--set", "stack.m1.layers.0.channels=4", "--set", "stack.m2.layers.0.channels=4",
+             "--set", "dataset.max_per_split=60", "--store", str(store)]
+    env = {**os.environ, "ISOSTACK_FAULTS": "nan_loss:m2:2", "ISOSTACK_FAULTS_DIR": str(tmp_path / "faults")}
+    runs = {"good": {**os.environ}, "bad": env}
+    for run_id, run_env in runs.items():
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "digits", *small, "--run-id", run_id],
+                              capture_output=True, text=True, env=run_env, timeout=300)
+        assert (proc.returncode == 0) == (run_id == "good"), proc.stderr[-3000:]
+        if run_id == "good":  # a normal run's terminal: no third-party warnings, no Ray INFO lines
+            assert "Warning" not in proc.stderr and "INFO" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    listing = subprocess.run([sys.executable, "-m", "pipeline", "runs", "--store", str(store)],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
+    assert lines["good"][1:3] == ["finished", "m1,m2"] and lines["good"][3].endswith("%")
+    assert lines["bad"][1:4] == ["failed", "m1,m2", "-"]
+    rows = {r["run_id"]: r for r in json.loads(subprocess.run(
+        [sys.executable, "-m", "pipeline", "runs", "--store", str(store), "--json"],
+        capture_output=True, text=True, timeout=60).stdout)}
+    assert 0 <= rows["good"]["test_accuracy"] <= 1 and "nan" in rows["bad"]["cause"]

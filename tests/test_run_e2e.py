@@ -172,7 +172,7 @@ def test_final_stage_outputs(finished_run):
                       f"from read_parquet('{root / 'pose.parquet'}')").fetchall()[0]
     assert rows[0] == rows[1] > 0 and 0 <= rows[2] <= rows[3] < 360
     cols = duckdb.sql(f"select * from read_parquet('{root / 'embeddings.parquet'}') limit 1").columns
-    assert cols[:7] == ["sample_id", "split", "label", "instance", "azimuth", "elevation", "lighting"] and cols[7] == "e0"
+    assert cols == ["sample_id", "split", "label", "instance", "azimuth", "elevation", "lighting", "embedding"]
     html = (root / "report.html").read_text()
     assert "data:image/png;base64," in html and 'src="http' not in html
     for png in ("pose", "classes", "confusion", "loss"):
@@ -189,7 +189,7 @@ def test_embed_command_writes_parquet(finished_run, tmp_path):
     np.save(tmp_path / "new.npy", images)
     isostack("embed", "e2e", str(tmp_path / "new.npy"), "--store", str(store))
     table = pq.read_table(tmp_path / "new.embeddings.parquet")
-    assert table.num_rows == 5 and "e0" in table.column_names
+    assert table.num_rows == 5 and table.column_names == ["index", "embedding"]
     np.save(tmp_path / "wrong.npy", images[:, :8, :8])
     proc = isostack("embed", "e2e", str(tmp_path / "wrong.npy"), "--store", str(store), check=False)
-    assert proc.returncode != 0 and "(1, 8, 8)" in proc.stderr and "(1, 16, 16)" in proc.stderr
+    assert proc.returncode != 0 and "8x8" in proc.stderr and "(N, 1, 16, 16)" in proc.stderr

@@ -23,13 +23,12 @@ from pipeline.final.evaluation import classify, standardize
 from pipeline.feed import load_source
 from pipeline.nn.modules import pool_to_vector
 from pipeline.final import plots
-from pipeline.final.pose import pose_metrics
+from pipeline.final import exports as exports_io
+from pipeline.final.pose import knn_pose_predict, pose_metrics
 from pipeline.final.report import render_report
 from pipeline.store.runs import now_iso
-from pipeline.store import META_COLUMNS, Store
+from pipeline.store import Store
 from schemas.config import RunConfig
-
-_META = list(META_COLUMNS)
 
 
 class Evaluator:
@@ -128,11 +127,12 @@ class Evaluator:
 
     def _export(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict:
         exports = {}
-        table = embedding_table(meta, emb)
-        self._write_parquet("embeddings.parquet", table)
+        top = self.store.final(self.names[-1])
+        provenance = {"run_id": self.run_id, "stage": self.names[-1], "version": top.version, "codec": top.codec}
+        self.store.write_bytes("embeddings.parquet", exports_io.parquet_bytes(exports_io.sample_embeddings(meta, emb, provenance)))
         exports["embeddings"] = f"{self.store.root_uri}/embeddings.parquet"
         if self.caps.has_pose:
-            self._write_parquet("pose.parquet", table)
+            self.store.write_bytes("pose.parquet", exports_io.parquet_bytes(self._pose_export(meta, emb, provenance)))
             exports["pose"] = f"{self.store.root_uri}/pose.parquet"
         if self.cfg.export.model:
             encoder, versions = compose_from_store(self.store, self.cfg)
@@ -145,10 +145,13 @@ class Evaluator:
             self._report(results, images)
         return exports
 
-    def _write_parquet(self, relpath: str, table: pa.Table) -> None:
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        self.store.write_bytes(relpath, sink.getvalue().to_pybytes())
+    def _pose_export(self, meta: pa.Table, emb: np.ndarray, provenance: dict) -> pa.Table:
+        """The test rows as the pose figure draws them, with the kNN pose prediction from the train split."""
+        split = np.asarray(meta.column("split").to_pylist())
+        tr, te = split == "train", split == "test"
+        az, el = (np.asarray(meta.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in ("azimuth", "elevation"))
+        az_pred, el_pred = knn_pose_predict(emb[tr], az[tr], el[tr], emb[te], k=self.cfg.evaluate.knn_k)
+        return exports_io.pose_table(meta.filter(pa.array(te)), plots.pose_coordinates(emb[te]), az_pred, el_pred, provenance)
 
     def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict[str, str]:
         made: dict[str, str] = {}
@@ -194,7 +197,9 @@ class Evaluator:
             rows = pq.read_table(pa.BufferReader(data)).to_pylist()
             loss = [r for r in rows if r["name"] == f"{name}/loss/train"]
             switches = [(r["epoch"], int(r["value"])) for r in rows if r["name"] == f"{name}/upstream/version"]
-            curves[name] = {"epoch": [r["epoch"] for r in loss], "loss": [r["value"] for r in loss], "switches": switches}
+            heldout = [r for r in rows if r["name"] == f"{name}/loss/heldout"]
+            curves[name] = {"epoch": [r["epoch"] for r in loss], "loss": [r["value"] for r in loss], "switches": switches,
+                            "heldout_epoch": [r["epoch"] for r in heldout], "heldout_loss": [r["value"] for r in heldout]}
         return curves
 
     def _report(self, results: dict, images: dict[str, str]) -> None:
@@ -213,7 +218,7 @@ class Evaluator:
             out = os.path.join(tmp, "report.html")
             render_report(out, title=f"isostack run {self.run_id} ({now_iso()})", config_yaml=dump_yaml(self.cfg),
                           lineage=lineage, modules=modules, metrics=results.get("evaluation", {}),
-                          pose=results.get("pose"), images=local)
+                          pose=results.get("pose"), images=local, class_names=self.caps.class_names)
             with open(out, "rb") as fh:
                 self.store.write_bytes("report.html", fh.read())
 
@@ -222,11 +227,3 @@ def _headline(scores: dict) -> dict:
     """Test accuracy of each scorer that ran (clustering ones are absent when they were skipped)."""
     return {key: scores[key]["test_accuracy"] for key in ("nearest_centroid", "linear_probe", "knn", "kmeans", "gmm")
             if key in scores}
-
-
-def embedding_table(meta: pa.Table, emb: np.ndarray) -> pa.Table:
-    """Plain columns any tool reads: the metadata, then e0..e{d-1} as float32."""
-    cols = {c: meta.column(c) for c in _META}
-    for j in range(emb.shape[1]):
-        cols[f"e{j}"] = pa.array(emb[:, j].astype(np.float32))
-    return pa.table(cols)

@@ -28,7 +28,7 @@ def load_digits(cfg: DatasetConfig) -> Dataset:
     catalog = Catalog(sample_id=np.arange(labels.shape[0], dtype=np.int64), label=labels,
                       is_train=stratified_train_mask(labels, cfg.seed))
     selection = select(cfg, catalog, CAPS["digits"])
-    images = np.round(digits.images[selection.rows] * (255.0 / 16.0)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    images = digits_to_uint8(digits.images[selection.rows])[:, None]
     return finish(cfg, catalog, selection, images, CAPS["digits"])
 
 
@@ -62,7 +62,7 @@ def load_image_folder(cfg: DatasetConfig) -> Dataset:
     caps = replace(CAPS["image_folder"], num_classes=len(classes), class_names=list(classes))
     catalog = Catalog(sample_id=np.arange(len(samples), dtype=np.int64), label=labels, is_train=is_train)
     selection = select(cfg, catalog, caps)
-    images = np.stack([_read_image(Path(samples[i][0]), cfg.image_size) for i in selection.rows])
+    images = np.stack([read_image(Path(samples[i][0]), cfg.image_size) for i in selection.rows])
     return finish(cfg, catalog, selection, images, caps)
 
 
@@ -133,17 +133,29 @@ def _root(cfg: DatasetConfig, kind: str, holds: str) -> Path:
     return root
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 (3, size, size): the centred square crop, resized (PIL bilinear, antialiased when shrinking)."""
+def digits_to_uint8(images: np.ndarray) -> np.ndarray:
+    """scikit-learn's digits intensities 0..16 -> uint8 0..255 (what the `digits` loader stores)."""
+    return np.round(np.asarray(images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """RGB uint8 (3, size, size) of an image file: `square_resize` of it."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            w, h = image.size
-            side = min(w, h)
-            box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-            image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+            return square_resize(image, size)
     except OSError as exc:
         raise DataError(f"image_folder: cannot read {path} as an image ({exc})", "remove or replace the damaged file") from exc
+
+
+def square_resize(image, size: int) -> np.ndarray:
+    """A PIL image -> RGB uint8 (3, size, size): the centred square crop, resized (PIL bilinear, antialiased when shrinking)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)

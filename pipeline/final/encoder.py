@@ -17,14 +17,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from pipeline.data import capabilities
 from pipeline.data.audio import read_wav
+from pipeline.data.base import resize, to_channels
+from pipeline.data.simple import digits_to_uint8, read_image, square_resize
 from pipeline.errors import DataError, RunError
 from pipeline.store import checkpoint
 from pipeline.store.runs import open_run, run_config
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store
-from schemas.config import RunConfig
+from schemas.config import DatasetConfig, RunConfig
 
 
 class ComposedEncoder(nn.Module):
@@ -36,6 +39,7 @@ class ComposedEncoder(nn.Module):
         self.names = names or plan.names
         self.input_shape = tuple(plan.input_shape)
         self.sample_rate = cfg.dataset.sample_rate  # for sequence inputs (C, T): what embed resamples WAV files to
+        self.dataset = cfg.dataset  # embed repeats its loader's preprocessing (scale, resize, channels)
         self.stages = nn.ModuleDict({n: build_module(cfg.stack[n], tuple(plan.module(n).in_shape)) for n in self.names})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +50,14 @@ class ComposedEncoder(nn.Module):
         return x
 
     @torch.inference_mode()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return pool_to_vector(self(x))
+    def embed(self, x) -> torch.Tensor:
+        """Raw images -> (N, D) embeddings, preprocessed as the run's dataset loader did (see `model_input`).
+
+        x: numpy or torch; (N, H, W), (N, C, H, W) or (N, H, W, C); uint8 0..255 or float 0..1 (0..16 for digits).
+        """
+        batch = model_input(x, self.dataset, self.input_shape)
+        device = next(self.parameters(), torch.empty(0)).device
+        return torch.cat([pool_to_vector(self(batch[i:i + 256].to(device))).cpu() for i in range(0, len(batch), 256)])
 
 
 def compose_from_store(store: Store, cfg: RunConfig) -> tuple[ComposedEncoder, dict[str, int]]:
@@ -127,28 +137,90 @@ def read_signals(path: str, shape: tuple[int, int], sample_rate: int) -> np.ndar
 
 
 def read_images(path: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """A .npy of images or an image folder -> uint8 (N, C, H, W) of the encoder's input shape."""
-    c, h, w = shape
+    """A .npy of images (any form `model_input` takes) or an image folder -> an array for ``embed``.
+
+    A folder's images are read as image_folder's loader reads them (centred square crop, resized to the run's size).
+    """
+    c, size, _ = shape
     p = Path(path)
     if p.is_dir():
-        from PIL import Image
-
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".pgm"})
         if not files:
             raise DataError(f"no images (.png, .jpg, .bmp, .pgm) under {path}", "point embed at a folder of images or a .npy")
-        mode = "L" if c == 1 else "RGB"
-        arr = np.stack([np.asarray(Image.open(f).convert(mode).resize((w, h))) for f in files])
-        return arr[:, None] if c == 1 else arr.transpose(0, 3, 1, 2)
+        return to_channels(np.stack([read_image(f, size) for f in files]), c)  # (N, 3, S, S) -> (N, C, S, S)
     if p.suffix != ".npy" or not p.is_file():
-        raise DataError(f"embed input {path!r} is neither a .npy file nor a folder", "pass images as .npy (N, H, W) or (N, C, H, W), or a folder")
-    arr = np.load(p)
-    if arr.ndim == 3:
+        raise DataError(f"embed input {path!r} is neither a .npy file nor a folder",
+                        "pass images as .npy (N, H, W) or (N, C, H, W), or a folder")
+    return np.load(p)
+
+
+def model_input(x, dataset: DatasetConfig, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw samples -> what the run's modules were trained on: uint8 (N, C, S, S) images, or float32 (N, C, T) signals.
+
+    Images are brought to uint8 0..255 (floats 0..1; digits also 0..16, scikit-learn's own scale), then resized as
+    the dataset's loader did: exactly the run's size passes; the dataset's native size (small-NORB 96, digits 8,
+    CIFAR-10 32, STL-10 96) goes through the loader's `resize`; image_folder runs take any size through its
+    centred square crop. Any other shape is refused, naming the one expected.
+    """
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if len(shape) == 2:
+        return torch.from_numpy(_signals(arr, shape))
+    c, size, _ = shape
+    native = capabilities(dataset.kind).native_size
+    if arr.ndim == 4 and arr.shape[-1] in (1, 3) and arr.shape[1] not in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)  # (N, H, W, C) as PIL and matplotlib hold images
+    elif arr.ndim == 3:
+        arr = arr[:, None]  # (N, H, W): gray
+    sizes = f"{size}x{size}" + (f" or the dataset's native {native}x{native}" if native and native != size else "")
+    if dataset.kind == "image_folder":
+        sizes = "any size (centre-cropped to a square, resized to {0}x{0})".format(size)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3) or arr.shape[0] == 0:
+        raise DataError(f"embed input of shape {arr.shape}: expected (N, {c}, {size}, {size}) or (N, {size}, {size}) "
+                        f"images, {sizes}", "pass a batch of images: (N, H, W) gray, or (N, C, H, W) with C = 1 or 3")
+    pixels = _as_uint8(arr, dataset.kind)
+    h, w = pixels.shape[2:]
+    if dataset.kind == "image_folder" and (h, w) != (size, size):
+        from PIL import Image  # image_folder's loader resizes with PIL: the same function, one image at a time
+
+        rgb = to_channels(pixels, 3).transpose(0, 2, 3, 1)
+        pixels = np.stack([square_resize(Image.fromarray(im), size) for im in rgb])
+    elif (h, w) != (size, size):
+        if not (h == w == native):
+            raise DataError(f"embed input of shape {arr.shape}: images of {h}x{w} cannot be this run's input, which is "
+                            f"(N, {c}, {size}, {size}) from dataset {dataset.kind!r}; sizes accepted: {sizes}",
+                            f"resize the images to {size}x{size}, or embed with a run trained at {h}x{w}")
+        pixels = resize(pixels, size)
+    return torch.from_numpy(np.ascontiguousarray(to_channels(pixels, c)))
+
+
+def _as_uint8(arr: np.ndarray, kind: str) -> np.ndarray:
+    """Pixels of any numeric dtype -> uint8 0..255, by the scale their range says."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise DataError(f"embed input has dtype {arr.dtype}: expected numbers (uint8 0..255 or float 0..1)",
+                        "convert the images to uint8 or float32")
+    values = arr.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not np.isfinite(values).all() or low < 0 or high > 255:
+        raise DataError(f"embed input has values in [{low:g}, {high:g}]: expected uint8 0..255 or float 0..1",
+                        "scale the images to 0..1 (float) or 0..255 (uint8); remove NaN or inf")
+    if np.issubdtype(arr.dtype, np.floating):
+        if high <= 1.0:
+            values = values * 255.0
+        elif kind == "digits" and high <= 16.0:
+            return digits_to_uint8(values)  # scikit-learn's digits.images as they come
+    return np.round(values).astype(np.uint8)
+
+
+def _signals(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    c, t = shape
+    if arr.ndim == 2:
         arr = arr[:, None]
-    if arr.ndim != 4 or tuple(arr.shape[1:]) != (c, h, w):
-        raise DataError(f"{path} holds images of shape {tuple(arr.shape[1:])}, the encoder expects ({c}, {h}, {w})",
-                        f"resize the images to {h}x{w} with {c} channel(s), or embed with a run trained at that size")
-    if arr.dtype != np.uint8:
-        if arr.max() <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return arr
+    if arr.ndim != 3 or tuple(arr.shape[1:]) != (c, t):
+        raise DataError(f"embed input of shape {arr.shape}: the encoder expects signals (N, {c}, {t}) or (N, {t})",
+                        f"crop or pad the signals to {t} samples with {c} channel(s), or pass .wav files")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"embed input holds {arr.dtype} signals, the encoder expects floating-point samples in [-1, 1]",
+                        "convert the signals to float32 (integer PCM divided by its full scale)")
+    return arr.astype(np.float32)

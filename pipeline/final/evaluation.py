@@ -79,7 +79,9 @@ def classify(
                         "select at least two categories (dataset.categories)")
     labels = np.unique(np.concatenate([train_y, test_y]))
 
-    nc = NearestCentroid().fit(train_x, train_y)
+    with warnings.catch_warnings():  # constant pixels within a class (digits' borders): sklearn notes it, nothing is wrong
+        warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
+        nc = NearestCentroid().fit(train_x, train_y)
     nc_test = nc.predict(test_x)
     confusion = confusion_matrix(test_y, nc_test, labels=labels)
     per_class = {}

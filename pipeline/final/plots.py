@@ -6,6 +6,8 @@ than three columns are projected to 3-D with PCA (fit on the points drawn), so t
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: workers and CI have no display
@@ -102,25 +104,36 @@ def confusion_matrix_plot(confusion, class_names, path: str, *, labels=None) -> 
 
 
 def loss_curves(curves: dict[str, dict], path: str) -> str:
-    """One panel per module: training loss by epoch, a dotted line where its upstream version changed.
+    """One panel per module: training (and, where recorded, held-out) loss by epoch, a dotted line where its
+    upstream version changed (labelled where the labels do not overlap).
 
     curves[module] = {"epoch": [...], "loss": [...], "switches": [(epoch, version), ...]}; a switch is
     drawn only where the version differs from the previous one (the first version is written in the title).
     """
     names = list(curves) or ["(no curves)"]
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names) + 0.6), squeeze=False, sharex=True)
+    # constrained layout: each panel's title clears the panel above it
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 2.4 * len(names) + 0.6), squeeze=False, sharex=True,
+                             layout="constrained")
     for ax, name in zip(axes[:, 0], names):
         c = curves.get(name, {})
-        ax.plot(c.get("epoch", []), c.get("loss", []), marker="o", ms=3, lw=1.5, color="tab:blue")
+        ax.plot(c.get("epoch", []), c.get("loss", []), marker="o", ms=3, lw=1.5, color="tab:blue", label="train")
+        if c.get("heldout_loss"):  # where the objective reports a loss on held-out samples
+            ax.plot(c["heldout_epoch"], c["heldout_loss"], marker="s", ms=3, lw=1.5, color="tab:orange", label="held out")
+            ax.legend(fontsize=8, loc="upper right")
         changes = _version_changes(c.get("switches", []))
         first = f" (upstream v{changes[0][1]} first)" if changes else ""
+        epochs = c.get("epoch") or [0, 1]
+        min_gap = 0.04 * max(max(epochs) - min(epochs), 1)  # labels closer than this would overlap: skip them
+        last = -math.inf
         for epoch, version in changes[1:]:
             ax.axvline(epoch, ls=":", color="tab:gray", lw=1)
-            if len(changes) <= 16:
-                ax.annotate(f"v{version}", (epoch, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+            if epoch - last >= min_gap:
+                ax.annotate(f"v{version}", (epoch, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
                             color="tab:gray", ha="left", va="top", xytext=(2, -2), textcoords="offset points")
+                last = epoch
         ax.set_title(f"{name}{first}", fontsize=10, loc="left")
         ax.set_ylabel("loss")
+        ax.ticklabel_format(axis="y", useOffset=False)  # no "1e-5+7.271" offset text over the next panel's title
         ax.grid(alpha=0.3)
     from matplotlib.ticker import MaxNLocator
 
@@ -159,21 +172,27 @@ def accuracy_by_depth(rows: list[dict], path: str) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def _to_3d(emb, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3) coordinates of at most max_points rows and the row indices kept."""
+def pose_coordinates(emb, seed: int = 0) -> np.ndarray:
+    """(N, D) -> (N, 3) coordinates the pose figure draws (and pose.parquet holds): PCA to 3 dimensions,
+    the embedding itself (zero-padded) when it has 3 or fewer."""
     x = np.asarray(emb, dtype=np.float64)
     x = x.reshape(len(x), -1)
-    keep = np.arange(len(x))
-    if len(x) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
-        x = x[keep]
     if x.shape[1] > 3:
         from sklearn.decomposition import PCA
 
         x = PCA(n_components=3, random_state=seed).fit_transform(x) if len(x) >= 3 else x[:, :3]
     if x.shape[1] < 3:  # pad a 1-D or 2-D embedding with zeros so every view still draws
         x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
-    return x, keep
+    return x
+
+
+def _to_3d(emb, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) coordinates (`pose_coordinates` of every row) of at most max_points rows and the row indices kept."""
+    x = pose_coordinates(emb, seed)
+    keep = np.arange(len(x))
+    if len(x) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
+    return x[keep], keep
 
 
 def _marker_size(n: int) -> float:

@@ -41,6 +41,15 @@ def knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k
     train_emb: (N, D), test_emb: (M, D); angles (N,) / (M,) in degrees. Returns
     ``{"azimuth_mae_deg": float, "elevation_mae_deg": float}``.
     """
+    az_pred, el_pred = knn_pose_predict(train_emb, train_az, train_el, test_emb, k=k)
+    return {
+        "azimuth_mae_deg": float(circular_error_deg(az_pred, test_az).mean()),
+        "elevation_mae_deg": float(np.abs(el_pred - np.asarray(test_el, dtype=np.float64)).mean()),
+    }
+
+
+def knn_pose_predict(train_emb, train_az, train_el, test_emb, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """kNN pose regression: predicted azimuth (circular mean, [0, 360)) and elevation, degrees, (M,) each."""
     from sklearn.neighbors import NearestNeighbors
 
     train_emb, test_emb = _check_emb(train_emb, "train"), _check_emb(test_emb, "test")
@@ -50,10 +59,7 @@ def knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k
     # Circular mean: the direction of the mean unit vector (a plain mean of 350 and 10 would say 180).
     az_pred = np.degrees(np.arctan2(np.sin(az).mean(axis=1), np.cos(az).mean(axis=1))) % 360.0
     el_pred = np.asarray(train_el, dtype=np.float64)[idx].mean(axis=1)
-    return {
-        "azimuth_mae_deg": float(circular_error_deg(az_pred, test_az).mean()),
-        "elevation_mae_deg": float(np.abs(el_pred - np.asarray(test_el, dtype=np.float64)).mean()),
-    }
+    return az_pred, el_pred
 
 
 def ridge_pose_r2(train_emb, train_az, train_el, test_emb, test_az, test_el, *, alpha: float = 1.0) -> float:

@@ -55,6 +55,7 @@ th { text-align: left; background: #f6f8fa; } td.num { text-align: right; font-v
 td.up { color: #1a7f37; } td.down { color: #cf222e; }
 figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eaeef2; }
 figcaption { color: #57606a; font-size: 0.9em; }
+div.chance { background: #fff8c5; border: 1px solid #d4a72c; padding: 0.4em 0.8em; border-radius: 6px; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 12px; border-radius: 6px; }
 """
 
@@ -69,6 +70,7 @@ def render_report(
     metrics: dict,
     pose: dict | None,
     images: dict[str, str],
+    class_names: list[str] | None = None,
 ) -> str:
     """Write the report to ``path`` and return it.
 
@@ -76,7 +78,8 @@ def render_report(
     samples_per_second, peak_memory_bytes, node; missing keys show as '-'). metrics: the evaluation dict
     (``pipeline.final.evaluation.classify``'s output, with the raw-pixel one under ``baselines.raw_pixels`` and
     optionally ``per_module`` rows). pose: ``pipeline.final.pose.pose_metrics``'s output or None.
-    images: caption -> local PNG path, embedded in the page.
+    images: caption -> local PNG path, embedded in the page. class_names[label] names the classes (ids otherwise).
+    Results no better than chance are flagged where they are shown (see ``_chance_notes``).
     """
     metrics = metrics or {}
     parts = [
@@ -85,11 +88,14 @@ def render_report(
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         _headline(metrics, pose),
+        _chance_notes(metrics, pose),
         "<h2>Modules</h2>",
         _modules_table(modules),
     ]
-    if metrics:
-        parts += ["<h2>Classification (against raw pixels)</h2>", _metrics_table(metrics), _per_class_table(metrics)]
+    if "skipped" in metrics:
+        parts += ["<h2>Classification</h2>", f"<p>skipped: {_e(metrics['skipped'])}</p>"]
+    elif metrics:
+        parts += ["<h2>Classification (against raw pixels)</h2>", _metrics_table(metrics), _per_class_table(metrics, class_names)]
     if metrics.get("per_module"):
         parts += ["<h2>Accuracy by depth</h2>", _depth_table(metrics["per_module"])]
     if pose:
@@ -156,13 +162,13 @@ def _metrics_table(metrics: dict) -> str:
             + "".join(rows) + "</table>" + note)
 
 
-def _per_class_table(metrics: dict) -> str:
+def _per_class_table(metrics: dict, class_names: list[str] | None) -> str:
     ours = _get(metrics, "nearest_centroid", "per_class_accuracy") or {}
     raw = _get(metrics.get("baselines", {}).get("raw_pixels", {}), "nearest_centroid", "per_class_accuracy") or {}
     if not ours:
         return ""
     rows = "".join(
-        f"<tr><td>{_e(str(label))}</td><td class=\"num\">{_e(_pct(acc))}</td>"
+        f"<tr><td>{_e(_class_name(label, class_names))}</td><td class=\"num\">{_e(_pct(acc))}</td>"
         f"<td class=\"num\">{_e(_pct(raw[label]) if label in raw else '-')}</td></tr>"
         for label, acc in ours.items())
     return ("<h3>Nearest centroid per class (test)</h3><table><tr><th>class</th><th>embedding</th>"
@@ -191,10 +197,69 @@ def _pose_table(pose: dict) -> str:
 
 
 def _lineage_table(lineage: dict) -> str:
-    if not lineage:
+    """One row per stage: the upstream version it was trained on (and the other fields of that record); then
+    one row per retrain."""
+    stages = {k: v for k, v in lineage.items() if k != "retrains"}
+    if not stages and not lineage.get("retrains"):
         return "<p>no lineage recorded</p>"
-    rows = "".join(f"<tr><td>{_e(str(k))}</td><td><code>{_e(_json(v))}</code></td></tr>" for k, v in lineage.items())
-    return f"<table><tr><th>stage</th><th>upstream / record</th></tr>{rows}</table>"
+    upstream = {k: {f"upstream {f}": x for f, x in v.items()} if isinstance(v, dict) else {"upstream": v}
+                for k, v in stages.items()}
+    parts = [_records_table("module", upstream)]
+    retrains = lineage.get("retrains") or []
+    if retrains:
+        parts += ["<h3>Retrains</h3>", _records_table("#", {str(i + 1): r if isinstance(r, dict) else {"record": r}
+                                                                for i, r in enumerate(retrains)})]
+    return "".join(parts)
+
+
+def _records_table(key_title: str, records: dict[str, dict | None]) -> str:
+    columns = list(dict.fromkeys(c for r in records.values() if r for c in r))
+    head = "".join(f"<th>{_e(c)}</th>" for c in [key_title, *columns])
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td>" + "".join(f"<td>{_e(_cell((r or {}).get(c)))}</td>" for c in columns) + "</tr>"
+        for name, r in records.items())
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):  # a nested record: key=value pairs, readable in one cell
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items())
+    return v if isinstance(v, str) else _json(v)
+
+
+# Thresholds of "no better than chance": accuracy within 1.25x of 1/K; azimuth error of a uniform guess is 90 deg.
+_CHANCE_FACTOR, _AZIMUTH_CHANCE_DEG, _R2_FLOOR = 1.25, 80.0, 0.1
+
+
+def _chance_notes(metrics: dict, pose: dict | None) -> str:
+    notes = []
+    labels = _get(metrics, "nearest_centroid", "labels") or list(_get(metrics, "nearest_centroid", "per_class_accuracy") or [])
+    if len(labels) >= 2:
+        chance = 1.0 / len(labels)
+        for clf, field, title in _CLASSIFIER_ROWS:
+            acc = _get(metrics, clf, field)
+            if field == "test_accuracy" and acc is not None and acc <= _CHANCE_FACTOR * chance:
+                notes.append(f"{title}: {_pct(acc)}, at chance level (1/{len(labels)} = {_pct(chance)})")
+    if pose:
+        az, r2 = pose.get("azimuth_mae_deg"), pose.get("ridge_r2")
+        if az is not None and not math.isnan(az) and az >= _AZIMUTH_CHANCE_DEG:
+            notes.append(f"azimuth error {az:.1f} deg: a random guess averages 90 deg, so the embedding does not "
+                         "encode azimuth")
+        if r2 is not None and not math.isnan(r2) and r2 < _R2_FLOOR:
+            notes.append(f"ridge R² {r2:.3f}: pose is not linearly readable from the embedding")
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+    return f'<div class="chance"><strong>At chance level:</strong><ul>{items}</ul></div>'
+
+
+def _class_name(label, class_names: list[str] | None) -> str:
+    try:
+        return f"{class_names[int(label)]} ({label})" if class_names else str(label)
+    except (ValueError, IndexError, TypeError):
+        return str(label)
 
 
 def _figure(caption: str, path: str) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 from pipeline.errors import RunError
 from pipeline.store.runs import open_run, run_config
 from pipeline.store import Store
+from pipeline.final import exports
 from pipeline.final.encoder import load_encoder, read_images, read_signals
 from schemas.config import RunConfig
 from workers.evaluator import Evaluator
@@ -72,14 +73,13 @@ def export_run(run: str, store_uri: str | None = None) -> int:
 def embed_command(run: str, input_path: str, *, out: str | None = None, store_uri: str | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     encoder = load_encoder(run, store_uri)
     shape = encoder.input_shape
     images = read_signals(input_path, shape, encoder.sample_rate) if len(shape) == 2 else read_images(input_path, shape)
-    chunks = [encoder.embed(torch.from_numpy(images[i:i + 256])).numpy() for i in range(0, len(images), 256)]
-    emb = np.concatenate(chunks)
-    table = pa.table({"index": pa.array(np.arange(len(emb))), **{f"e{j}": pa.array(emb[:, j]) for j in range(emb.shape[1])}})
+    emb = encoder.embed(images).numpy()  # checks the shape and preprocesses as the run's loader did
+    table = exports.embeddings_table({"index": pa.array(np.arange(len(emb)))}, emb,
+                                     {"run_id": run, "stage": encoder.names[-1], "input": input_path})
     out = out or f"{os.path.splitext(input_path.rstrip('/'))[0]}.embeddings.parquet"
     pq.write_table(table, out)
     print(f"wrote {len(emb)} embeddings of width {emb.shape[1]} to {out}")

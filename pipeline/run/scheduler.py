@@ -7,6 +7,7 @@ carries them out and draws one progress line per module.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -62,15 +63,22 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
         return False
     address = address or cfg.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)  # no "Connecting to ..." INFO lines
         return False
     # A laptop may have fewer cores than modules: let Ray oversubscribe (each actor uses its own torch threads).
     # address="local": a new instance even when `ray start --head` runs on this machine (a bare ray.init()
     # would join that head, and refuse num_cpus); joining a cluster takes --address / RAY_ADDRESS.
     need = len(cfg.stack) * cfg.resources.cpus_per_module
+    # The private instance keeps Ray's default authentication (token when ~/.ray/auth_token exists); Ray's notice
+    # that it chose so, printed on every run, is dropped at its logger, like the "Started a local Ray" INFO line.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_auth_notice)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
-             object_store_memory=256 * 1024 * 1024)
+             object_store_memory=256 * 1024 * 1024, logging_level=logging.WARNING)
     return True
+
+
+def _drop_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generation: int, pg=None,

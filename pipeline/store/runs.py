@@ -63,3 +63,25 @@ def open_run(run: str, store: str | None = None) -> tuple[Store, dict]:
 
 def run_config(info: dict) -> RunConfig:
     return RunConfig.model_validate(info["config"])
+
+
+def list_runs(store: str | None = None) -> list[dict]:
+    """Every run under a store root (folders holding a run.json), oldest first: id, status, modules, headline
+    accuracy (nearest centroid, test; None before the final stage), created and last updated (ISO 8601)."""
+    import pyarrow.fs as pafs
+
+    root = abs_uri(store or os.environ.get("ISOSTACK_STORE", DEFAULT_STORE))
+    fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+    entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    rows = []
+    for entry in sorted((e for e in entries if e.type == pafs.FileType.Directory), key=lambda e: e.base_name):
+        st = Store(root, entry.base_name, create=False)
+        info = st.read_json("run.json")
+        if info is None or info.get("run_id") != entry.base_name:
+            continue  # not a run folder (or a copied one): `open_run` would refuse it too
+        summary = st.read_json("summary.json") or {}
+        nc = (summary.get("evaluation") or {}).get("nearest_centroid") or {}
+        rows.append({"run_id": info["run_id"], "status": info.get("status"), "modules": list(info["config"]["stack"]),
+                     "test_accuracy": nc.get("test_accuracy"), "created_at": info.get("created_at"),
+                     "updated_at": info.get("updated_at"), "cause": info.get("cause")})
+    return sorted(rows, key=lambda r: r["created_at"] or "")

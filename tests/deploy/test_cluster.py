@@ -1,7 +1,8 @@
 """isostack on real Ray clusters on this machine (127.0.0.1 only).
 
 - a head started here with `ray start --head` and token authentication (a token of its own, in the
-  environment: ~/.ray is not touched), a tiny run submitted through deploy/submit.sh;
+  environment: ~/.ray is not touched) and without the venv on its PATH, a tiny run submitted through
+  deploy/submit.sh from a shell that has no venv on its PATH either, and the hints it prints run as printed;
 - a 3-node `ray.cluster_utils.Cluster`: placement spread puts each module on its own node, pack on one.
 
 Each test stops exactly the Ray processes it started: the process it launched (`ray start --block`, or
@@ -41,6 +42,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # a fresh shell's PATH: no venv in it
 
 
 def loopback_env(**extra: str) -> dict[str, str]:
@@ -101,7 +105,8 @@ def stop_processes_under(temp_dir: str, grace_s: float = 10.0) -> list[int]:
 def ray_head():
     temp = short_temp_dir("isohead")
     token = secrets.token_hex(32)
-    env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # As `.venv/bin/ray start --head` from a shell where the venv is not activated: nothing of it on PATH.
+    env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=SYSTEM_PATH)
     dashboard = free_port()
     ports = {name: free_port() for name in ("port", "ray-client-server-port", "node-manager-port", "object-manager-port",
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -147,15 +152,17 @@ def test_submit_script_runs_a_job_on_a_head_started_here(ray_head, tmp_path):
                              env=loopback_env(), timeout=120)
     assert refused.returncode != 0 and "AuthenticationError" in refused.stderr
 
-    # A client elsewhere: the token in a file (as `ray get-auth-token` prints it on the head), nothing in its env.
+    # A client elsewhere, venv not activated: the token in a file (as `ray get-auth-token` prints it on the head),
+    # nothing in its env, only the path of its `ray`.
     token_file = tmp_path / "token"
     token_file.write_text(ray_head.token)
     store = tmp_path / "store"
+    client_env = loopback_env(PATH=SYSTEM_PATH, RAY_BIN=ray_cli)
     proc = subprocess.run(
         [str(ROOT / "deploy" / "submit.sh"), "--address", ray_head.dashboard, "--token-file", str(token_file),
          "digits", "--store", str(store), "--run-id", "job", "--set", "train.epochs=1",
          "--set", "stack.m1.layers.0.channels=8", "--set", "stack.m2.layers.0.channels=8"],
-        env=loopback_env(), capture_output=True, text=True, timeout=420)
+        env=client_env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     job_id = re.search(r"isostack: job (\S+) ->", proc.stdout).group(1)
 
@@ -169,6 +176,16 @@ def test_submit_script_runs_a_job_on_a_head_started_here(ray_head, tmp_path):
     for name, module in summary["modules"].items():
         assert module["final_version"] and module["node"], (name, module)
     assert "nearest_centroid" in summary["evaluation"]
+
+    # The printed hints, pasted into a fresh shell (no venv, no token in the env), reach the secured head.
+    hints = dict(re.findall(r"^isostack: (follow with|list jobs): +(.+)$", proc.stdout, flags=re.M))
+    assert set(hints) == {"follow with", "list jobs"}, proc.stdout
+    shell_env = loopback_env(PATH=SYSTEM_PATH)
+    shell_env.pop("RAY_AUTH_MODE")
+    listed = subprocess.run(["bash", "-c", hints["list jobs"]], env=shell_env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr[-3000:]
+    logs = subprocess.run(["bash", "-c", hints["follow with"]], env=shell_env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "isostack" in logs.stdout and "not found" not in logs.stdout, logs.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- three nodes

@@ -113,8 +113,9 @@ def test_submit_script_runs_isostack_run_with_the_runtime_env():
     assert ray_args[ray_args.index("--working-dir") + 1] == "."
     assert ray_args[ray_args.index("--runtime-env") + 1] == "deploy/runtime_env.yaml"
     assert ray_args[ray_args.index("--address") + 1] == "http://127.0.0.1:8265"
-    assert entry[:3] == ["isostack", "run", "norb-synthetic"]
-    args = build_parser().parse_args(entry[1:])
+    # Not `isostack ...`: the head's PATH may not have it; deploy/job.sh finds the cluster's interpreter.
+    assert entry[:4] == ["sh", "deploy/job.sh", "run", "norb-synthetic"]
+    args = build_parser().parse_args(entry[2:])
     assert args.store == "s3://bucket/runs" and args.overrides == ["train.epochs=1"] and args.run_id
 
 

@@ -106,3 +106,61 @@ def test_report_without_pose_or_baseline(tmp_path):
     text = open(out, encoding="utf-8").read()
     assert "Pose" not in text and "100.0%" in text
     HTMLParser().feed(text)
+
+
+def test_report_names_classes_flags_chance_and_tabulates_lineage(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2, 3, 4], 8)
+    metrics = classify(rng.normal(size=(40, 4)), y, rng.normal(size=(40, 4)), y)  # noise: about 1/5
+    metrics["nearest_centroid"]["test_accuracy"] = 0.21
+    names = ["animal", "human", "airplane", "truck", "car"]
+    lineage = {"m1": {"stage": "input", "version": 1}, "m2": {"stage": "m1", "version": 4}, "retrains": [
+        {"module": "m2", "at": "2026-11-29T10:00:00", "from_version": 4}]}
+    out = render_report(str(tmp_path / "r.html"), title="t", config_yaml="a: 1", lineage=lineage, modules=[],
+                        metrics=metrics, pose={"azimuth_mae_deg": 88.5, "elevation_mae_deg": 9.0, "ridge_r2": 0.04,
+                                               "trustworthiness": 0.5}, images={}, class_names=names)
+    text = open(out, encoding="utf-8").read()
+    assert all(f"<td>{n} ({i})</td>" in text for i, n in enumerate(names))
+    assert "At chance level" in text and "nearest centroid, test: 21.0%, at chance level (1/5 = 20.0%)" in text
+    assert "azimuth error 88.5 deg" in text and "ridge R² 0.040" in text
+    assert "<th>module</th><th>upstream stage</th><th>upstream version</th>" in text  # a table, not JSON
+    assert "<td>m2</td><td>m1</td><td>4</td>" in text
+    assert "{&quot;" not in text and "<td>2026-11-29T10:00:00</td>" in text
+
+
+def test_a_good_result_is_not_flagged(tmp_path):
+    y = np.array([0, 0, 1, 1])
+    x = np.array([[0.0], [0.1], [1.0], [1.1]])
+    out = render_report(str(tmp_path / "r.html"), title="t", config_yaml="a: 1", lineage={}, modules=[],
+                        metrics=classify(x, y, x, y, knn_k=1), pose={"azimuth_mae_deg": 12.0, "ridge_r2": 0.8},
+                        images={})
+    assert "At chance level" not in open(out, encoding="utf-8").read()
+
+
+def test_loss_panel_draws_held_out_loss_and_keeps_switch_labels_apart(tmp_path, monkeypatch):
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), fig.canvas.draw(), save(fig, path))[-1])
+    curves = {"m1": {"epoch": list(range(1, 41)), "loss": list(np.linspace(3, 1, 40)),
+                     "switches": [(e, e) for e in range(1, 41)],  # a new upstream version every epoch
+                     "heldout_epoch": [10, 20, 30, 40], "heldout_loss": [2.6, 2.0, 1.6, 1.4]}}
+    assert open(plots.loss_curves(curves, str(tmp_path / "loss.png")), "rb").read()[:4] == b"\x89PNG"
+    ax = figures[0].axes[0]
+    assert [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["train", "held out"]
+    renderer = figures[0]._get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert 10 <= len(boxes) < 39  # some switch labels shown, the crowded ones left out
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_loss_panels_with_tiny_changes_keep_titles_and_ticks_apart(tmp_path, monkeypatch):
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), fig.canvas.draw(), save(fig, path))[-1])
+    flat = {"epoch": [1, 2], "loss": [7.27195, 7.27187], "switches": [(1, 2)]}  # the case that printed "1e-5+7.271"
+    plots.loss_curves({"m1": flat, "m2": flat}, str(tmp_path / "loss.png"))
+    fig = figures[0]
+    renderer = fig._get_renderer()
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert all(ax.yaxis.get_offset_text().get_text() == "" for ax in fig.axes)
+    assert not bottom.title.get_window_extent(renderer).overlaps(top.get_tightbbox(renderer))
