@@ -68,9 +68,6 @@ def classify(
          "gmm": {"test_accuracy", "dims"},
          "undefined": {"kmeans": reason, "gmm": reason}}   # only when clustering is undefined; then no kmeans/gmm
     """
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import confusion_matrix
     from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 
@@ -88,23 +85,9 @@ def classify(
     nc = NearestCentroid().fit(train_x, train_y)
     nc_test = nc.predict(test_x)
     confusion = confusion_matrix(test_y, nc_test, labels=labels)
-    per_class = {}
-    for label in np.unique(test_y):
-        mask = test_y == label
-        per_class[str(_plain(label))] = float(np.mean(nc_test[mask] == label))
+    per_class = {str(_plain(label)): _accuracy(nc_test[test_y == label], label) for label in np.unique(test_y)}
 
-    # Standardise with train statistics only; constant columns keep scale 1 (no division by zero).
-    mean = train_x.mean(axis=0)
-    std = train_x.std(axis=0)
-    std[std == 0] = 1.0
-    train_s, test_s = (train_x - mean) / std, (test_x - mean) / std
-    probe = LogisticRegression(max_iter=probe_iters, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped number of iterations is the protocol
-        probe.fit(train_s, train_y)
-    probe_train, probe_test = probe.score(train_s, train_y), probe.score(test_s, test_y)
-    del train_s, test_s
-
+    probe_train, probe_test = _linear_probe(train_x, train_y, test_x, test_y, probe_iters, seed)
     k = int(min(knn_k, len(train_x)))
     knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
 
@@ -119,16 +102,35 @@ def classify(
         "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
         "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
     }
+    result.update(_clusterings(test_x, test_y, seed))
+    return result
+
+
+def _linear_probe(train_x, train_y, test_x, test_y, probe_iters: int, seed: int) -> tuple[float, float]:
+    """(train, test) accuracy of LogisticRegression on features standardised with the train split's statistics."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    train_s, test_s = standardize(train_x, test_x)
+    probe = LogisticRegression(max_iter=probe_iters, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped number of iterations is the protocol
+        probe.fit(train_s, train_y)
+    return float(probe.score(train_s, train_y)), float(probe.score(test_s, test_y))
+
+
+def _clusterings(test_x, test_y, seed: int) -> dict:
+    """k-means and Gaussian-mixture accuracy on the test split, or both named under ``undefined`` with why."""
+    from sklearn.cluster import KMeans
+
     n_clusters = len(np.unique(test_y))
     if len(test_x) <= n_clusters:
         why = (f"the test split has {len(test_x)} sample(s) for {n_clusters} class(es): every sample could be its "
                "own cluster, so clustering accuracy is undefined")
-        result["undefined"] = {"kmeans": why, "gmm": why}
-        return result
+        return {"undefined": {"kmeans": why, "gmm": why}}
     km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(test_x)
-    result["kmeans"] = {"test_accuracy": cluster_accuracy(test_y, km.labels_)}
-    result["gmm"] = gmm_cluster_accuracy(test_x, test_y, n_clusters, seed=seed)
-    return result
+    return {"kmeans": {"test_accuracy": cluster_accuracy(test_y, km.labels_)},
+            "gmm": gmm_cluster_accuracy(test_x, test_y, n_clusters, seed=seed)}
 
 
 def gmm_cluster_accuracy(x: np.ndarray, y: np.ndarray, n_clusters: int, *, seed: int = 0,
