@@ -23,7 +23,9 @@ import traceback
 from benchmarks import COMPARISONS, cpu_threads
 
 # The schedule simulation (benchmarks/simulate/): real small runs checked against it, then the STL-10 prediction.
-COMPARISONS = [*COMPARISONS, *(n for n in ("simulate",) if n not in COMPARISONS)]
+# The recipe (benchmarks/recipe.py) trains ResNet-50 modules for tens of minutes: only with --only recipe.
+COMPARISONS = [*COMPARISONS, *(n for n in ("simulate", "recipe") if n not in COMPARISONS)]
+ON_REQUEST = ("recipe",)
 
 
 def machine_name() -> str:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(COMPARISONS)}")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"), help="folder for the JSON")
     args = p.parse_args(argv)
-    names = COMPARISONS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = [n for n in COMPARISONS if n not in ON_REQUEST] if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in COMPARISONS]
     if unknown:
         p.error(f"unknown comparison(s) {', '.join(unknown)}; choose from {', '.join(COMPARISONS)}")

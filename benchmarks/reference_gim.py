@@ -5,6 +5,10 @@ are ``detach()``-ed before the next module, so no gradient crosses a module boun
 ``GreedyInfoMax/vision``: ``loss`` per module, ``.detach()`` between them). All modules step on every
 batch for ``train.epochs`` epochs. Same config, data (the run's ingested ``input`` version), pairing,
 modules, objectives, optimiser and seeds as the isostack trainer; no store, no Ray, no checkpoints.
+As in the official code, each module's input is the module below's output on the same batch (computed once,
+in training mode, then detached), and nothing is written between modules. ``python -m
+benchmarks.reference_gim CONFIG_JSON STORE RUN_ID THREADS`` runs it alone in a fresh process (the recipe
+benchmark measures that process's memory) and prints the result as JSON.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from pipeline.store import Store
 from schemas.config import RunConfig
 
 
-def train_reference(cfg: RunConfig, store: Store, *, threads: int) -> dict:
-    """Train the stack in one loop; returns wall seconds (load + training) and the nearest-centroid accuracy."""
+def train_reference(cfg: RunConfig, store: Store, *, threads: int, score: bool = True) -> dict:
+    """Train the stack in one loop; returns wall seconds (load + training), the parameters per module and
+    (``score``) the nearest-centroid accuracy."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     plan = build_plan(cfg, check_paths=False, local_cluster=False)
@@ -70,7 +75,9 @@ def train_reference(cfg: RunConfig, store: Store, *, threads: int) -> dict:
             steps += 1
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "steps": steps, "epochs": tc.epochs, "threads": threads,
-            "nearest_centroid": _nearest_centroid(modules, up, cfg)}
+            "samples": int((up.split == "train").sum()),
+            "params": {n: sum(p.numel() for p in m.parameters()) for n, m in zip(names, modules)},
+            "nearest_centroid": _nearest_centroid(modules, up, cfg) if score else None}
 
 
 def _nearest_centroid(modules, up, cfg: RunConfig) -> float:
@@ -89,3 +96,14 @@ def _nearest_centroid(modules, up, cfg: RunConfig) -> float:
     result = classify(emb[train], up.label[train], emb[test], up.label[test], knn_k=cfg.evaluate.knn_k,
                       probe_iters=cfg.evaluate.linear_probe_epochs)
     return float(result["nearest_centroid"]["test_accuracy"])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    config_json, store_uri, run_id, n_threads = sys.argv[1:5]
+    with open(config_json) as f:
+        run_cfg = RunConfig.model_validate(json.load(f))
+    print(json.dumps(train_reference(run_cfg, Store(store_uri, run_id, create=False), threads=int(n_threads),
+                                     score=False)))

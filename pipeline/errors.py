@@ -61,6 +61,10 @@ class DataError(IsostackError):
     """A dataset file is missing, truncated or not in the expected format."""
 
 
+class UndefinedMetricError(DataError):
+    """A metric has no value on this data (one class, too few samples per object): reported as undefined, not fatal."""
+
+
 class TrainingError(IsostackError):
     """A module failed while training (non-finite loss, bad upstream)."""
 

@@ -38,3 +38,28 @@ def test_simulate_smoke_stl10_table():
     rows = stl10.scenarios(flops, epochs=3)
     assert len(rows) == 12 and all(r["wall_h"] > 0 and r["bottleneck"] != "-" for r in rows)
     assert "| 8 (2/3/3) |" in stl10.table(rows)
+
+
+def test_recipe_memory_sampler_sums_pss_over_the_process_tree(tmp_path):
+    """A grandchild (python under sh) that touches 300 MB: the tree's peak PSS sees it, over 2+ processes."""
+    from benchmarks.recipe import measured
+
+    code = "import time; x = b'\\x01' * (300 << 20); time.sleep(2.0)"
+    res = measured(["sh", "-c", f'"{sys.executable}" -c "{code}"; true'], str(tmp_path / "log"), timeout=60,
+                   interval=0.2)
+    assert res["rc"] == 0 and res["memory_samples"] >= 3
+    assert res["peak_pss_bytes"] >= 300 << 20 and res["processes_at_peak"] >= 2
+    assert res["largest_process_bytes"] >= 300 << 20
+
+
+def test_recipe_data_reads_as_small_norb(tmp_path):
+    from benchmarks.recipe import write_norb
+    from pipeline.data import load_dataset
+    from schemas.config import DatasetConfig
+
+    write_norb(str(tmp_path), 30, 8)
+    ds = load_dataset(DatasetConfig(kind="smallnorb", path=str(tmp_path), image_size=64))
+    split = ds.meta.column("split").to_pylist()
+    assert ds.images.shape == (38, 1, 64, 64) and split.count("train") == 30 and split.count("test") == 8
+    assert len(set(ds.meta.column("sample_id").to_pylist())) == 38  # every row a distinct pose
+    assert ds.images.std() > 20  # image-like values, not a constant

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.errors import UndefinedMetricError
 from pipeline.planning.config import dump_yaml
 from pipeline.data import capabilities
 from pipeline.final.encoder import compose_from_store, save_model
@@ -51,10 +52,13 @@ class Evaluator:
         out: dict = {}
         if evaluate:
             classes = set(np.asarray(meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False)).tolist())
-            if len(classes) >= 2:
-                out["evaluation"] = self._evaluate(meta, emb)
-            else:  # e.g. the pose preset: one toy, nothing to classify; pose metrics still apply
+            if len(classes) < 2:  # e.g. the pose preset: one toy, nothing to classify; pose metrics still apply
                 out["evaluation"] = {"skipped": f"the data has {len(classes)} class; classification needs two or more"}
+            else:
+                try:
+                    out["evaluation"] = self._evaluate(meta, emb)
+                except UndefinedMetricError as e:  # e.g. one class in the train split: a trained run is kept
+                    out["evaluation"] = {"skipped": e.cause}
             if self.caps.has_pose:
                 out["pose"] = self._pose(meta, emb)
         if export:

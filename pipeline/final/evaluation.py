@@ -13,6 +13,11 @@ Pure functions of numpy arrays (no store, no Ray). Four readings of one embeddin
 - ``gmm``: the same with a ``GaussianMixture(#classes)`` (full covariances) on the test embeddings
   reduced by PCA to at most ``GMM_MAX_DIMS`` dimensions (a full covariance of raw pixels would not fit
   and would be singular), scored with the same Hungarian matching: clusters of any ellipsoidal shape.
+
+A reading the data cannot give raises or records ``UndefinedMetricError``'s reason instead of failing the
+final stage: an empty split or a train split with one class makes the whole classification undefined
+(raised, the evaluator reports it); a test split with no more samples than classes leaves k-means and
+the mixture out (each sample could be its own cluster) and names them under ``"undefined"``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import warnings
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UndefinedMetricError
 
 __all__ = ["classify", "cluster_accuracy", "gmm_cluster_accuracy", "standardize"]
 
@@ -60,11 +65,9 @@ def classify(
          "linear_probe": {"train_accuracy", "test_accuracy"},
          "knn": {"test_accuracy", "k"},
          "kmeans": {"test_accuracy"},
-         "gmm": {"test_accuracy", "dims"}}
+         "gmm": {"test_accuracy", "dims"},
+         "undefined": {"kmeans": reason, "gmm": reason}}   # only when clustering is undefined; then no kmeans/gmm
     """
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import confusion_matrix
     from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
 
@@ -75,8 +78,8 @@ def classify(
                         "embed both splits with the same stage of the same run")
     classes = np.unique(train_y)
     if len(classes) < 2:
-        raise DataError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
-                        "select at least two categories (dataset.categories)")
+        raise UndefinedMetricError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
+                                   "select at least two categories (dataset.categories)")
     labels = np.unique(np.concatenate([train_y, test_y]))
 
     with warnings.catch_warnings():  # constant pixels within a class (digits' borders): sklearn notes it, nothing is wrong
@@ -84,30 +87,13 @@ def classify(
         nc = NearestCentroid().fit(train_x, train_y)
     nc_test = nc.predict(test_x)
     confusion = confusion_matrix(test_y, nc_test, labels=labels)
-    per_class = {}
-    for label in np.unique(test_y):
-        mask = test_y == label
-        per_class[str(_plain(label))] = float(np.mean(nc_test[mask] == label))
+    per_class = {str(_plain(label)): _accuracy(nc_test[test_y == label], label) for label in np.unique(test_y)}
 
-    # Standardise with train statistics only; constant columns keep scale 1 (no division by zero).
-    mean = train_x.mean(axis=0)
-    std = train_x.std(axis=0)
-    std[std == 0] = 1.0
-    train_s, test_s = (train_x - mean) / std, (test_x - mean) / std
-    probe = LogisticRegression(max_iter=probe_iters, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped number of iterations is the protocol
-        probe.fit(train_s, train_y)
-    probe_train, probe_test = probe.score(train_s, train_y), probe.score(test_s, test_y)
-    del train_s, test_s
-
+    probe_train, probe_test = _linear_probe(train_x, train_y, test_x, test_y, probe_iters, seed)
     k = int(min(knn_k, len(train_x)))
     knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
 
-    n_clusters = int(min(len(np.unique(test_y)), len(test_x)))
-    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(test_x)
-
-    return {
+    result = {
         "nearest_centroid": {
             "train_accuracy": _accuracy(nc.predict(train_x), train_y),
             "test_accuracy": _accuracy(nc_test, test_y),
@@ -117,9 +103,36 @@ def classify(
         },
         "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
         "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
-        "kmeans": {"test_accuracy": cluster_accuracy(test_y, km.labels_)},
-        "gmm": gmm_cluster_accuracy(test_x, test_y, n_clusters, seed=seed),
     }
+    result.update(_clusterings(test_x, test_y, seed))
+    return result
+
+
+def _linear_probe(train_x, train_y, test_x, test_y, probe_iters: int, seed: int) -> tuple[float, float]:
+    """(train, test) accuracy of LogisticRegression on features standardised with the train split's statistics."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    train_s, test_s = standardize(train_x, test_x)
+    probe = LogisticRegression(max_iter=probe_iters, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped number of iterations is the protocol
+        probe.fit(train_s, train_y)
+    return float(probe.score(train_s, train_y)), float(probe.score(test_s, test_y))
+
+
+def _clusterings(test_x, test_y, seed: int) -> dict:
+    """k-means and Gaussian-mixture accuracy on the test split, or both named under ``undefined`` with why."""
+    from sklearn.cluster import KMeans
+
+    n_clusters = len(np.unique(test_y))
+    if len(test_x) <= n_clusters:
+        why = (f"the test split has {len(test_x)} sample(s) for {n_clusters} class(es): every sample could be its "
+               "own cluster, so clustering accuracy is undefined")
+        return {"undefined": {"kmeans": why, "gmm": why}}
+    km = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit(test_x)
+    return {"kmeans": {"test_accuracy": cluster_accuracy(test_y, km.labels_)},
+            "gmm": gmm_cluster_accuracy(test_x, test_y, n_clusters, seed=seed)}
 
 
 def gmm_cluster_accuracy(x: np.ndarray, y: np.ndarray, n_clusters: int, *, seed: int = 0,
@@ -178,7 +191,8 @@ def _check_xy(x, y, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{split} embeddings have shape {x.shape}; expected (samples, features)",
                         "pool or flatten each sample's activations into one vector first")
     if len(x) == 0:
-        raise DataError(f"the {split} split is empty", "check dataset.split and the subset selected in the config")
+        raise UndefinedMetricError(f"the {split} split is empty, so classification is undefined",
+                                   "check dataset.split and the subset selected in the config")
     if len(x) != len(y):
         raise DataError(f"{split} split: {len(x)} embeddings but {len(y)} labels", "pass one label per embedding row")
     if not np.all(np.isfinite(x)):

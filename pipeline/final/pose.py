@@ -8,13 +8,17 @@ elevation 30..70 in steps of 5). Three readings, all on held-out samples:
 - ridge R²: a linear read-out of (cos az, sin az, elevation) from the embedding.
 - trustworthiness (Venna & Kaski 2001) of the embedding against the ground-truth pose distance
   ``|Δ elevation index| + circular |Δ azimuth index|``, within each object, lighting ignored.
+
+A reading the data cannot give (a test split with one sample per object has no neighbours to rank; one
+pose everywhere has no variance to explain) raises ``UndefinedMetricError``; ``pose_metrics`` reports it
+as ``None`` with the reason, so the final stage of a trained run never fails on it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UndefinedMetricError
 
 __all__ = [
     "circular_error_deg",
@@ -67,18 +71,24 @@ def ridge_pose_r2(train_emb, train_az, train_el, test_emb, test_az, test_el, *, 
 
     Targets are standardised with the train split's statistics so the three get equal weight in the
     averaged R² (elevation in degrees would otherwise dwarf cos/sin). 1 = pose is linear in the embedding,
-    about 0 (or below) = no linear pose information.
+    about 0 (or below) = no linear pose information. Only targets that vary on the test split are averaged
+    (R² of a constant is undefined); none varying, or fewer than 2 test samples, raises UndefinedMetricError.
     """
     from sklearn.linear_model import Ridge
     from sklearn.metrics import r2_score
     from sklearn.preprocessing import StandardScaler
 
     train_emb, test_emb = _check_emb(train_emb, "train"), _check_emb(test_emb, "test")
+    y_test = _pose_targets(test_az, test_el)  # (M, 3)
+    varies = np.ptp(y_test, axis=0) > 1e-9 if len(y_test) >= 2 else np.zeros(3, dtype=bool)
+    if not varies.any():
+        raise UndefinedMetricError(f"the {len(y_test)} test sample(s) share one pose, so ridge R² is undefined",
+                                   "select several azimuths or elevations (dataset.azimuths, dataset.elevations)")
     x_scale = StandardScaler().fit(train_emb)
     y_scale = StandardScaler().fit(_pose_targets(train_az, train_el))
     model = Ridge(alpha=alpha).fit(x_scale.transform(train_emb), y_scale.transform(_pose_targets(train_az, train_el)))
-    pred = model.predict(x_scale.transform(test_emb))
-    return float(r2_score(y_scale.transform(_pose_targets(test_az, test_el)), pred, multioutput="uniform_average"))
+    pred = model.predict(x_scale.transform(test_emb))  # (M, 3)
+    return float(r2_score(y_scale.transform(y_test)[:, varies], pred[:, varies], multioutput="uniform_average"))
 
 
 def pose_distance(az, el, *, az_step: float = AZIMUTH_STEP_DEG, el_step: float = ELEVATION_STEP_DEG) -> np.ndarray:
@@ -116,8 +126,10 @@ def pose_trustworthiness(emb, az, el, instance, k: int = 5, *, label=None,
         total += len(rows) * trustworthiness_from_distances(d_pose, emb[rows], k_g)
         weight += len(rows)
     if weight == 0:
-        raise DataError("no object in the pose split has 3 or more samples, so trustworthiness is undefined",
-                        "select more azimuths/elevations (dataset.azimuths, dataset.elevations) for the test split")
+        raise UndefinedMetricError(
+            f"no object in the pose split has 3 or more samples (largest: {np.bincount(group).max()}), "
+            "so trustworthiness is undefined",
+            "select more azimuths/elevations (dataset.azimuths, dataset.elevations) for the test split")
     return float(total / weight)
 
 
@@ -156,12 +168,27 @@ def pose_metrics(train_emb, train_az, train_el, test_emb, test_az, test_el, inst
                  *, label_test=None) -> dict:
     """The summary's ``pose`` section: kNN errors (degrees), ridge R² and trustworthiness on the test split.
 
-    Returns ``{"azimuth_mae_deg", "elevation_mae_deg", "ridge_r2", "trustworthiness"}`` as floats.
+    Returns ``{"azimuth_mae_deg", "elevation_mae_deg", "ridge_r2", "trustworthiness"}`` as floats; a
+    metric the data cannot give is ``None`` and its reason is under ``"undefined"`` (present only then).
     ``label_test`` (optional) makes objects (label, instance) for trustworthiness; see ``pose_trustworthiness``.
     """
-    out = knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k=k)
-    out["ridge_r2"] = ridge_pose_r2(train_emb, train_az, train_el, test_emb, test_az, test_el)
-    out["trustworthiness"] = pose_trustworthiness(test_emb, test_az, test_el, instance_test, k=k, label=label_test)
+    readings = {
+        ("azimuth_mae_deg", "elevation_mae_deg"):
+            lambda: knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k=k),
+        ("ridge_r2",): lambda: {"ridge_r2": ridge_pose_r2(train_emb, train_az, train_el, test_emb, test_az, test_el)},
+        ("trustworthiness",): lambda: {"trustworthiness": pose_trustworthiness(
+            test_emb, test_az, test_el, instance_test, k=k, label=label_test)},
+    }
+    out: dict = {}
+    undefined: dict[str, str] = {}
+    for keys, reading in readings.items():
+        try:
+            out.update(reading())
+        except UndefinedMetricError as e:
+            out.update(dict.fromkeys(keys))
+            undefined.update(dict.fromkeys(keys, e.cause))
+    if undefined:
+        out["undefined"] = undefined
     return out
 
 
@@ -175,7 +202,10 @@ def _pose_targets(az, el) -> np.ndarray:
 
 def _check_emb(x, what: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or len(x) == 0:
-        raise DataError(f"{what} embeddings have shape {x.shape}; expected a non-empty (samples, features) array",
-                        "pool each sample's activations into one vector and check the split is not empty")
+    if x.ndim != 2:
+        raise DataError(f"{what} embeddings have shape {x.shape}; expected a (samples, features) array",
+                        "pool each sample's activations into one vector")
+    if len(x) == 0:
+        raise UndefinedMetricError(f"the {what} split is empty, so pose metrics are undefined",
+                                   "check dataset.split and the subset selected in the config")
     return x

@@ -188,8 +188,11 @@ def _depth_table(rows: list[dict]) -> str:
 
 def _pose_table(pose: dict) -> str:
     rows = []
+    undefined = pose.get("undefined", {})
     for key, title, unit in _POSE_ROWS:
         if pose.get(key) is None:
+            if key in undefined:  # the data cannot give it (pipeline.final.pose): say why instead of a number
+                rows.append(f"<tr><td>{_e(title)}</td><td>undefined: {_e(undefined[key])}</td></tr>")
             continue
         text = _fmt(pose[key], ".2f" if unit else ".3f") + (f" {unit}" if unit else "")
         rows.append(f"<tr><td>{_e(title)}</td><td class=\"num\">{_e(text)}</td></tr>")

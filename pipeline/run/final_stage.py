@@ -51,8 +51,11 @@ def _print_headline(summary: dict, store: Store) -> None:
         print(line)
     pose = summary.get("pose")
     if pose:
-        print(f"pose (held out): azimuth error {pose['azimuth_mae_deg']:.1f} deg, elevation error "
-              f"{pose['elevation_mae_deg']:.1f} deg, trustworthiness {pose['trustworthiness']:.3f}")
+        fmt = lambda key, spec: "undefined" if pose.get(key) is None else format(pose[key], spec)  # noqa: E731
+        print(f"pose (held out): azimuth error {fmt('azimuth_mae_deg', '.1f')} deg, elevation error "
+              f"{fmt('elevation_mae_deg', '.1f')} deg, trustworthiness {fmt('trustworthiness', '.3f')}")
+        for key, why in pose.get("undefined", {}).items():
+            print(f"  {key} undefined: {why}")
     report = summary.get("exports", {}).get("report")
     if report:
         print(f"report: {report}")

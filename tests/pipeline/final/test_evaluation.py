@@ -111,3 +111,17 @@ def test_standardize_lets_nearest_centroid_see_past_a_loud_noise_dimension():
     # A dimension constant on the train split is centred, not divided by zero.
     ctr, cte = standardize(np.ones((4, 1)), np.full((2, 1), 3.0))
     assert np.all(ctr == 0) and np.all(cte == 2)
+
+
+def test_too_few_test_samples_leave_clustering_undefined():
+    r = classify(TRAIN_X, TRAIN_Y, TEST_X[:1], TEST_Y[:1])
+    assert "kmeans" not in r and "gmm" not in r
+    assert "every sample could be its own cluster" in r["undefined"]["gmm"]
+    assert 0.0 <= r["nearest_centroid"]["test_accuracy"] <= 1.0
+
+
+def test_one_class_in_train_is_undefined():
+    from pipeline.errors import UndefinedMetricError
+
+    with pytest.raises(UndefinedMetricError, match="1 class"):
+        classify(TRAIN_X, np.zeros(len(TRAIN_Y)), TEST_X, TEST_Y)

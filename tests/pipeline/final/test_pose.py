@@ -103,3 +103,34 @@ def test_pose_metrics_keys():
     out = pose_metrics(emb, az, el, emb, az, el, instance_test=np.zeros(len(az)), k=3)
     assert set(out) == {"azimuth_mae_deg", "elevation_mae_deg", "ridge_r2", "trustworthiness"}
     assert all(isinstance(v, float) for v in out.values())
+
+
+def test_one_sample_per_object_leaves_trustworthiness_and_r2_undefined_not_failed():
+    """20 test objects seen once each, all at one pose: kNN errors still read, the other two are None + reason."""
+    rng = np.random.default_rng(0)
+    train_emb, test_emb = rng.normal(size=(60, 4)), rng.normal(size=(20, 4))
+    train_az, train_el = rng.choice([0.0, 20.0, 40.0], 60), rng.choice([30.0, 35.0], 60)
+    out = pose_metrics(train_emb, train_az, train_el, test_emb, np.zeros(20), np.full(20, 30.0),
+                       instance_test=np.arange(20), k=5)
+    assert isinstance(out["azimuth_mae_deg"], float) and isinstance(out["elevation_mae_deg"], float)
+    assert out["trustworthiness"] is None and out["ridge_r2"] is None
+    assert "3 or more samples (largest: 1)" in out["undefined"]["trustworthiness"]
+    assert "share one pose" in out["undefined"]["ridge_r2"]
+
+
+def test_r2_averages_only_the_targets_that_vary_on_test():
+    emb, az, el = ring(step=20.0)
+    one_el = el == 50.0  # azimuth varies, elevation is constant on this test subset
+    r2 = ridge_pose_r2(emb, az, el, emb[one_el], az[one_el], el[one_el])
+    assert r2 > 0.95  # a constant elevation column no longer counts as a 0 in the average
+
+
+def test_empty_test_split_is_undefined_but_bad_shape_is_an_error():
+    from pipeline.errors import DataError, UndefinedMetricError
+
+    emb, az, el = ring(step=20.0)
+    out = pose_metrics(emb, az, el, np.zeros((0, 3)), [], [], instance_test=[], k=3)
+    assert out["undefined"].keys() == {"azimuth_mae_deg", "elevation_mae_deg", "ridge_r2", "trustworthiness"}
+    with pytest.raises(DataError) as info:
+        knn_pose_errors(emb[:, 0], az, el, emb, az, el)
+    assert not isinstance(info.value, UndefinedMetricError)

@@ -1,0 +1,316 @@
+"""The `stl10-gim` recipe on one machine: isostack `async` and `sequential` (the real CLI) against the
+single-process GIM loop of the same network (``benchmarks.reference_gim``), both sides in one run.
+
+Data: N synthetic 96x96 gray images written in the small-NORB file format (smooth random fields, so the
+codecs see image-like values), read by the `smallnorb` adapter and resized to the preset's 64x64; a test
+split of N/4 images beside them (published by isostack as a real run would; the loop never touches it).
+Each isostack side is ``python -m pipeline run stl10-gim --no-final-stage`` in a fresh process with its
+own local Ray; the loop side is ``python -m benchmarks.reference_gim`` in a fresh process, fed from the
+first isostack run's ingested input version.
+
+Measured per side:
+- img/s: N x epochs / training seconds. isostack: first module start to last module final (from
+  summary.json: training, checkpoints, publishing, hand-offs); the CLI's whole wall time (Ray start,
+  ingest) is kept as well. Loop: its load + training seconds.
+- peak memory: PSS summed over the side's whole process tree (CLI, Ray's GCS, raylet, workers and the
+  module actors; or the loop's one process), sampled from ``/proc/<pid>/smaps_rollup`` every
+  ``interval`` seconds by a thread here; also the largest single process at that peak.
+- parameters per module: isostack's from each module's newest checkpoint, the loop's from its modules;
+  they must be equal (the same network).
+
+``python -m benchmarks.recipe [--n 320] [--epochs 2] [--quick]`` writes ``recipe-<machine>-n<N>.{json,md}``
+into benchmarks/results/; ``python -m benchmarks --only recipe`` runs it (N=320, or --quick) with the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from benchmarks import Row, cpu_threads, goal_row, python
+from benchmarks.schedules import iso_seconds
+
+NORB_TRAIN_INSTANCES, NORB_TEST_INSTANCES = (4, 6, 7, 8, 9), (0, 1, 2, 3, 5)
+NORB_FILES = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training-{}.mat",
+              "test": "smallnorb-5x01235x9x18x6x2x96x96-testing-{}.mat"}
+MODES = ("async", "sequential")
+QUICK = {"n": 8, "epochs": 1, "batch_size": 4}  # 2 steps per epoch: the harness end to end in about 2 minutes
+
+
+# ---------------------------------------------------------------- data
+
+
+def write_norb(root: str, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Small-NORB-format files (camera 0 = a smooth random 96x96 field) with n_train / n_test distinct poses."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n, instances in (("train", n_train, NORB_TRAIN_INSTANCES), ("test", n_test, NORB_TEST_INSTANCES)):
+        i = np.arange(n)
+        obj = i % 25  # 5 categories x 5 instances, then azimuths, then elevations: every row a distinct pose
+        info = np.column_stack([np.asarray(instances)[obj // 5], (i // 450) % 9, 2 * ((i // 25) % 18), np.zeros(n)])
+        coarse = rng.random((n, 12, 12))
+        field = np.kron(coarse, np.ones((8, 8))) + 0.15 * rng.random((n, 96, 96))  # (n, 96, 96) blocky + noise
+        dat = np.zeros((n, 2, 96, 96), np.uint8)
+        dat[:, 0] = np.clip(field / 1.15 * 255, 0, 255).astype(np.uint8)
+        name = NORB_FILES[split]
+        _write_mat(os.path.join(root, name.format("dat")), 0x1E3D4C55, dat)
+        _write_mat(os.path.join(root, name.format("cat")), 0x1E3D4C54, obj % 5)
+        _write_mat(os.path.join(root, name.format("info")), 0x1E3D4C54, info)
+
+
+def _write_mat(path: str, magic: int, array: np.ndarray) -> None:
+    dims = list(array.shape) + [1] * max(0, 3 - array.ndim)
+    dtype = "<u1" if magic == 0x1E3D4C55 else "<i4"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<ii", magic, array.ndim) + struct.pack(f"<{len(dims)}i", *dims))
+        f.write(array.astype(dtype).tobytes())
+
+
+def overrides(data: str, *, epochs: int, batch_size: int, cpus: int) -> list[str]:
+    """The preset as it is, on the small-NORB files, on CPUs, without exports."""
+    return ["dataset.kind=smallnorb", f"dataset.path={data}", f"train.epochs={epochs}",
+            f"train.batch_size={batch_size}", f"resources.cpus_per_module={cpus}", "resources.gpus_per_module=0",
+            "export.plots=false", "export.report=false", "export.model=false"]
+
+
+# ---------------------------------------------------------------- memory
+
+
+class PssSampler:
+    """Peak PSS summed over a process and all its descendants, sampled every ``interval`` s in a thread.
+
+    PSS (proportional set size) splits shared pages between the processes sharing them, so the sum over
+    a tree of Ray workers counts torch's shared libraries once, not once per process.
+    """
+
+    def __init__(self, root_pid: int, interval: float = 0.5) -> None:
+        self.root, self.interval = root_pid, interval
+        self.peak, self.largest_at_peak, self.processes_at_peak, self.samples = 0, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "PssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        sizes = [pss_bytes(pid) for pid in descendants(self.root)]
+        total = sum(sizes)
+        self.samples += 1
+        if total > self.peak:
+            self.peak, self.largest_at_peak, self.processes_at_peak = total, max(sizes, default=0), len(sizes)
+
+
+def descendants(root: int) -> list[int]:
+    """root and every process below it, from /proc/<pid>/stat's parent ids."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "(comm)": state, ppid
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # exited between listing and reading
+        pass
+    return 0
+
+
+def measured(cmd: list[str], log_path: str, timeout: float, interval: float) -> dict:
+    """Run cmd as a child, sampling its tree's PSS; returns rc, wall seconds, stdout, the memory peak."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with PssSampler(proc.pid, interval) as mem:
+            out, _ = proc.communicate(timeout=timeout)
+        wall = time.perf_counter() - t0
+        log.write(out)
+    return {"rc": proc.returncode, "wall_s": wall, "stdout": out, "peak_pss_bytes": mem.peak,
+            "largest_process_bytes": mem.largest_at_peak, "processes_at_peak": mem.processes_at_peak,
+            "memory_samples": mem.samples}
+
+
+# ---------------------------------------------------------------- sides
+
+
+def isostack_side(mode: str, sets: list[str], store: str, log: str, *, timeout: float, interval: float) -> dict:
+    """The real CLI, training only; the training span and parameters per module from the store."""
+    from pipeline.store import Store
+    from pipeline.store.checkpoint import checkpoint_dir, latest, load_tensors, module_weights
+
+    run_id = f"recipe-{mode}"
+    args = [a for s in sets + [f"schedule.mode={mode}"] for a in ("--set", s)]
+    res = measured([python(), "-m", "pipeline", "run", "stl10-gim", *args, "--store", store, "--run-id", run_id,
+                    "--no-final-stage"], log, timeout, interval)
+    res.pop("stdout")
+    st = Store(store, run_id, create=False)
+    summary = st.read_json("summary.json") or {}
+    mods = summary.get("modules", {})
+    res["status"] = summary.get("status")
+    if res["rc"] != 0 or not mods or any(not m.get("finished_at") for m in mods.values()):
+        res["cause"] = summary.get("cause") or f"exit {res['rc']}; see {log}"
+        return res
+    res["train_span_s"] = (max(iso_seconds(m["finished_at"]) for m in mods.values())
+                           - min(iso_seconds(m["started_at"]) for m in mods.values()))
+    res["module_seconds"] = {n: m.get("train_seconds") for n, m in mods.items()}
+    res["params"] = {n: sum(t.numel() for t in module_weights(load_tensors(st, latest(st, checkpoint_dir(n))["weights"])).values())
+                     for n in mods}
+    return res
+
+
+def reference_side(sets: list[str], store: str, run_id: str, workdir: str, log: str, *, timeout: float,
+                   interval: float) -> dict:
+    from pipeline.planning.config import load_config
+
+    cfg = load_config("stl10-gim", sets)
+    path = os.path.join(workdir, "reference-config.json")
+    with open(path, "w") as f:
+        json.dump(cfg.model_dump(mode="json"), f)
+    res = measured([python(), "-m", "benchmarks.reference_gim", path, store, run_id, str(cpu_threads())], log,
+                   timeout, interval)
+    if res["rc"] != 0:
+        res["cause"] = f"exit {res['rc']}; see {log}"
+        return res
+    res.update(json.loads(res.pop("stdout").strip().splitlines()[-1]))
+    return res
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def measure(n: int, epochs: int, workdir: str, *, batch_size: int = 32, cpus: int | None = None,
+            modes=MODES, timeout: float = 6 * 3600, interval: float = 0.5) -> dict:
+    """Both isostack modes and the loop on the same files; returns the raw measurements."""
+    cpus = cpus or cpu_threads()
+    data, store, log = (os.path.join(workdir, p) for p in ("norb", "store", "runs.log"))
+    write_norb(data, n, max(n // 4, 4))
+    sets = overrides(data, epochs=epochs, batch_size=batch_size, cpus=cpus)
+    sides = {mode: isostack_side(mode, sets, store, log, timeout=timeout, interval=interval) for mode in modes}
+    sides["loop"] = reference_side(sets, store, f"recipe-{modes[0]}", workdir, log, timeout=timeout, interval=interval)
+    for name, side in sides.items():
+        seconds = side.get("train_span_s", side.get("seconds"))
+        side["img_per_s"] = n * epochs / seconds if seconds else None
+    return {"n": n, "epochs": epochs, "batch_size": batch_size, "cpus_per_module": cpus, "loop_threads": cpu_threads(),
+            "overrides": sets[2:], "sides": sides}
+
+
+def rows(m: dict) -> list[Row]:
+    loop, gib = m["sides"]["loop"], 2**30
+    tag = f"stl10-gim N={m['n']}, {m['epochs']} ep"
+    out = []
+    for mode in MODES:
+        side = m["sides"].get(mode)
+        if side is None:
+            continue
+        if side.get("img_per_s") is None:
+            out.append(Row("recipe", f"{tag}: {mode}", None, None, None, ">= 1", False, f"failed: {side.get('cause')}"))
+            continue
+        goal = mode == "async"
+        out.append(goal_row("recipe", f"{tag}: img/s, {mode} vs single-process loop", side["img_per_s"],
+                            loop.get("img_per_s") or 0, at_least=1.0 if goal else None,
+                            note=f"train span {side['train_span_s']:.0f} s (CLI wall {side['wall_s']:.0f} s) vs "
+                                 f"loop {loop.get('seconds', 0):.0f} s"))
+        out.append(goal_row("recipe", f"{tag}: peak PSS GiB (all processes), {mode} vs loop", side["peak_pss_bytes"] / gib,
+                            loop["peak_pss_bytes"] / gib, at_most=1.0 if goal else None,
+                            note=f"largest process {side['largest_process_bytes'] / gib:.1f} vs "
+                                 f"{loop['largest_process_bytes'] / gib:.1f} GiB; {side['processes_at_peak']} processes"))
+        same = side["params"] == loop.get("params")
+        out.append(Row("recipe", f"{tag}: parameters per module, {mode} = loop", None, None, None, "equal", same,
+                       " / ".join(f"{n} {side['params'][n]:,}" + ("" if same else f" vs {loop.get('params', {}).get(n)}")
+                                  for n in side["params"])))
+    a, s = m["sides"].get("async", {}), m["sides"].get("sequential", {})
+    if a.get("train_span_s") and s.get("train_span_s"):
+        out.append(goal_row("recipe", f"{tag}: train span s, async vs sequential", a["train_span_s"], s["train_span_s"],
+                            at_most=1.0))
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| measure | isostack | baseline | ratio | goal | met | note |", "|---|---:|---:|---:|---|---|---|"]
+    for r in result["rows"]:
+        num = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['measure']} | {num(r['isostack'])} | {num(r['baseline'])} | {num(r['ratio'])} | "
+                     f"{r['goal'] or '-'} | {met} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def run(quick: bool, workdir: str) -> dict:
+    """`python -m benchmarks --only recipe`: N=320, 2 epochs (or the quick size)."""
+    size = QUICK if quick else {"n": 320, "epochs": 2, "batch_size": 32}
+    m = measure(size["n"], size["epochs"], workdir, batch_size=size["batch_size"])
+    return {"rows": rows(m), "details": m}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=320, help="training images (default 320; the issue's sizes: 320, 640)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help=f"a smoke run of the harness: {QUICK}")
+    p.add_argument("--cpus-per-module", type=int, default=None, help="resources.cpus_per_module (default: all cores)")
+    p.add_argument("--modes", default=",".join(MODES), help="isostack schedule modes to run")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    size = dict(QUICK) if args.quick else {"n": args.n, "epochs": args.epochs, "batch_size": 32}
+    with tempfile.TemporaryDirectory(prefix="isostack-recipe-") as workdir:
+        m = measure(size["n"], size["epochs"], workdir, batch_size=size["batch_size"], cpus=args.cpus_per_module,
+                    modes=tuple(x for x in args.modes.split(",") if x))
+        result = {"rows": [r.as_dict() for r in rows(m)], "details": m,
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(os.path.join(workdir, "runs.log")) as f:
+            log_tail = f.read()[-4000:]
+    from benchmarks.__main__ import machine_name
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"recipe-{machine_name()}-n{size['n']}{'-quick' if args.quick else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result) + "\n")
+    print(markdown(result))
+    print(f"\nwritten: {stem}.json, {stem}.md")
+    failed = [s for s in m["sides"].values() if s.get("img_per_s") is None]
+    if failed:
+        print(log_tail, file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
