@@ -358,11 +358,13 @@ def uri_credentials_problem(uri: str) -> str | None:
         return None
     parts = urlsplit(uri)
     secret = sorted(k for k in parse_qs(parts.query) if k.lower() in _SECRET_QUERY_KEYS)
-    if parts.password is not None or secret:  # a bare user@ (hdfs://user@namenode) is not a secret
-        what = "user:password@" if parts.password is not None else "?" + "&".join(f"{k}=" for k in secret)
+    # Any user-info part is refused: s3://AKIA...@bucket would be taken as an access key, and a user name is
+    # as much a credential to log as a password (hdfs takes its user from HADOOP_USER_NAME instead).
+    if "@" in parts.netloc or secret:
+        what = "a user-info part (...@)" if "@" in parts.netloc else "?" + "&".join(f"{k}=" for k in secret)
         return (f"the store URI carries credentials ({what}); they would be written into run.json, logs and the report. "
                 "Remove them and set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                "GOOGLE_APPLICATION_CREDENTIALS) or the file system's own configuration")
+                "GOOGLE_APPLICATION_CREDENTIALS, HADOOP_USER_NAME) or the file system's own configuration")
     return None
 
 
