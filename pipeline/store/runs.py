@@ -63,3 +63,32 @@ def open_run(run: str, store: str | None = None) -> tuple[Store, dict]:
 
 def run_config(info: dict) -> RunConfig:
     return RunConfig.model_validate(info["config"])
+
+
+def stale_modules(store, names: list[str]) -> dict[str, str]:
+    """Module -> why it is stale: its final version was built on an older final of the module below."""
+    out, below = {}, store.final("input")
+    for name in names:
+        final = store.final(name)
+        if final is not None and below is not None and final.upstream \
+                and int(final.upstream["version"]) != below.version:
+            out[name] = (f"{name} v{final.version} was built on {below.stage} v{final.upstream['version']}, "
+                         f"but {below.stage}'s final is v{below.version}")
+        below = final
+    return out
+
+
+def warn_stale(store, names: list[str], what: str) -> dict[str, str]:
+    """Warn (once per call) that ``what`` combines a retrained module with stale ones above it."""
+    import warnings
+
+    stale = stale_modules(store, names)
+    if stale:
+        warnings.warn(f"{what} uses a stack with stale modules: {'; '.join(stale.values())}. "
+                      f"Retrain them (`isostack retrain {store.run_id} --module {next(iter(stale))}`) so the composed "
+                      "stack matches its stored activations", StaleStackWarning, stacklevel=3)
+    return stale
+
+
+class StaleStackWarning(UserWarning):
+    """A module above a retrained one still sits on that module's previous final."""
