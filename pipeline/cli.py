@@ -264,24 +264,25 @@ def cmd_verify(args) -> int:
     from pipeline.store.runs import open_run
 
     store, _ = open_run(args.run, args.store)
-    problems = store.verify()
+    problems, leftovers = store.verify(), store.orphans()
     for p in problems:
         print(p)
+    for rel in leftovers:
+        print(f"leftover {rel} (uncommitted, no manifest lists it; `isostack gc {args.run}` removes it)")
     if problems:
-        print(f"{len(problems)} problem(s) in {store.root_uri}; orphan files are removed by `isostack gc {args.run}`",
-              file=sys.stderr)
+        print(f"{len(problems)} damaged item(s) in {store.root_uri}", file=sys.stderr)
         return 1
-    print(f"ok: every committed version of {store.root_uri} matches its manifest; no orphan files")
+    print(f"ok: every committed version of {store.root_uri} matches its manifest"
+          + (f"; {len(leftovers)} leftover(s), not damage" if leftovers else "; no leftovers"))
     return 0
 
 
 def cmd_gc(args) -> int:
-    from pipeline.run.driver import apply_retention
+    from pipeline.run.driver import collect_garbage
     from pipeline.store.runs import open_run, run_config
 
     store, info = open_run(args.run, args.store)
-    removed = store.gc()
-    dropped = {k: v for k, v in apply_retention(store, run_config(info)).items() if v}
+    removed, dropped = collect_garbage(store, run_config(info))
     print(f"removed {len(removed)} orphan path(s); retention dropped {dropped or 'nothing'}")
     return 0
 

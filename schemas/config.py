@@ -230,7 +230,8 @@ Objective = Annotated[
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(4, ge=1, description="Epochs per module (the final settle epochs come on top).")
+    epochs: int = Field(4, ge=1, description="Epochs per module: the whole budget; settle epochs and epochs following new upstream "
+                        "versions happen within it (workers/epochs.py).")
     batch_size: int = Field(64, ge=2, description="Samples per step.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
@@ -280,10 +281,11 @@ class ScheduleConfig(Strict):
     publish_fraction: float = Field(
         1.0, gt=0, le=1, description="Intermediate versions cover this random fraction of samples (final versions cover all)."
     )
-    settle_epochs: int = Field(1, ge=0, description="Epochs trained on the upstream's final version before a module's own final.")
+    settle_epochs: int = Field(1, ge=0, description="The last N of train.epochs are trained on the upstream's final version (a module waits for "
+        "it); with 0 the final version is still computed on the upstream's final version.")
     track_upstream: bool = Field(
-        True, description="After its epochs, train one more epoch on each new upstream version while the upstream is "
-        "not final (async mode), so the settle on the final upstream starts from adapted weights.")
+        True, description="Spend at most one epoch on each non-final upstream version (a module waits for the next "
+        "one instead of training ahead on stale input); the epochs stay within train.epochs.")
     poll_seconds: float = Field(0.5, gt=0, description="How often a waiting module looks for a new upstream version.")
     keep_versions: int = Field(3, ge=1, description="Retention: newest N versions per stage kept (plus final and pinned ones).")
     publish: Literal["full", "stream"] = Field(
@@ -356,11 +358,13 @@ def uri_credentials_problem(uri: str) -> str | None:
         return None
     parts = urlsplit(uri)
     secret = sorted(k for k in parse_qs(parts.query) if k.lower() in _SECRET_QUERY_KEYS)
-    if parts.password is not None or secret:  # a bare user@ (hdfs://user@namenode) is not a secret
-        what = "user:password@" if parts.password is not None else "?" + "&".join(f"{k}=" for k in secret)
+    # Any user-info part is refused: s3://AKIA...@bucket would be taken as an access key, and a user name is
+    # as much a credential to log as a password (hdfs takes its user from HADOOP_USER_NAME instead).
+    if "@" in parts.netloc or secret:
+        what = "a user-info part (...@)" if "@" in parts.netloc else "?" + "&".join(f"{k}=" for k in secret)
         return (f"the store URI carries credentials ({what}); they would be written into run.json, logs and the report. "
                 "Remove them and set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                "GOOGLE_APPLICATION_CREDENTIALS) or the file system's own configuration")
+                "GOOGLE_APPLICATION_CREDENTIALS, HADOOP_USER_NAME) or the file system's own configuration")
     return None
 
 

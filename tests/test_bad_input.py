@@ -68,6 +68,8 @@ def _cases(store: Path, config: Path, tmp: Path):
         ("path-escaping RUN", ["status", "../../etc", *s], ["outside --store"]),
         ("credentials in the store URI", ["run", str(config), "--store", "s3://AKIA:hunter2@bucket/runs"],
          ["store.uri", "carries credentials", "AWS_ACCESS_KEY_ID"]),
+        ("user name only in the store URI", ["status", "good", "--store", "s3://AKIAEXAMPLE@bucket/runs"],
+         ["carries credentials", "user-info"]),
         ("secret keys in the store URI", ["status", "good", "--store", "s3://bucket/runs?access_key=AKIA&secret_key=x"],
          ["carries credentials", "?access_key=&secret_key="]),
     ]
@@ -103,6 +105,11 @@ def test_flipped_byte_is_named_by_verify_and_refused_on_read(run_store, capsys):
         out = capsys.readouterr()
         assert shard.name in out.out + out.err and "sha256" in (out.out + out.err).lower()
         assert store_hash(store) == before
+        # A normal read (no --verify) refuses the shard too: its page checksum no longer matches.
+        # (The old test flipped the byte and only ran verify: evaluate then read the damaged value silently.)
+        assert main(["evaluate", "good", "--store", str(store)]) != 0
+        err = capsys.readouterr().err
+        assert shard.name in err and "fix:" in err, err
     finally:
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))

@@ -33,6 +33,7 @@ from pipeline.store.runs import now_iso
 from pipeline.store import Store
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
+from workers.epochs import Boundary, Step, next_step, publishes_after
 
 class ModuleTrainer:
     """Trains one module of the stack through the store."""
@@ -109,22 +110,16 @@ class ModuleTrainer:
                 return self.status()
             while not self._stop.is_set():
                 self._switch_upstream()
-                waiting = self.epoch >= self.train_cfg.epochs and not self._upstream.manifest.final \
-                    if self._upstream is not None and not self._starved else True
-                # Past its epochs with a non-final upstream, a module keeps up with each new upstream version
-                # (one epoch per version) so that it needs only a short settle once the upstream is final.
-                if waiting and self._upstream is not None and self.cfg.schedule.track_upstream:
-                    waiting = self.lineage["upstream_versions"] and \
-                        self.lineage["upstream_versions"][-1][1] == self._upstream.manifest.version
-                if waiting:
+                step = next_step(self._boundary())
+                if step == Step.wait:
                     self._update(state=ModuleState.waiting_upstream)
                     time.sleep(self.cfg.schedule.poll_seconds)
                     continue
-                if self.epoch >= self.train_cfg.epochs and self.lineage["epochs_on_final"] >= self._settle_needed():
+                if step == Step.finish:
                     break
                 self.train_until(self.epoch + 1)
-                finishing = self.epoch >= self.train_cfg.epochs and self.lineage["epochs_on_final"] >= self._settle_needed()
-                if self.epoch % self.cfg.schedule.publish_every == 0 and not finishing and self._ring is None:
+                if publishes_after(self.epoch, self.train_cfg.epochs, self.cfg.schedule.publish_every,
+                                   self._upstream.manifest.final) and self._ring is None:
                     self.publish(final=False)
             if self._stop.is_set():
                 self._update(state=ModuleState.stopped)
@@ -211,10 +206,14 @@ class ModuleTrainer:
 
     # ------------------------------------------------------------ helpers
 
-    def _settle_needed(self) -> int:
-        # The bottom module's input is final from its first epoch; its epochs all count.
-        return min(self.cfg.schedule.settle_epochs, self.train_cfg.epochs) if self.plan.upstream == "input" \
-            else self.cfg.schedule.settle_epochs
+    def _boundary(self) -> Boundary:
+        up, used = self._upstream, self.lineage["upstream_versions"]
+        return Boundary(epoch=self.epoch, budget=self.train_cfg.epochs, settle=self.cfg.schedule.settle_epochs,
+                        track=self.cfg.schedule.track_upstream, loaded=up is not None and not self._starved,
+                        upstream_final=up is not None and up.manifest.final,
+                        # a stream window is drawn afresh each epoch, so it is never "already trained on"
+                        trained_on_loaded=bool(up is not None and used and not self._reads_stream
+                                               and used[-1][1] == up.manifest.version))
 
     def _switch_upstream(self, block: bool = False) -> None:
         """At an epoch boundary, move to the newest committed upstream version."""

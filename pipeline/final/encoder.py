@@ -7,7 +7,6 @@ versions), which is all ``load_encoder`` needs to rebuild it anywhere.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from pipeline.data.base import resize, to_channels
 from pipeline.data.simple import digits_to_uint8, read_image, square_resize
 from pipeline.errors import DataError, RunError
 from pipeline.store import checkpoint
-from pipeline.store.runs import open_run, run_config
+from pipeline.store.runs import open_run, run_config, warn_stale
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store
@@ -96,14 +95,11 @@ def load_model(store: Store) -> ComposedEncoder:
     return encoder.eval()
 
 
-def dumps(meta: dict) -> str:
-    return json.dumps(meta, indent=2)
-
-
 def load_encoder(run: str, store_uri: str | None = None) -> ComposedEncoder:
     """The composed encoder of a run as an ``nn.Module`` (eval mode); ``.embed(x)`` gives (B, D)."""
     store, info = open_run(run, store_uri)
     cfg = run_config(info)
+    warn_stale(store, list(cfg.stack), "load_encoder")
     exported = store.read_json("model/config.json")
     current = {n: (store.final(n).version if store.final(n) else None) for n in cfg.stack}
     if exported is not None and exported.get("final_versions") == current:

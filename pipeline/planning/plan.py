@@ -34,7 +34,7 @@ class ModulePlan(BaseModel):
     params: int = Field(description="Trainable parameters of the module (objective heads excluded).")
     objective: str = Field(description="Local loss.")
     pairing: str | None = Field(description="Positive pairing used by the loss.")
-    epochs: int = Field(description="Training epochs (settle epochs come on top).")
+    epochs: int = Field(description="Training epochs, settle epochs included.")
     batch_size: int = Field(description="Samples per step.")
     lr: float = Field(description="Adam learning rate.")
     bytes_per_version: int | None = Field(description="Estimated bytes of one full version of its activations.")

@@ -15,13 +15,16 @@ from pipeline.errors import ConfigError, RunError
 from pipeline.data import load_dataset
 from pipeline.run.final_stage import final_stage as run_final_stage
 from pipeline.run.ingest import ingest, is_ingested
-from pipeline.run.lease import module_lease
+from pipeline.run.lease import live_leases, module_lease, module_leases
 from pipeline.run.scheduler import train_modules
 from pipeline.planning.plan import build_plan
 from pipeline.store.runs import abs_uri, check_run_id, new_run_id, now_iso, open_run, run_config
 from pipeline.store import Store
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
+
+
+GC_GRACE_S = 600.0  # `gc` never deletes an uncommitted directory modified more recently than this
 
 
 def _local_cluster(cfg: RunConfig, address: str | None) -> bool:
@@ -61,13 +64,17 @@ def _set_status(store: Store, info: dict, status: str, **extra) -> dict:
 
 
 def _train(store: Store, info: dict, cfg: RunConfig, names: list[str], address: str | None) -> tuple[dict, dict]:
-    info = _set_status(store, info, "training")
-    try:
-        statuses = train_modules(cfg, store.uri, store.run_id, names, generation=info.get("generations", {}),
-                                 address=address)
-    except KeyboardInterrupt:
-        _set_status(store, info, "interrupted")
-        raise
+    # The leases say "someone trains these modules" to a retrain, a second driver and `gc`.
+    with module_leases(store, names):
+        info = _set_status(store, info, "training")
+        try:
+            statuses = train_modules(cfg, store.uri, store.run_id, names, generation=info.get("generations", {}),
+                                     address=address)
+        except KeyboardInterrupt:
+            _set_status(store, info, "interrupted")
+            raise
+        # Every actor is gone now: what a crashed attempt left uncommitted in these stages is ours to remove.
+        store.gc(stages=names)
     apply_retention(store, cfg)
     failed = {n: s for n, s in statuses.items() if s.state != ModuleState.final}
     status = "trained" if not failed else "failed"
@@ -125,20 +132,7 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
     if store.final(upstream) is None:
         raise RunError(f"{upstream} has no final version in {store.root_uri}, so {module} has nothing final to train on",
                        f"finish the run first with `isostack resume {info['run_id']}`")
-    raw = cfg.model_dump(mode="json")
-    problems = []
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if not (key.startswith(f"stack.{module}.") or key.startswith("train.")):
-            problems.append((key, f"retrain may only change stack.{module}.* or train.* keys"))
-        else:
-            problems += apply_override(raw, item)
-    try:
-        new_cfg = RunConfig.model_validate(raw)
-    except Exception as exc:  # noqa: BLE001 - pydantic's error listed per key
-        problems += validation_problems(exc) if hasattr(exc, "errors") else [("", str(exc))]
-    if problems:
-        raise ConfigError(problems)
+    new_cfg = retrain_config(cfg, module, overrides)
     build_plan(new_cfg, check_paths=False, local_cluster=_local_cluster(new_cfg, address))
     with module_lease(store, module):
         generations = dict(info.get("generations", {}))
@@ -148,6 +142,7 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
         info = _set_status(store, info, "retraining", generations=generations, retrains=retrains,
                            config=new_cfg.model_dump(mode="json"))
         statuses = train_modules(new_cfg, store.uri, store.run_id, [module], generation=generations, address=address)
+        store.gc(stages=[module])
     st = statuses[module]
     if st.state != ModuleState.final:
         _set_status(store, info, "failed", cause=f"retrain of {module}: {st.error}")
@@ -159,6 +154,39 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
     stale = [n for n, m in status_report(store, info)["modules"].items() if m["stale"]]
     print(f"{module} retrained: final v{st.final_version}" + (f"; stale above it: {', '.join(stale)}" if stale else ""))
     return 0
+
+
+def retrain_config(cfg: RunConfig, module: str, overrides: list[str]) -> RunConfig:
+    """The run's config with ``overrides`` applied to ``module`` alone: ``train.X`` means ``stack.<module>.train.X``,
+    so a later resume or retrain of another module trains with the settings it had."""
+    raw = cfg.model_dump(mode="json")
+    problems = []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("train."):
+            item = f"stack.{module}.{item}"
+        elif not key.startswith(f"stack.{module}."):
+            problems.append((key, f"retrain may only change stack.{module}.* or train.* keys"))
+            continue
+        problems += apply_override(raw, item)
+    try:
+        new_cfg = RunConfig.model_validate(raw)
+    except Exception as exc:  # noqa: BLE001 - pydantic's error listed per key
+        problems += validation_problems(exc) if hasattr(exc, "errors") else [("", str(exc))]
+    if problems:
+        raise ConfigError(problems)
+    return new_cfg
+
+
+def collect_garbage(store: Store, cfg: RunConfig, grace_s: float = GC_GRACE_S) -> tuple[list[str], dict]:
+    """`isostack gc`: refuse a run someone is training; remove uncommitted leftovers older than ``grace_s``."""
+    live = live_leases(store)
+    if live:
+        owners = ", ".join(f"{m} by {o}" for m, o in sorted(live.items()))
+        raise RunError(f"run {store.run_id} is being trained right now ({owners}); gc would delete versions its "
+                       "writers are still filling", "run `isostack gc` after that run or retrain has finished")
+    removed = store.gc(older_than_s=grace_s)
+    return removed, {k: v for k, v in apply_retention(store, cfg).items() if v}
 
 
 def apply_retention(store: Store, cfg: RunConfig) -> dict[str, list[int]]:

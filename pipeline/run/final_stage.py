@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from pipeline.errors import RunError
-from pipeline.store.runs import open_run, run_config
+from pipeline.store.runs import open_run, run_config, warn_stale
 from pipeline.store import Store
 from pipeline.final import exports
 from pipeline.final.encoder import load_encoder, read_images, read_signals
@@ -22,6 +22,7 @@ def final_stage(store: Store, info: dict, cfg: RunConfig, *, evaluate: bool = Tr
     if missing:
         raise RunError(f"module(s) {', '.join(missing)} of run {info['run_id']} have no final version",
                        f"finish training first: `isostack resume {info['run_id']}`")
+    warn_stale(store, names, "the final stage")
     worker = Evaluator(store.uri, store.run_id, info["config"])
     try:
         results = worker.run(evaluate=evaluate, export=export)

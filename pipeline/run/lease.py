@@ -1,8 +1,19 @@
-"""Leases: one owner at a time per module for `retrain` (owner + expiry, so a crashed owner does not lock forever)."""
+"""Leases: one owner at a time per module (owner + expiry, so a crashed owner does not lock forever).
+
+On a local or mounted file system the lease file is created with ``O_CREAT | O_EXCL``: of two takers
+exactly one creates it, the other is refused naming the owner. An expired lease is taken over by renaming
+it to a unique name first (a rename of one file succeeds once), so two takers of a lapsed lease cannot
+both win either. Object stores: pyarrow.fs has no conditional write, so there the lease is written, read
+back and checked (two takers racing within that window can both believe they hold it): a known limitation
+of leases on s3:// and gs:// roots.
+
+``gc`` and the driver ask ``live_leases`` whether anyone is at work on a run.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -13,32 +24,77 @@ from pipeline.errors import LeaseError
 from pipeline.store import Store
 
 TTL_SECONDS = 60.0
+_DIR = "leases"
 
 
 def _owner() -> str:
     return f"{socket.gethostname()}:pid{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def _refuse(store: Store, module: str, held: dict) -> LeaseError:
+    left = held.get("expires", 0) - time.time()
+    return LeaseError(f"module {module} is being trained by {held.get('owner')} (lease {store.root_uri}/{_DIR}/{module}.json "
+                      f"expires in {left:.0f} s unless renewed)",
+                      "wait for that run or retrain to finish; if its owner died, the lease lapses by itself after expiry")
+
+
+def _take_local(store: Store, module: str, record: dict) -> None:
+    path = store.local_path(f"{_DIR}/{module}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = store.read_json(f"{_DIR}/{module}.json") or {}
+            if held.get("expires", 0) > time.time():
+                raise _refuse(store, module, held) from None
+            # Lapsed: move it aside under a unique name; only one taker's rename finds it.
+            tomb = f"{path}.lapsed-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(path, tomb)
+            except FileNotFoundError:
+                continue  # another taker moved it first; race for the create
+            with open(tomb) as f:
+                moved = json.loads(f.read() or "{}")
+            if moved.get("expires", 0) > time.time():  # we moved a fresh lease that replaced the lapsed one
+                with contextlib.suppress(FileExistsError):
+                    os.link(tomb, path)
+                os.remove(tomb)
+                raise _refuse(store, module, moved) from None
+            os.remove(tomb)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    raise LeaseError(f"module {module}: the lease {path} kept changing hands", "retry in a few seconds")
+
+
+def _take_object_store(store: Store, module: str, record: dict) -> None:
+    rel = f"{_DIR}/{module}.json"
+    held = store.read_json(rel)
+    if held and held.get("expires", 0) > time.time():
+        raise _refuse(store, module, held)
+    store.write_json(rel, record)
+    time.sleep(0.05)
+    back = store.read_json(rel) or {}
+    if back.get("owner") != record["owner"]:
+        raise _refuse(store, module, back)
+
+
 @contextlib.contextmanager
 def module_lease(store: Store, module: str, ttl: float = TTL_SECONDS):
     """Hold ``leases/<module>.json`` while the block runs; renewed in the background."""
-    path = f"leases/{module}.json"
-    held = store.read_json(path)
-    if held and held.get("expires", 0) > time.time():
-        raise LeaseError(f"module {module} is being retrained by {held['owner']} (lease {store.root_uri}/{path} "
-                         f"expires in {held['expires'] - time.time():.0f} s)",
-                         "wait for that retrain to finish; if its owner died, the lease lapses by itself after expiry")
-    me = _owner()
-    store.write_json(path, {"owner": me, "expires": time.time() + ttl})
-    time.sleep(0.05)
-    if (store.read_json(path) or {}).get("owner") != me:  # lost a race with another writer
-        other = (store.read_json(path) or {}).get("owner")
-        raise LeaseError(f"module {module} is being retrained by {other}", "wait for that retrain to finish")
+    rel, me = f"{_DIR}/{module}.json", _owner()
+    take = _take_local if store.local_path(rel) is not None else _take_object_store
+    take(store, module, {"owner": me, "expires": time.time() + ttl})
     stop = threading.Event()
 
     def renew():
         while not stop.wait(ttl / 3):
-            store.write_json(path, {"owner": me, "expires": time.time() + ttl})
+            if (store.read_json(rel) or {}).get("owner") == me:
+                store.write_json(rel, {"owner": me, "expires": time.time() + ttl})
 
     thread = threading.Thread(target=renew, daemon=True)
     thread.start()
@@ -47,5 +103,26 @@ def module_lease(store: Store, module: str, ttl: float = TTL_SECONDS):
     finally:
         stop.set()
         thread.join(timeout=1)
-        if (store.read_json(path) or {}).get("owner") == me:
-            store.delete(path)
+        if (store.read_json(rel) or {}).get("owner") == me:
+            store.delete(rel)
+
+
+def live_leases(store: Store) -> dict[str, str]:
+    """Module -> owner of every unexpired lease of the run (someone is training it now)."""
+    out = {}
+    for name in store.list_dir(_DIR):
+        if not name.endswith(".json"):
+            continue
+        held = store.read_json(f"{_DIR}/{name}") or {}
+        if held.get("expires", 0) > time.time():
+            out[name[:-len(".json")]] = str(held.get("owner"))
+    return out
+
+
+@contextlib.contextmanager
+def module_leases(store: Store, modules: list[str], ttl: float = TTL_SECONDS):
+    """Leases on several modules at once (all or none)."""
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(module_lease(store, m, ttl))
+        yield

@@ -188,26 +188,14 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
               "set resources.gpus_per_module=1 to wait for GPU workers (an autoscaler starts them on demand)",
               file=sys.stderr, flush=True)
     actor_cls = ray.remote(ModuleTrainer)
-    config = cfg.model_dump(mode="json")
     statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
     actors, runs = {}, {}
     pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
     view = _Progress(names, progress)
-
-    def start(name: str) -> None:
-        gen = generation.get(name, 0)
-        opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
-        actor = actor_cls.options(**opts).remote(
-            store_uri, run_id, name, config, generation=gen, threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
-        actors[name], runs[name] = actor, actor.run.remote()
-
-    pending = list(names)
-    if cfg.schedule.mode == "async":
-        for name in names:
-            start(name)
-        pending = []
-    else:
-        start(pending.pop(0))
+    setups = _create_actors(actor_cls, actors, cfg, store_uri, run_id, names, generation, gpus, pg)
+    pending = list(names) if cfg.schedule.mode == "sequential" else []
+    for name in names if not pending else [pending.pop(0)]:
+        runs[name] = actors[name].run.remote()
     try:
         while runs:
             ready, _ = ray.wait(list(runs.values()), num_returns=1, timeout=1.0)
@@ -218,14 +206,11 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
                     statuses[name] = ModuleStatus.model_validate(ray.get(ref))
                 except Exception as exc:  # noqa: BLE001 - the actor's error becomes its status
                     statuses[name] = statuses[name].model_copy(update={"state": ModuleState.failed, "error": _cause(exc)})
-                if cfg.schedule.mode == "sequential" and pending and statuses[name].state == ModuleState.final:
-                    start(pending.pop(0))
-            for name, actor in actors.items():
-                if name in runs:
-                    try:
-                        statuses[name] = ModuleStatus.model_validate(ray.get(actor.status.remote(), timeout=5))
-                    except Exception:  # noqa: BLE001 - a restarting actor answers later
-                        pass
+                if pending and statuses[name].state == ModuleState.final:
+                    nxt = pending.pop(0)
+                    ray.wait([setups[nxt]], timeout=None)  # never two setup() calls at once in one actor
+                    runs[nxt] = actors[nxt].run.remote()
+            _poll_statuses(actors, runs, statuses)
             for d in decide(names, statuses):
                 if d.module in runs:
                     ray.kill(actors[d.module], no_restart=True)
@@ -247,6 +232,34 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
     for actor in actors.values():
         ray.kill(actor, no_restart=True)
     return statuses
+
+
+def _create_actors(actor_cls, actors: dict, cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
+                   generation: dict[str, int], gpus: float, pg) -> dict:
+    """Create every module actor at once, in both modes; in sequential mode each also sets up now (process,
+    imports, model build, resume), so that mode does not pay actor start-up between modules. Returns the
+    setup refs."""
+    setups, config = {}, cfg.model_dump(mode="json")
+    for name in names:
+        gen = generation.get(name, 0)
+        opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
+        actors[name] = actor_cls.options(**opts).remote(
+            store_uri, run_id, name, config, generation=gen,
+            threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
+        if cfg.schedule.mode == "sequential" and name != names[0]:
+            setups[name] = actors[name].setup.remote()
+    return setups
+
+
+def _poll_statuses(actors: dict, runs: dict, statuses: dict[str, ModuleStatus]) -> None:
+    import ray
+
+    for name, actor in actors.items():
+        if name in runs:
+            try:
+                statuses[name] = ModuleStatus.model_validate(ray.get(actor.status.remote(), timeout=5))
+            except Exception:  # noqa: BLE001 - a restarting actor answers later
+                pass
 
 
 def _cause(exc: Exception) -> str:

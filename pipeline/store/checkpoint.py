@@ -7,7 +7,6 @@ ignored by ``latest``, and a crash while saving costs one epoch at most.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -92,7 +91,3 @@ def restore(store: Store, info: dict, module: torch.nn.Module, objective: torch.
 
 def module_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)

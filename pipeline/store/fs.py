@@ -304,10 +304,6 @@ class RunFS:
             elif kind == pafs.FileType.File:
                 self.fs.delete_file(path)
 
-    def rel_of(self, path: str) -> str:
-        """Inverse of ``path``: a file-system path under the root -> relpath."""
-        return posixpath.relpath(path, self.root)
-
 
 def _join_uri(uri: str, rel: str) -> str:
     """``uri`` with ``rel`` appended to its path (a query such as ?endpoint_override= stays last)."""

@@ -175,9 +175,11 @@ class VersionReader:
         rel = self._rels[i]
         try:
             if self._fs.local:
-                table = pq.read_table(self._fs.path(rel), columns=columns, memory_map=False)
+                table = pq.read_table(self._fs.path(rel), columns=columns, memory_map=False,
+                                      page_checksum_verification=True)
             else:
-                table = pq.read_table(self._fs.path(rel), columns=columns, filesystem=self._fs.fs)
+                table = pq.read_table(self._fs.path(rel), columns=columns, filesystem=self._fs.fs,
+                                      page_checksum_verification=True)
         except FileNotFoundError:
             raise IntegrityError(f"shard {self._fs.uri_of(rel)} of {self._name()} is missing",
                                  "re-create the version and run `isostack gc`") from None

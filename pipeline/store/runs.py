@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import warnings
+
+import pyarrow.fs as pafs
 
 from pipeline.errors import RunError
 from pipeline.store import Store
@@ -68,8 +71,6 @@ def run_config(info: dict) -> RunConfig:
 def list_runs(store: str | None = None) -> list[dict]:
     """Every run under a store root (folders holding a run.json), oldest first: id, status, modules, headline
     accuracy (nearest centroid, test; None before the final stage), created and last updated (ISO 8601)."""
-    import pyarrow.fs as pafs
-
     root = abs_uri(store or os.environ.get("ISOSTACK_STORE", DEFAULT_STORE))
     fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
     entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
@@ -85,3 +86,30 @@ def list_runs(store: str | None = None) -> list[dict]:
                      "test_accuracy": nc.get("test_accuracy"), "created_at": info.get("created_at"),
                      "updated_at": info.get("updated_at"), "cause": info.get("cause")})
     return sorted(rows, key=lambda r: r["created_at"] or "")
+
+
+def stale_modules(store, names: list[str]) -> dict[str, str]:
+    """Module -> why it is stale: its final version was built on an older final of the module below."""
+    out, below = {}, store.final("input")
+    for name in names:
+        final = store.final(name)
+        if final is not None and below is not None and final.upstream \
+                and int(final.upstream["version"]) != below.version:
+            out[name] = (f"{name} v{final.version} was built on {below.stage} v{final.upstream['version']}, "
+                         f"but {below.stage}'s final is v{below.version}")
+        below = final
+    return out
+
+
+def warn_stale(store, names: list[str], what: str) -> dict[str, str]:
+    """Warn (once per call) that ``what`` combines a retrained module with stale ones above it."""
+    stale = stale_modules(store, names)
+    if stale:
+        warnings.warn(f"{what} uses a stack with stale modules: {'; '.join(stale.values())}. "
+                      f"Retrain them (`isostack retrain {store.run_id} --module {next(iter(stale))}`) so the composed "
+                      "stack matches its stored activations", StaleStackWarning, stacklevel=3)
+    return stale
+
+
+class StaleStackWarning(UserWarning):
+    """A module above a retrained one still sits on that module's previous final."""

@@ -78,6 +78,10 @@ class Store:
         """Delete a file or directory (recursively); nothing if it is absent."""
         self._fs.delete(relpath)
 
+    def local_path(self, relpath: str) -> str | None:
+        """The OS path of ``relpath`` on a local or mounted root (for os-level atomics); None on object stores."""
+        return self._fs.path(relpath) if self._fs.local else None
+
     def list_dir(self, relpath: str) -> list[str]:
         """Names (files and directories) directly under ``relpath``; [] if it is absent."""
         return sorted(info.base_name for info in self._fs.listdir(relpath))
@@ -234,7 +238,11 @@ class Store:
     # ------------------------------------------------------------ upkeep
 
     def verify(self, stage: str | None = None) -> list[str]:
-        """Problems in committed versions (bad manifest, missing or corrupt shard), then orphans."""
+        """Damage in committed versions: an unreadable manifest, a missing or corrupt shard.
+
+        Leftovers (uncommitted version directories, stray files) are not damage: ``orphans()`` names
+        them and ``gc`` removes them.
+        """
         problems: list[str] = []
         for st in [stage] if stage is not None else self._stage_dirs():
             for v in self.versions(st):
@@ -251,20 +259,17 @@ class Store:
                     found = sha256_of(self._fs, rel)
                     if found != shard.sha256:
                         problems.append(f"corrupt shard {rel} ({st} v{v}): sha256 {found}, manifest expects {shard.sha256}")
-        prefix = f"store/{stage}/" if stage is not None else ""
-        problems += [f"orphan {rel} (no manifest lists it; `isostack gc` removes it)"
-                     for rel in self.orphans() if rel.startswith(prefix)]
         return problems
 
-    def orphans(self, older_than_s: float = 0.0) -> list[str]:
+    def orphans(self, older_than_s: float = 0.0, stages: Iterable[str] | None = None) -> list[str]:
         """Relpaths of uncommitted version dirs, and of files in committed ones that no manifest lists.
 
         ``older_than_s`` skips anything modified more recently (a writer may
-        still be at work there).
+        still be at work there); ``stages`` limits the search to those stages.
         """
         found: list[str] = []
         now = dt.datetime.now(dt.timezone.utc)
-        for stage in self._stage_dirs():
+        for stage in self._stage_dirs() if stages is None else [s for s in self._stage_dirs() if s in set(stages)]:
             for v in sorted(self._version_dirs(stage)):
                 vdir = version_dir(stage, v)
                 try:
@@ -282,10 +287,14 @@ class Store:
                         found.append(f"{vdir}/{info.base_name}")
         return sorted(set(found))
 
-    def gc(self, older_than_s: float = 0.0) -> list[str]:
-        """Delete ``orphans(older_than_s)``; returns what it removed. Committed versions are never touched."""
+    def gc(self, older_than_s: float = 0.0, stages: Iterable[str] | None = None) -> list[str]:
+        """Delete ``orphans(older_than_s, stages)``; returns what it removed. Committed versions are never touched.
+
+        Callers that do not know every writer of the run is stopped pass a grace period
+        (``pipeline.run.driver.collect_garbage`` does, after checking the run's leases).
+        """
         removed = []
-        for rel in self.orphans(older_than_s):
+        for rel in self.orphans(older_than_s, stages):
             if self._fs.info(rel).type == pafs.FileType.NotFound:
                 continue  # inside a directory already removed
             self._fs.delete(rel)

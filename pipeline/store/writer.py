@@ -32,6 +32,9 @@ _WRITE_OPTIONS: dict[str, Any] = dict(
     use_dictionary=["split"],
     write_statistics=["sample_id"],
     data_page_size=8 << 20,
+    # CRC32 per data page, checked by every normal read (reader.py), so a flipped byte is refused there,
+    # not only by `isostack verify`'s sha256.
+    write_page_checksum=True,
 )
 
 

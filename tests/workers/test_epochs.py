@@ -1,0 +1,103 @@
+"""The epoch budget and the final invariant: the pure policy, then the real trainer's run loop in process (no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from pipeline.planning.config import load_config
+from pipeline.run.driver import prepare_run
+from tests.conftest import TINY_NORB
+from workers.epochs import Boundary, Step, next_step, publishes_after
+from workers.trainer import ModuleTrainer
+
+
+def _simulate(budget: int, settle: int, track: bool, upstream_versions: int, steps_per_version: int) -> tuple[int, list]:
+    """A module against a scripted upstream that commits a new version every few loop turns, the last one final."""
+    epoch, used, version, turn = 0, [], 0, 0
+    while turn < 10_000:
+        turn += 1
+        if turn % steps_per_version == 0 and version < upstream_versions:
+            version += 1
+        final = version == upstream_versions
+        step = next_step(Boundary(epoch=epoch, budget=budget, settle=settle, track=track, loaded=version > 0,
+                                  upstream_final=final, trained_on_loaded=bool(used) and used[-1] == version))
+        if step == Step.finish:
+            return epoch, used + [("final on", version, final)]
+        if step == Step.train:
+            epoch += 1
+            used.append(version)
+    raise AssertionError("the module never finished")
+
+
+@pytest.mark.parametrize("budget,settle,track,versions,pace", [
+    (b, s, t, v, p) for b, s, t, v, p in itertools.product((1, 3, 8), (0, 1, 2, 9), (False, True), (1, 4, 20), (1, 3))])
+def test_policy_trains_exactly_the_budget_and_finishes_on_the_final_upstream(budget, settle, track, versions, pace):
+    epochs, used = _simulate(budget, settle, track, versions, pace)
+    assert epochs == budget
+    assert used[-1] == ("final on", versions, True)
+    on_final = sum(1 for v in used[:-1] if v == versions)
+    assert on_final >= min(settle, budget), used
+
+
+def test_settle_zero_waits_for_the_final_upstream_instead_of_finishing():
+    # The old loop finished here (past its epochs, epochs_on_final >= 0) with a non-final upstream loaded.
+    b = Boundary(epoch=3, budget=3, settle=0, track=True, loaded=True, upstream_final=False, trained_on_loaded=False)
+    assert next_step(b) == Step.wait
+    assert next_step(Boundary(**{**b.__dict__, "upstream_final": True})) == Step.finish
+
+
+def test_tracking_waits_for_a_new_upstream_version_and_never_exceeds_the_budget():
+    b = Boundary(epoch=1, budget=4, settle=1, track=True, loaded=True, upstream_final=False, trained_on_loaded=True)
+    assert next_step(b) == Step.wait
+    assert next_step(Boundary(**{**b.__dict__, "track": False})) == Step.train
+    assert next_step(Boundary(**{**b.__dict__, "epoch": 4, "upstream_final": True})) == Step.finish
+
+
+def test_no_intermediate_publish_right_before_the_final():
+    assert publishes_after(2, budget=4, publish_every=2, upstream_final=True)
+    assert not publishes_after(4, budget=4, publish_every=2, upstream_final=True)
+    assert publishes_after(4, budget=4, publish_every=2, upstream_final=False)  # waits for the final: publish meanwhile
+    assert not publishes_after(3, budget=4, publish_every=2, upstream_final=False)
+
+
+COMBOS = list(itertools.product((0, 1), (True, False), (1, 2), ("full", "stream")))
+
+
+@pytest.mark.parametrize("settle,track,every,publish", COMBOS)
+def test_trainer_run_loop_builds_every_final_on_the_upstream_final(tmp_path, settle, track, every, publish):
+    # m2 has fewer epochs than m1, so it reaches its budget while m1 still publishes non-final versions.
+    cfg = load_config(None, TINY_NORB + [
+        "train.epochs=1", "stack.m1.train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=3",
+        "schedule.poll_seconds=0.02", f"schedule.settle_epochs={settle}", f"schedule.track_upstream={str(track).lower()}",
+        f"schedule.publish_every={every}", f"schedule.publish={publish}", "store.window_samples=96",
+        "store.rows_per_shard=24"], str(tmp_path / "store"))
+    cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2", "m3")}})
+    store, _, _ = prepare_run(cfg, "r")
+    config = cfg.model_dump(mode="json")
+    trainers = [ModuleTrainer(store.uri, "r", name, config) for name in cfg.stack]
+    errors: list[BaseException] = []
+
+    def run(trainer) -> None:
+        try:
+            trainer.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a trainer did not finish in 120 s"
+    below = store.final("input")
+    for trainer in trainers:
+        final = store.final(trainer.name)
+        assert final.upstream == {"stage": below.stage, "version": below.version}, \
+            f"{trainer.name} final v{final.version} built on {final.upstream}, upstream final is v{below.version}"
+        assert trainer.epoch == trainer.train_cfg.epochs, f"{trainer.name} trained {trainer.epoch} epochs"
+        assert trainer.status()["epoch"] <= trainer.status()["target_epochs"]
+        below = final
