@@ -68,8 +68,7 @@ def classify(
          "gmm": {"test_accuracy", "dims"},
          "undefined": {"kmeans": reason, "gmm": reason}}   # only when clustering is undefined; then no kmeans/gmm
     """
-    from sklearn.metrics import confusion_matrix
-    from sklearn.neighbors import KNeighborsClassifier, NearestCentroid
+    from sklearn.neighbors import KNeighborsClassifier
 
     train_x, train_y = _check_xy(train_x, train_y, "train")
     test_x, test_y = _check_xy(test_x, test_y, "test")
@@ -80,32 +79,36 @@ def classify(
     if len(classes) < 2:
         raise UndefinedMetricError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
                                    "select at least two categories (dataset.categories)")
-    labels = np.unique(np.concatenate([train_y, test_y]))
-
-    with warnings.catch_warnings():  # constant pixels within a class (digits' borders): sklearn notes it, nothing is wrong
-        warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
-        nc = NearestCentroid().fit(train_x, train_y)
-    nc_test = nc.predict(test_x)
-    confusion = confusion_matrix(test_y, nc_test, labels=labels)
-    per_class = {str(_plain(label)): _accuracy(nc_test[test_y == label], label) for label in np.unique(test_y)}
-
     probe_train, probe_test = _linear_probe(train_x, train_y, test_x, test_y, probe_iters, seed)
     k = int(min(knn_k, len(train_x)))
     knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
 
     result = {
-        "nearest_centroid": {
-            "train_accuracy": _accuracy(nc.predict(train_x), train_y),
-            "test_accuracy": _accuracy(nc_test, test_y),
-            "per_class_accuracy": per_class,
-            "confusion": confusion.astype(int).tolist(),
-            "labels": [_plain(v) for v in labels],
-        },
+        "nearest_centroid": _nearest_centroid(train_x, train_y, test_x, test_y),
         "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
         "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
     }
     result.update(_clusterings(test_x, test_y, seed))
     return result
+
+
+def _nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict:
+    """Train/test accuracy, per-class test accuracy and the confusion matrix of sklearn's NearestCentroid."""
+    from sklearn.metrics import confusion_matrix
+    from sklearn.neighbors import NearestCentroid
+
+    labels = np.unique(np.concatenate([train_y, test_y]))
+    with warnings.catch_warnings():  # constant pixels within a class (digits' borders): sklearn notes it, nothing is wrong
+        warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
+        nc = NearestCentroid().fit(train_x, train_y)
+    nc_test = nc.predict(test_x)
+    return {
+        "train_accuracy": _accuracy(nc.predict(train_x), train_y),
+        "test_accuracy": _accuracy(nc_test, test_y),
+        "per_class_accuracy": {str(_plain(label)): _accuracy(nc_test[test_y == label], label) for label in np.unique(test_y)},
+        "confusion": confusion_matrix(test_y, nc_test, labels=labels).astype(int).tolist(),
+        "labels": [_plain(v) for v in labels],
+    }
 
 
 def _linear_probe(train_x, train_y, test_x, test_y, probe_iters: int, seed: int) -> tuple[float, float]:
