@@ -91,7 +91,19 @@ def load_config(source: str | None = None, overrides: list[str] = (), store: str
     All problems (of the file and of every override) are reported together.
     """
     raw, label = read_source(source)
-    problems: list[tuple[str, str]] = []
+    return overridden_config(raw, overrides, store=store,
+                             fix=f"edit {label} or the --set values at the key paths above; "
+                                 "`isostack schema` prints every key with its type")
+
+
+def overridden_config(raw: dict[str, Any], overrides: list[str], *, fix: str = "", store: str | None = None,
+                      problems: list[tuple[str, str]] = ()) -> RunConfig:
+    """The one path from a raw config mapping and ``--set`` items to a validated RunConfig (run, retrain).
+
+    ``store`` replaces ``store.uri``; ``problems`` are the caller's own, reported with every problem of the
+    overrides and of the result in one ConfigError.
+    """
+    problems = list(problems)
     for item in overrides:
         problems += apply_override(raw, item)
     if store is not None:
@@ -102,8 +114,7 @@ def load_config(source: str | None = None, overrides: list[str] = (), store: str
     except ValidationError as exc:
         problems += validation_problems(exc)
     if problems:
-        raise ConfigError(_dedupe(problems), fix=f"edit {label} or the --set values at the key paths above; "
-                                                 "`isostack schema` prints every key with its type")
+        raise ConfigError(_dedupe(problems), fix=fix)
     return config
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline.planning.config import apply_override, validation_problems
+from pipeline.planning.config import overridden_config
 from pipeline.errors import ConfigError, RunError
 from pipeline.data import load_dataset
 from pipeline.run.final_stage import final_stage as run_final_stage
@@ -159,23 +159,16 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
 def retrain_config(cfg: RunConfig, module: str, overrides: list[str]) -> RunConfig:
     """The run's config with ``overrides`` applied to ``module`` alone: ``train.X`` means ``stack.<module>.train.X``,
     so a later resume or retrain of another module trains with the settings it had."""
-    raw = cfg.model_dump(mode="json")
-    problems = []
+    problems, items = [], []
     for item in overrides:
         key = item.split("=", 1)[0]
         if key.startswith("train."):
-            item = f"stack.{module}.{item}"
-        elif not key.startswith(f"stack.{module}."):
+            items.append(f"stack.{module}.{item}")
+        elif key.startswith(f"stack.{module}."):
+            items.append(item)
+        else:
             problems.append((key, f"retrain may only change stack.{module}.* or train.* keys"))
-            continue
-        problems += apply_override(raw, item)
-    try:
-        new_cfg = RunConfig.model_validate(raw)
-    except Exception as exc:  # noqa: BLE001 - pydantic's error listed per key
-        problems += validation_problems(exc) if hasattr(exc, "errors") else [("", str(exc))]
-    if problems:
-        raise ConfigError(problems)
-    return new_cfg
+    return overridden_config(cfg.model_dump(mode="json"), items, problems=problems)
 
 
 def collect_garbage(store: Store, cfg: RunConfig, grace_s: float = GC_GRACE_S) -> tuple[list[str], dict]:
