@@ -91,7 +91,8 @@ def isostack_row(preset: str, overrides: list[str]) -> dict:
 
 
 def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False, epochs: int | None = None,
-                    max_steps: int | None = None, rows=("raw", "untrained", "reference")) -> dict[str, dict]:
+                    max_steps: int | None = None, rows=("raw", "untrained", "reference"),
+                    per_module: bool = False) -> dict[str, dict]:
     """{row name: scores} for one preset (see the module docstring for the rows)."""
     cfg = load_config(preset, overrides)
     torch.set_num_threads(1)
@@ -106,7 +107,11 @@ def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False
         t0 = time.perf_counter()
         modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps)
         seconds = time.perf_counter() - t0
-        out["reference"] = {**score(cfg, embed(modules, x)[-1], cols), "seconds": seconds}
+        feats = embed(modules, x)
+        out["reference"] = {**score(cfg, feats[-1], cols), "seconds": seconds}
+        if per_module:
+            for name, f in list(zip(cfg.stack, feats))[:-1]:
+                out[f"reference {name}"] = score(cfg, f, cols)
     if isostack:
         out["isostack"] = isostack_row(preset, overrides)
     return out
