@@ -53,7 +53,7 @@ def meta_columns(ds: Dataset) -> dict[str, np.ndarray]:
     out = {"split": np.asarray(ds.meta.column("split").to_pylist(), dtype=object)}
     for name, dtype, fill in (("label", np.int64, -1), ("instance", np.int64, -1), ("azimuth", np.float64, np.nan),
                               ("elevation", np.float64, np.nan), ("lighting", np.int64, -1)):
-        out[name] = np.asarray(ds.meta.column(name).fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
+        out[name] = np.array(ds.meta.column(name).fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
     return out
 
 
