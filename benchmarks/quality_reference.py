@@ -1,0 +1,146 @@
+"""The single-process reference for the quality harness: the stack a config describes, trained in one loop.
+
+Every batch goes up the whole stack; each module takes one optimizer step on its own loss, and its output
+is ``detach()``-ed before the next module (no gradient crosses a module boundary, as GIM's loop). Same
+modules (``pipeline.nn.modules``), objectives and optimizer (``pipeline.nn.objectives``), pairings
+(``pipeline.nn.pairing``) and per-module weight seeds as the isostack trainer; the data come straight from
+``pipeline.data.load_dataset`` (no store, no Ray). What each module sees mirrors the trainer:
+
+- a metadata pairing (same_instance, neighbor_pose): the batch rows and their partner rows, both through
+  the modules below (the trainer reads both from the stored activations of the module below);
+- augment (first module only): two random views of the batch images; the module above sees the clean
+  images' activations, as the trainer publishes activations of the un-augmented images;
+- patch_grid / temporal: the batch alone; the objective pairs positions inside each sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.data import Dataset
+from pipeline.nn.modules import build_module, pool_to_vector
+from pipeline.nn.objectives import build_objective, local_loss
+from pipeline.nn.pairing import augment_views, partner_index
+from pipeline.planning.plan import build_plan
+from schemas.config import RunConfig
+
+METADATA_PAIRINGS = ("same_instance", "neighbor_pose")
+
+
+def build_stack(cfg: RunConfig) -> tuple[list[str], list[torch.nn.Module], list[torch.nn.Module]]:
+    """(names, modules, objectives), each built under the trainer's seed for that module."""
+    plan = build_plan(cfg, check_paths=False, local_cluster=False)
+    names, modules, objectives = list(cfg.stack), [], []
+    for name in names:
+        mp, tc = plan.module(name), cfg.module_train(name)
+        torch.manual_seed(tc.seed + 1000 * mp.index)  # the trainer's seed (generation 0)
+        module = build_module(cfg.stack[name], tuple(mp.in_shape))
+        modules.append(module)
+        objectives.append(build_objective(cfg.stack[name].objective, tuple(mp.out_shape), plan.num_classes,
+                                          in_shape=tuple(mp.in_shape), module=module))
+    return names, modules, objectives
+
+
+def as_float(ds: Dataset) -> torch.Tensor:
+    """The dataset's samples as the modules see them: uint8 pixels scaled to [0, 1], signals as they are."""
+    x = torch.from_numpy(ds.images)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def meta_columns(ds: Dataset) -> dict[str, np.ndarray]:
+    """split, label, instance, azimuth, elevation, lighting as numpy arrays (nulls: -1 or NaN)."""
+    out = {"split": np.asarray(ds.meta.column("split").to_pylist(), dtype=object)}
+    for name, dtype, fill in (("label", np.int64, -1), ("instance", np.int64, -1), ("azimuth", np.float64, np.nan),
+                              ("elevation", np.float64, np.nan), ("lighting", np.int64, -1)):
+        out[name] = np.array(ds.meta.column(name).fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
+    return out
+
+
+def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None,
+                    max_steps: int | None = None) -> list[torch.nn.Module]:
+    """Train the stack of ``cfg`` on ``ds`` in one loop; returns the trained modules (eval mode)."""
+    names, modules, objectives = build_stack(cfg)
+    optimizers = [build_optimizer_for(cfg, n, m, o) for n, m, o in zip(names, modules, objectives)]
+    pairings = [getattr(cfg.stack[n].objective, "pairing", None) for n in names]
+    x_all, cols = as_float(ds), meta_columns(ds)
+    rows = np.flatnonzero(cols["split"] == "train")
+    tc = cfg.module_train(names[0])
+    gen = torch.Generator().manual_seed(tc.seed)
+    groups_all = torch.from_numpy(cols["label"] * 100_003 + cols["instance"])
+    labels_all = torch.from_numpy(cols["label"])
+    for epoch in range(epochs or tc.epochs):
+        rng = np.random.default_rng([tc.seed, 0, 0, epoch])
+        partners = _partners(pairings, cols, rows, rng)
+        order = rows[rng.permutation(len(rows))]
+        n_batches = max(1, len(order) // tc.batch_size)
+        for b in range(min(n_batches, max_steps or n_batches)):
+            idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
+            _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen)
+    return [m.eval() for m in modules]
+
+
+def build_optimizer_for(cfg: RunConfig, name: str, module, objective) -> torch.optim.Optimizer:
+    tc = cfg.module_train(name)
+    params = list(module.parameters()) + list(objective.parameters())
+    return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def _partners(pairings, cols, rows, rng) -> dict[str, np.ndarray]:
+    """Per metadata pairing used by the stack: (N,) partner row of every train row (from train rows only)."""
+    out = {}
+    for kind in dict.fromkeys(p for p in pairings if p in METADATA_PAIRINGS):
+        local = partner_index(kind, label=cols["label"][rows], instance=cols["instance"][rows],
+                              azimuth=cols["azimuth"][rows], elevation=cols["elevation"][rows], rng=rng)
+        full = np.arange(len(cols["label"]), dtype=np.int64)
+        full[rows] = rows[local]
+        out[kind] = full
+    return out
+
+
+def _below(modules, i: int, x: torch.Tensor) -> torch.Tensor:
+    """x through modules[:i] without gradients: what module i reads for those samples."""
+    with torch.no_grad():
+        for m in modules[:i]:
+            x = m(x)
+    return x
+
+
+def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen) -> None:
+    h = x_all[idx]
+    h_pos, pos_kind = None, None
+    labels = labels_all[idx]
+    for i, (m, o, opt, pairing) in enumerate(zip(modules, objectives, optimizers, pairings)):
+        groups = groups_all[idx] if pairing == "same_instance" else None
+        if pairing == "augment":
+            a, a_pos = augment_views(h, gen)
+        elif pairing in METADATA_PAIRINGS:
+            a = h
+            a_pos = h_pos if pos_kind == pairing else _below(modules, i, x_all[partners[pairing][idx]])
+        else:
+            a, a_pos = h, None
+        loss, _ = local_loss(o, m, a, a_pos, labels, groups)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        after = getattr(o, "after_step", None)
+        if after is not None:
+            after(m)
+        with torch.no_grad():  # the GIM boundary: the next module sees values, not a graph
+            if pairing == "augment" or pairing not in METADATA_PAIRINGS:
+                h, h_pos, pos_kind = m(h), None, None
+            else:
+                both = m(torch.cat([h, a_pos]))
+                h, h_pos, pos_kind = *both.chunk(2), pairing
+
+
+@torch.no_grad()
+def embed(modules: list[torch.nn.Module], x: torch.Tensor, *, chunk: int = 512) -> list[np.ndarray]:
+    """Every module's pooled output for every sample: one (N, D_i) float32 array per module, bottom to top."""
+    outs: list[list[np.ndarray]] = [[] for _ in modules]
+    for start in range(0, len(x), chunk):
+        h = x[start:start + chunk]
+        for i, m in enumerate(modules):
+            h = m(h)
+            outs[i].append(pool_to_vector(h).numpy().astype(np.float32))
+    return [np.concatenate(o) for o in outs]
