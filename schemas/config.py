@@ -10,6 +10,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.feed import FeedConfig
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -303,6 +305,10 @@ class ResourcesConfig(Strict):
     device_memory_gb: float | None = Field(
         None, gt=0, description="Memory of each module's device, used to refuse recompute chains "
         "(stack.<m>.store.materialize: false) that would not fit; null = this machine's GPU, else its RAM.")
+    memory_per_module: float | None = Field(
+        None, gt=0, description="Host memory (GB) one module actor may use; validate refuses a config whose predicted "
+        "peak (buffer, readahead, model, optimizer, batch activations) is larger. null = this machine's memory divided "
+        "by the modules of the stack.")
 
 
 class EvaluateConfig(Strict):
@@ -371,6 +377,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training defaults for every module.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How modules are scheduled and publish.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each module actor asks Ray for.")
+    feed: FeedConfig = Field(default_factory=FeedConfig, description="How trainers stream their upstream version.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="The final stage's classifiers.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="What the final stage writes.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Where activations, checkpoints and results go.")
