@@ -60,6 +60,7 @@ class Source:
     recompute: torch.nn.Module | None = None
     chain: tuple[Manifest, ...] = ()
     versions: tuple[Manifest, ...] = ()       # the stored versions read (several for a stream window)
+    pinned: dict[int, torch.Tensor] = field(default_factory=dict)  # units held in memory (``pin``)
 
     def __post_init__(self) -> None:
         m = self.meta
@@ -93,10 +94,21 @@ class Source:
         """(U,) kept rows in each unit."""
         return np.bincount(self.unit, minlength=len(self.units))
 
+    def pin(self) -> "Source":
+        """Read every unit into memory now (a small stream window whose files the producer may delete later)."""
+        for u in range(len(self.units)):
+            self.pinned[u] = self._unit_tensor(u)
+        return self
+
+    def _unit_tensor(self, u: int) -> torch.Tensor:
+        if u in self.pinned:
+            return self.pinned[u]
+        r, shard, group = self.units[u]
+        return self.readers[r].read_row_group(shard, group)
+
     def read_unit(self, u: int) -> tuple[np.ndarray, torch.Tensor]:
         """(kept global rows of unit ``u``, their tensors ``(n, *shape)`` in storage dtype), stored order."""
-        r, shard, group = self.units[u]
-        x = self.readers[r].read_row_group(shard, group)
+        x = self._unit_tensor(u)
         rows = np.flatnonzero(self.unit == u)
         return rows, x.index_select(0, torch.from_numpy(self.offset[rows]))
 
@@ -106,8 +118,7 @@ class Source:
         out: torch.Tensor | None = None
         for u in np.unique(self.unit[rows]):
             at = np.flatnonzero(self.unit[rows] == u)
-            r, shard, group = self.units[int(u)]
-            x = self.readers[r].read_row_group(shard, group)
+            x = self._unit_tensor(int(u))
             if out is None:
                 out = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype)
             out[torch.from_numpy(at)] = x.index_select(0, torch.from_numpy(self.offset[rows[at]]))
@@ -127,24 +138,38 @@ class Source:
 
 def open_versions(store: Store, manifests: list[Manifest]) -> Source:
     """A source over committed versions (oldest first); a sample in several keeps its newest row."""
-    readers = [store.read(m.stage, m.version) for m in manifests]
-    units, metas, unit_of, offset_of = [], [], [], []
-    for r, reader in enumerate(readers):
-        for shard, group, n in reader.row_groups():
-            unit_of.append(np.full(n, len(units), dtype=np.int64))
-            offset_of.append(np.arange(n, dtype=np.int64))
-            units.append((r, shard, group))
-        metas.append(reader.meta)
-    meta = pa.concat_tables(metas) if len(metas) > 1 else metas[0]
-    unit = np.concatenate(unit_of) if unit_of else np.zeros(0, np.int64)
-    offset = np.concatenate(offset_of) if offset_of else np.zeros(0, np.int64)
-    if len(readers) > 1:
-        ids = _column(meta, "sample_id", np.int64, 0)
-        _, first_from_end = np.unique(ids[::-1], return_index=True)  # the last occurrence of each sample
-        keep = np.sort(len(ids) - 1 - first_from_end)
-        meta, unit, offset = meta.take(pa.array(keep)), unit[keep], offset[keep]
-    return Source(manifest=manifests[-1], meta=meta.combine_chunks(), readers=readers, units=units, unit=unit,
-                  offset=offset, versions=tuple(manifests))
+    return merge([_open_one(store, m) for m in manifests])
+
+
+def _open_one(store: Store, manifest: Manifest) -> Source:
+    reader = store.read(manifest.stage, manifest.version)
+    groups = reader.row_groups()
+    unit = np.repeat(np.arange(len(groups), dtype=np.int64), [n for _, _, n in groups])
+    offset = np.concatenate([np.arange(n, dtype=np.int64) for _, _, n in groups]) if groups else np.zeros(0, np.int64)
+    return Source(manifest=manifest, meta=reader.meta, readers=[reader], units=[(0, s, g) for s, g, _ in groups],
+                  unit=unit, offset=offset, versions=(manifest,))
+
+
+def merge(parts: list[Source]) -> Source:
+    """One source of several (oldest first) without reading anything again; a sample keeps its newest row."""
+    if len(parts) == 1:
+        return parts[0]
+    readers, units, units_of, offsets, pinned = [], [], [], [], {}
+    for p in parts:
+        for u, (r, shard, group) in enumerate(p.units):
+            if u in p.pinned:
+                pinned[len(units)] = p.pinned[u]
+            units.append((len(readers) + r, shard, group))
+        units_of.append(p.unit + (len(units) - len(p.units)))
+        offsets.append(p.offset)
+        readers += p.readers
+    meta = pa.concat_tables([p.meta for p in parts])
+    ids = _column(meta, "sample_id", np.int64, 0)
+    _, first_from_end = np.unique(ids[::-1], return_index=True)  # the last occurrence of each sample
+    keep = np.sort(len(ids) - 1 - first_from_end)
+    return Source(manifest=parts[-1].manifest, meta=meta.take(pa.array(keep)).combine_chunks(), readers=readers,
+                  units=units, unit=np.concatenate(units_of)[keep], offset=np.concatenate(offsets)[keep],
+                  versions=tuple(m for p in parts for m in p.versions), pinned=pinned)
 
 
 def open_source(store: Store, stage: str, version: int, config: dict, device: torch.device) -> Source:
