@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from schemas.feed import FeedConfig
+from schemas.objectives import (  # noqa: F401 - re-exported: the objective models are part of the config schema
+    AET, CPCAR, DIM, SFA, Autoencoder, InfoNCEGrid, InfoNCEPair, MoCo, Objective, PairingKind, Strict, SupervisedLocal,
+    VInfoNCE)
 
 
 DatasetKind = Literal["synthetic_norb", "smallnorb", "digits", "image_folder", "cifar10", "stl10", "synthetic_audio", "wav_folder"]
-PairingKind = Literal["same_instance", "neighbor_pose", "patch_grid", "augment", "temporal"]
 
 
 class DatasetConfig(Strict):
@@ -116,116 +116,6 @@ Layer = Annotated[
 ]
 
 
-# ---------------------------------------------------------------- objectives
-
-
-class _ObjectiveBase(Strict):
-    pairing: PairingKind = Field("same_instance", description="Where the positive x+ of each sample comes from.")
-    projection_dim: int | None = Field(
-        None, ge=1, description="Width of a projection head used only by the loss (discarded after training); null = none."
-    )
-
-
-class InfoNCEPair(_ObjectiveBase):
-    kind: Literal["infonce_pair"] = "infonce_pair"
-    temperature: float = Field(0.1, gt=0, description="Softmax temperature of the scores.")
-    bilinear: bool = Field(False, description="Score pairs with a learned bilinear W (z^T W z+) instead of cosine similarity.")
-
-
-class InfoNCEGrid(_ObjectiveBase):
-    kind: Literal["infonce_grid"] = "infonce_grid"
-    pairing: Literal["patch_grid", "temporal"] = Field(
-        "patch_grid", description="The grid objective always pairs within the sample: 'patch_grid' for a patch grid "
-        "or feature map (rows below), 'temporal' for a sequence (C, T) (steps ahead in time).")
-    steps: int = Field(5, ge=1, description="Prediction steps k = 1..steps (rows below, or time steps ahead).")
-    negatives: int = Field(16, ge=1, description="Negatives per positive, drawn from all positions and images of the batch.")
-
-
-class SFA(_ObjectiveBase):
-    kind: Literal["sfa"] = "sfa"
-    eps: float = Field(1e-3, gt=0, description="Ridge added to the batch covariance before its Cholesky factor.")
-
-
-class VInfoNCE(_ObjectiveBase):
-    kind: Literal["vinfonce"] = "vinfonce"
-    temperature: float = Field(0.1, gt=0, description="Softmax temperature of the InfoNCE scores on z.")
-    kl_weight: float = Field(1e-3, ge=0, description="lambda: weight of KL(q(z|x) || N(0, I)).")
-    latent_dim: int | None = Field(None, ge=1, description="Width of z (default: the module's output features).")
-
-
-class SupervisedLocal(_ObjectiveBase):
-    kind: Literal["supervised_local"] = "supervised_local"
-    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
-        None, description="Unused: the supervised baseline needs labels, not pairs."
-    )
-
-
-class CPCAR(_ObjectiveBase):
-    kind: Literal["cpc_ar"] = "cpc_ar"
-    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
-        None, description="Unused: CPC predicts later steps of each sample's own grid or sequence, no pairs.")
-    context: Literal["gru", "masked_conv"] = Field(
-        "gru", description="Autoregressive context over the steps (rows of a map or patch grid, time of a (C, T) "
-        "sequence): a GRU per column, or a causal (PixelCNN-style masked) convolution that sees only rows above.")
-    context_dim: int | None = Field(None, ge=1, description="Width of the context c_t (default: the module's channels).")
-    steps: int = Field(3, ge=1, description="Predict k = 1..steps steps ahead, each with its own bilinear W_k.")
-    negatives: int = Field(16, ge=1, description="Negatives per positive, drawn from all steps and samples of the batch.")
-    bptt_steps: int | None = Field(
-        None, ge=1, description="Truncated backprop through time (gru context only): the hidden state is detached "
-        "every bptt_steps steps, so no gradient crosses a chunk boundary; null = full backprop through time.")
-    kernel: int = Field(3, ge=2, description="masked_conv context: rows above (incl. the current one) each layer sees.")
-
-
-class DIM(_ObjectiveBase):
-    kind: Literal["dim"] = "dim"
-    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
-        None, description="Unused: Deep InfoMax contrasts a sample's local features with its own global vector.")
-    estimator: Literal["infonce", "jsd"] = Field(
-        "infonce", description="Mutual-information estimator (Hjelm et al. 2019): InfoNCE, or the Jensen-Shannon "
-        "(softplus) bound, which the paper reports as more stable with few negatives.")
-    max_locations: int = Field(256, ge=1, description="Local positions scored per step (a random subset when the map has more).")
-
-
-class MoCo(_ObjectiveBase):
-    kind: Literal["moco"] = "moco"
-    temperature: float = Field(0.07, gt=0, description="Softmax temperature (MoCo's 0.07).")
-    momentum: float = Field(
-        0.99, ge=0, lt=1, description="Key encoder update k <- m k + (1 - m) q after each step; MoCo uses 0.999 over "
-        "~1M steps, short runs need a faster key encoder.")
-    queue_size: int = Field(1024, ge=1, description="Negatives kept in the queue of past keys (MoCo's 65536 on ImageNet).")
-
-
-class Autoencoder(_ObjectiveBase):
-    kind: Literal["autoencoder"] = "autoencoder"
-    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
-        None, description="Unused: the autoencoder reconstructs the module's own input.")
-    hidden: int = Field(64, ge=1, description="Width of the decoder (discarded after training).")
-
-
-class AET(_ObjectiveBase):
-    kind: Literal["aet"] = "aet"
-    pairing: Literal["same_instance", "neighbor_pose", "patch_grid", "augment"] | None = Field(
-        None, description="Unused: AET pairs each image with a randomly transformed copy of itself.")
-    rotation: float = Field(180.0, ge=0, le=180, description="Rotations drawn from [-rotation, rotation] degrees (AET's 180).")
-    translation: float = Field(0.2, ge=0, le=1, description="Shifts drawn from [-t, t] of the image size on each axis.")
-    scale: tuple[float, float] = Field((0.7, 1.3), description="Isotropic scale factor range (AET's [0.7, 1.3]).")
-    shear: float = Field(30.0, ge=0, lt=90, description="Shear angle drawn from [-shear, shear] degrees.")
-    hidden: int = Field(256, ge=1, description="Width of the transformation decoder (discarded after training).")
-
-    @field_validator("scale")
-    @classmethod
-    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1]:
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, found {list(v)}")
-        return v
-
-
-Objective = Annotated[
-    Union[InfoNCEPair, InfoNCEGrid, SFA, VInfoNCE, SupervisedLocal, CPCAR, DIM, MoCo, Autoencoder, AET],
-    Field(discriminator="kind"),
-]
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -305,6 +195,10 @@ class ResourcesConfig(Strict):
     device_memory_gb: float | None = Field(
         None, gt=0, description="Memory of each module's device, used to refuse recompute chains "
         "(stack.<m>.store.materialize: false) that would not fit; null = this machine's GPU, else its RAM.")
+    memory_per_module: float | None = Field(
+        None, gt=0, description="Host memory (GB) one module actor may use; validate refuses a config whose predicted "
+        "peak (buffer, readahead, model, optimizer, batch activations) is larger. null = this machine's memory divided "
+        "by the modules of the stack.")
 
 
 class EvaluateConfig(Strict):
@@ -375,6 +269,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training defaults for every module.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How modules are scheduled and publish.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="What each module actor asks Ray for.")
+    feed: FeedConfig = Field(default_factory=FeedConfig, description="How trainers stream their upstream version.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="The final stage's classifiers.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="What the final stage writes.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Where activations, checkpoints and results go.")

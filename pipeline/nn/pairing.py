@@ -133,7 +133,9 @@ def _neighbor_pose_partner(group, azimuth, elevation, period, fallback, rng) -> 
     if wraps:
         a = np.mod(a, n_az)  # 359.99 degrees rounds to the 0 step
     e = np.rint((elevation - elevation.min()) / el_step).astype(np.int64) if el_step else np.zeros(n, np.int64)
-    n_a, n_e = int(a.max()) + 3, int(e.max()) + 3  # room for the +-1 steps below without collisions
+    # Room for the +-1 steps below without collisions; a wrapped step reaches n_az - 1 even when the data
+    # covers only part of the circle (azimuths 0..100 by 20: the -1 step of 0 is cell 17).
+    n_a, n_e = max(int(a.max()), n_az if wraps else 0) + 3, int(e.max()) + 3
     cell = lambda g, aa, ee: (g * n_a + (aa + 1)) * n_e + (ee + 1)  # noqa: E731
     own = cell(group, a, e)
     order = np.argsort(own, kind="stable")

@@ -1,5 +1,7 @@
-"""Feeding a trainer from a committed upstream version.
+"""Feeding from a version held in memory (the in-memory baseline of the streaming feed).
 
+Trainers stream (``pipeline.feed.streaming``); this path stays for the benchmarks that compare
+store-fed streaming with memory-fed training, and for tools that want a small version as one tensor.
 The version is decoded once into one tensor (its stored dtype: uint8 pixels
 or float16/bfloat16/float32 activations) and batches are gathered from it by index, cast to
 float32 on the trainer's device. A background thread prepares the next batch
@@ -15,14 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load as st_load
 
-from pipeline.errors import StoreError
-from pipeline.nn.modules import build_module
+from pipeline.feed.source import recompute_chain, stored_below, to_float
+from pipeline.feed.streaming import TrainBatch
 from pipeline.nn.pairing import partner_index
-from pipeline.planning.plan import build_plan
 from pipeline.store import Store
-from schemas.config import RunConfig
 from schemas.manifest import Manifest
 
 
@@ -98,55 +97,14 @@ def load_upstream(store: Store, stage: str, version: int) -> Upstream:
 
 
 def load_source(store: Store, stage: str, version: int, config: dict, device: torch.device) -> Upstream:
-    """Version ``version`` of ``stage``, materialized or not.
-
-    A weights version (``stack.<stage>.store.materialize: false``) is followed down its
-    ``upstream`` links through further weights versions to the nearest stored activations;
-    those are loaded and the weights become a frozen ``recompute`` network (bottom to top).
-    A linked version that retention removed is replaced by its stage's newest committed one.
-    """
-    manifest, chain = store.manifest(stage, version), []
-    while manifest.codec == "weights":
-        chain.append(manifest)
-        below = manifest.upstream or {}
-        if not below.get("stage"):
-            raise StoreError(f"weights version {manifest.stage} v{manifest.version} names no upstream version",
-                             "retrain the module; its weights version cannot be recomputed")
-        committed = store.versions(below["stage"])
-        if not committed:
-            raise StoreError(f"{manifest.stage} v{manifest.version} is recomputed from {below['stage']}, "
-                             "which has no committed version", "train the modules below first")
-        pick = int(below["version"]) if int(below["version"]) in committed else committed[-1]
-        manifest = store.manifest(below["stage"], pick)
-    up = load_upstream(store, manifest.stage, manifest.version)
-    if not chain:
-        return up
-    cfg = RunConfig.model_validate(config)
-    plan = build_plan(cfg, check_paths=False, local_cluster=False)
-    layers = []
-    for weights_version in reversed(chain):
-        name = weights_version.stage
-        module = build_module(cfg.stack[name], tuple(plan.module(name).in_shape))
-        module.load_state_dict(st_load(store.read_weights(weights_version)))
-        layers.append(module.eval().requires_grad_(False))
-    up.source, up.manifest = up.manifest, chain[0]
-    up.recompute = torch.nn.Sequential(*layers).to(device)
-    up.chain = tuple(reversed(chain))
+    """Version ``version`` of ``stage`` in memory, materialized or not (see ``source.stored_below``)."""
+    stored, chain = stored_below(store, stage, version)
+    up = load_upstream(store, stored.stage, stored.version)
+    if chain:
+        up.source, up.manifest = up.manifest, chain[0]
+        up.recompute = recompute_chain(store, chain, config, device)
+        up.chain = tuple(reversed(chain))
     return up
-
-
-def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Stored values -> float32 on ``device``; pixels scale to [0, 1]."""
-    x = x.to(device, non_blocking=True)
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-@dataclass
-class TrainBatch:
-    x: torch.Tensor                # (B, *shape) float32 on device
-    x_pos: torch.Tensor | None     # positives, same shape, or None
-    labels: torch.Tensor           # (B,) long on device
-    groups: torch.Tensor | None    # (B,) pairing-group ids (same_instance: the object) or None
 
 
 class PairedBatches:

@@ -1,0 +1,120 @@
+"""The streaming feed: order from (seed, epoch), exactly-once coverage, partners of the right kind, bounded rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.feed import StreamingBatches, open_versions, plan_epoch
+from pipeline.feed.epoch import _right_kind
+from pipeline.store import Store
+
+BATCH = 8
+
+
+def make_version(store: Store, *, objects: int = 6, poses: int = 6, lightings: int = 2, rows_per_shard: int = 16,
+                 test_every: int = 5, stage: str = "m1"):
+    """A version whose row i holds the value sample_id in every cell; objects x azimuth poses x lightings rows,
+    stored grouped by object (as ingest writes them), every ``test_every``-th row in the test split."""
+    ids, label, inst, az, el, light = [], [], [], [], [], []
+    for o in range(objects):
+        for p in range(poses):
+            for li in range(lightings):
+                ids.append(len(ids))
+                label.append(o % 3)
+                inst.append(o)
+                az.append(20.0 * p)
+                el.append(30.0)
+                light.append(li)
+    n = len(ids)
+    split = ["test" if i % test_every == test_every - 1 else "train" for i in range(n)]
+    writer = store.begin_version(stage, codec="float32", rows_per_shard=rows_per_shard)
+    x = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 2, 3).contiguous()
+    writer.write({"sample_id": np.asarray(ids), "split": split, "label": np.asarray(label), "instance": np.asarray(inst),
+                  "azimuth": np.asarray(az), "elevation": np.asarray(el), "lighting": np.asarray(light)}, x)
+    return writer.commit()
+
+
+def _meta(src):
+    return {k: getattr(src, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")}
+
+
+def _epoch(src, pairing, seed=0, epoch=0, buffer=32, start_step=0, readahead=1):
+    rng = np.random.default_rng([seed, 0, 0, epoch])
+    plan = plan_epoch(_meta(src), src.train_rows(), src.unit, pairing=pairing, batch_size=BATCH, buffer=buffer, rng=rng)
+    feed = StreamingBatches(src, plan, device=torch.device("cpu"), pairing=pairing, start_step=start_step,
+                            readahead=readahead)
+    return plan, feed, list(feed)
+
+
+def _ids(batch) -> np.ndarray:
+    return batch.x[:, 0, 0].round().long().numpy()  # the value written is the row's sample_id
+
+
+@pytest.mark.parametrize("pairing", ["same_instance", "neighbor_pose", "augment", "patch_grid", "temporal", None])
+def test_each_pairing_streamed_covers_every_train_sample_once(tmp_path, pairing):
+    store = Store(str(tmp_path), "r")
+    make_version(store, test_every=9)  # 72 rows, 64 of them train: 8 batches of 8, nothing dropped
+    src = open_versions(store, [store.newest("m1")])
+    train = set(src.sample_id[src.train_rows()].tolist())
+    assert len(train) % BATCH == 0
+    plan, feed, batches = _epoch(src, pairing)
+    seen = np.concatenate([_ids(b) for b in batches])
+    assert sorted(seen.tolist()) == sorted(train)  # every train sample exactly once, no test sample
+    if pairing in ("same_instance", "neighbor_pose"):
+        good = _right_kind(pairing, _meta(src), src.train_rows())
+        for b in batches:
+            a, p = _ids(b), b.x_pos[:, 0, 0].round().long().numpy()
+            assert good(a, p).all(), f"{pairing}: a partner of the wrong kind in {list(zip(a, p))}"
+            assert set(p.tolist()) <= train  # partners come from training rows only
+        assert 0.0 <= plan.fetch_rate <= 1.0
+    else:
+        assert all(b.x_pos is None for b in batches)
+
+
+def test_same_seed_same_order_and_epochs_differ(tmp_path):
+    store = Store(str(tmp_path), "r")
+    make_version(store)
+    src = open_versions(store, [store.newest("m1")])
+    first = np.concatenate([_ids(b) for b in _epoch(src, "same_instance", seed=3, epoch=1)[2]])
+    again = np.concatenate([_ids(b) for b in _epoch(src, "same_instance", seed=3, epoch=1)[2]])
+    other = np.concatenate([_ids(b) for b in _epoch(src, "same_instance", seed=3, epoch=2)[2]])
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_resuming_mid_epoch_continues_the_same_order(tmp_path):
+    store = Store(str(tmp_path), "r")
+    make_version(store)
+    src = open_versions(store, [store.newest("m1")])
+    whole = _epoch(src, "neighbor_pose", buffer=20)[2]
+    rest = _epoch(src, "neighbor_pose", buffer=20, start_step=3)[2]
+    assert len(rest) == len(whole) - 3
+    for a, b in zip(whole[3:], rest):
+        assert torch.equal(a.x, b.x) and torch.equal(a.x_pos, b.x_pos)
+
+
+def test_a_tiny_buffer_bounds_the_rows_held(tmp_path):
+    store = Store(str(tmp_path), "r")
+    make_version(store, objects=12, rows_per_shard=8)  # 144 rows in 18 row groups of 8
+    src = open_versions(store, [store.newest("m1")])
+    plan, feed, batches = _epoch(src, "same_instance", buffer=8, readahead=1)
+    assert len(plan.bounds) - 1 >= 14  # one unit per window
+    # window (8) + its partners (8) + one unit read ahead (8) + a tail shorter than a batch (7)
+    assert 0 < feed.max_rows_held <= 8 + 8 + 8 + 7, feed.max_rows_held
+    assert feed.max_rows_held < len(src) // 3
+    whole = _epoch(src, "same_instance", buffer=1000)[1]
+    assert whole.max_rows_held >= len(src.train_rows())  # the count is real: a big buffer holds everything
+
+
+def test_a_stream_window_keeps_the_newest_row_of_each_sample(tmp_path):
+    store = Store(str(tmp_path), "r")
+    old = make_version(store, objects=2)
+    writer = store.begin_version("m1", codec="float32", rows_per_shard=16)
+    writer.write({"sample_id": np.arange(4), "split": ["train"] * 4}, torch.full((4, 2, 3), 1000.0))
+    new = writer.commit()
+    src = open_versions(store, [old, new])
+    assert len(src) == old.rows
+    x = src.fetch(np.flatnonzero(np.isin(src.sample_id, np.arange(4))))
+    assert torch.all(x == 1000.0)
