@@ -78,7 +78,7 @@ class ModuleTrainer:
         last = self._latest_checkpoint()
         if last is not None:
             checkpoint.restore(self.store, last, self.module, self.objective, self.optimizer)
-            self.epoch = last["epoch"]
+            self.epoch = last.get("epochs_done", last["epoch"])
             self.lineage.update({k: last[k] for k in self.lineage if k in last})
             self.lineage["restarts"] = int(last.get("restarts", 0)) + 1
             if last.get("feed_step"):  # killed mid-epoch: continue that epoch's order on the same upstream
@@ -149,7 +149,7 @@ class ModuleTrainer:
     def train_until(self, epoch: int) -> dict:
         """Train epochs until ``epoch`` have been completed; a no-op when they already are."""
         self.setup()
-        while self.epoch < epoch:
+        while self.epoch < epoch and not self._stop.is_set():
             self._switch_upstream(block=True)
             self._train_epoch()
             self._count_window_uses()
@@ -289,14 +289,15 @@ class ModuleTrainer:
 
     def _checkpoint(self, directory: str, number: int, **extra) -> None:
         checkpoint.save(self.store, directory, number, self.module, self.objective, self.optimizer,
-                        {**self.lineage, **extra, "epoch": self.epoch,
+                        {**self.lineage, **extra, "epochs_done": self.epoch,
                          "upstream_version": self._upstream.manifest.version})
 
     def _latest_checkpoint(self) -> dict | None:
         """The newest checkpoint: an epoch's end, or a mid-epoch one (``feed.checkpoint_every_steps``) after it."""
         last = checkpoint.latest(self.store, self.ckpt_dir)
         mid = checkpoint.latest(self.store, f"{self.ckpt_dir}/mid")
-        if mid is not None and mid["epoch"] == (last["epoch"] if last else 0) and \
+        # A mid-epoch checkpoint is numbered by step; ``epochs_done`` says which epoch it is inside.
+        if mid is not None and mid.get("epochs_done") == (last["epoch"] if last else 0) and \
                 mid["step"] > (last["step"] if last else 0):
             return mid
         return last
