@@ -217,7 +217,7 @@ class ModuleTrainer:
         up, tc, feed = self._upstream, self.train_cfg, self.cfg.feed
         plan = plan_epoch({k: getattr(up, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")},
                           up.train_rows(), up.unit, pairing=pairing, batch_size=tc.batch_size,
-                          buffer=feed.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
+                          buffer=self.plan.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
         start, self._resume = (self._resume or {}).get("step", 0), None
         return StreamingBatches(up, plan, device=self.device, pairing=pairing, start_step=start,
                                 readahead=feed.readahead)
