@@ -13,8 +13,6 @@ position), publishes versions (``workers.publisher``), records metrics in a
 from __future__ import annotations
 
 import os
-import resource
-import socket
 import threading
 import time
 
@@ -37,6 +35,7 @@ from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
+from workers.runtime import device_text, node_name, peak_memory
 
 class ModuleTrainer:
     """Trains one module of the stack through the store."""
@@ -90,17 +89,10 @@ class ModuleTrainer:
         self._stream_setup()
         self.metrics = MetricLog(self.store, self.name, self.generation)
         self.metrics.load(self.epoch)
-        device = str(self.device)
-        if self.device.type == "cuda":
-            # Ray narrows CUDA_VISIBLE_DEVICES to the GPU(s) it assigned: cuda:0 here is the node's GPU <ray id>.
-            import ray
-
-            ids = ",".join(str(i) for i in ray.get_gpu_ids()) if ray.is_initialized() else "-"
-            device = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}, Ray GPU {ids})"
         self._update(state=ModuleState.created, epoch=self.epoch, target_epochs=self.train_cfg.epochs,
                      step=self.lineage["step"], published=list(self.lineage["published"]),
                      train_seconds=self.lineage["train_seconds"], started_at=self.lineage["started_at"],
-                     node=_node_name(), pid=os.getpid(), device=device, restarts=self.lineage["restarts"])
+                     node=node_name(), pid=os.getpid(), device=device_text(self.device), restarts=self.lineage["restarts"])
         self._ready = True
         return self.status()
 
@@ -283,7 +275,7 @@ class ModuleTrainer:
             self._record(f"{self.name}/{name}", value)
         self._checkpoint(self.ckpt_dir, self.epoch, loss=mean_loss)
         self._update(epoch=self.epoch, step=self.lineage["step"], loss=mean_loss, samples_per_second=rate,
-                     train_seconds=self.lineage["train_seconds"], peak_memory_bytes=self._peak_memory())
+                     train_seconds=self.lineage["train_seconds"], peak_memory_bytes=peak_memory(self.device))
         self.metrics.write()
         self._write_status()
 
@@ -356,11 +348,6 @@ class ModuleTrainer:
         if manifest is not None:
             self._record(f"{self.name}/stream/version", manifest.version)
 
-    def _peak_memory(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
     def _record(self, name: str, value) -> None:
         self.metrics.record(name, value, epoch=self.epoch, step=self.lineage["step"])
 
@@ -371,13 +358,3 @@ class ModuleTrainer:
         with self._lock:
             self._status = self._status.model_copy(update=fields)
 
-
-def _node_name() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}"
-    except Exception:  # noqa: BLE001 - outside Ray the host name is enough
-        pass
-    return socket.gethostname()
