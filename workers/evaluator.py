@@ -21,7 +21,7 @@ from pipeline.planning.config import dump_yaml
 from pipeline.data import capabilities
 from pipeline.final.encoder import compose_from_store, save_model
 from pipeline.final.evaluation import classify, standardize
-from pipeline.feed import load_source
+from pipeline.feed import open_source
 from pipeline.nn.modules import pool_to_vector
 from pipeline.final import plots
 from pipeline.final import exports as exports_io
@@ -30,6 +30,8 @@ from pipeline.final.report import render_report
 from pipeline.store.runs import now_iso
 from pipeline.store import Store
 from schemas.config import RunConfig
+
+_SLICE = 1024  # rows pooled at once: bounds the float32 (and recompute) activations held
 
 
 class Evaluator:
@@ -71,22 +73,25 @@ class Evaluator:
     # ------------------------------------------------------------ data
 
     def embeddings(self, stage: str) -> tuple[pa.Table, np.ndarray]:
-        """(metadata, (N, D) float32) of a stage's final version, pooled per sample."""
-        final = self.store.final(stage)
-        if final.codec == "weights":  # not materialized: recompute from the stage below
-            return self._recomputed(stage, final.version)
-        reader = self.store.read(stage, final.version)
-        x = reader.tensor()
-        if stage == "input":  # the raw baseline: uint8 pixels scaled to [0, 1], or the stored signal as it is
-            flat = x.reshape(len(x), -1).float()
-            return reader.meta, (flat / 255.0 if reader.manifest.codec == "uint8" else flat).numpy()
-        return reader.meta, pool_to_vector(x).numpy().astype(np.float32)
+        """(metadata, (N, D) float32) of a stage's final version, pooled per sample.
 
-    def _recomputed(self, stage: str, version: int) -> tuple[pa.Table, np.ndarray]:
-        up = load_source(self.store, stage, version, self.cfg.model_dump(mode="json"), torch.device("cpu"))
-        chunks = [pool_to_vector(up.features(up.x[i:i + 1024], torch.device("cpu"))).numpy()
-                  for i in range(0, len(up.x), 1024)]
-        return up.meta, np.concatenate(chunks).astype(np.float32)
+        Streamed: the version is read one row group at a time (``pipeline.feed.Source.scan``) and each
+        slice pooled at once, so only the (N, D) embeddings are held, never the activations. The input
+        stage is the raw baseline (uint8 pixels scaled to [0, 1], or the stored signal as it is,
+        flattened); a weights version is recomputed from the stage below.
+        """
+        final = self.store.final(stage)
+        src = open_source(self.store, stage, final.version, self.cfg.model_dump(mode="json"), torch.device("cpu"))
+        parts, order = [], []
+        with torch.inference_mode():
+            for rows, x in src.scan():
+                for lo in range(0, len(rows), _SLICE):
+                    feats = src.features(x[lo:lo + _SLICE], torch.device("cpu"))
+                    flat = feats.reshape(len(feats), -1) if stage == "input" else pool_to_vector(feats)
+                    parts.append(flat.numpy().astype(np.float32, copy=False))
+                order.append(rows)
+        emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return src.meta, emb[np.argsort(np.concatenate(order), kind="stable")] if order else emb
 
     def _split(self, meta: pa.Table, emb: np.ndarray):
         split = np.asarray(meta.column("split").to_pylist())

@@ -13,8 +13,6 @@ position), publishes versions (``workers.publisher``), records metrics in a
 from __future__ import annotations
 
 import os
-import resource
-import socket
 import threading
 import time
 
@@ -38,6 +36,7 @@ from schemas.status import ModuleState, ModuleStatus
 from workers.epochs import Boundary, Step, next_step, publishes_after
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
+from workers.runtime import device_text, node_name, peak_memory
 
 
 class ModuleTrainer:
@@ -80,7 +79,7 @@ class ModuleTrainer:
         last = self._latest_checkpoint()
         if last is not None:
             checkpoint.restore(self.store, last, self.module, self.objective, self.optimizer)
-            self.epoch = last["epoch"]
+            self.epoch = last.get("epochs_done", last["epoch"])
             self.lineage.update({k: last[k] for k in self.lineage if k in last})
             self.lineage["restarts"] = int(last.get("restarts", 0)) + 1
             if last.get("feed_step"):  # killed mid-epoch: continue that epoch's order on the same upstream
@@ -92,17 +91,10 @@ class ModuleTrainer:
         self._stream_setup()
         self.metrics = MetricLog(self.store, self.name, self.generation)
         self.metrics.load(self.epoch)
-        device = str(self.device)
-        if self.device.type == "cuda":
-            # Ray narrows CUDA_VISIBLE_DEVICES to the GPU(s) it assigned: cuda:0 here is the node's GPU <ray id>.
-            import ray
-
-            ids = ",".join(str(i) for i in ray.get_gpu_ids()) if ray.is_initialized() else "-"
-            device = f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()}, Ray GPU {ids})"
         self._update(state=ModuleState.created, epoch=self.epoch, target_epochs=self.train_cfg.epochs,
                      step=self.lineage["step"], published=list(self.lineage["published"]),
                      train_seconds=self.lineage["train_seconds"], started_at=self.lineage["started_at"],
-                     node=_node_name(), pid=os.getpid(), device=device, restarts=self.lineage["restarts"])
+                     node=node_name(), pid=os.getpid(), device=device_text(self.device), restarts=self.lineage["restarts"])
         self._ready = True
         return self.status()
 
@@ -145,7 +137,7 @@ class ModuleTrainer:
     def train_until(self, epoch: int) -> dict:
         """Train epochs until ``epoch`` have been completed; a no-op when they already are."""
         self.setup()
-        while self.epoch < epoch:
+        while self.epoch < epoch and not self._stop.is_set():
             self._switch_upstream(block=True)
             self._train_epoch()
             self._count_window_uses()
@@ -217,7 +209,7 @@ class ModuleTrainer:
         up, tc, feed = self._upstream, self.train_cfg, self.cfg.feed
         plan = plan_epoch({k: getattr(up, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")},
                           up.train_rows(), up.unit, pairing=pairing, batch_size=tc.batch_size,
-                          buffer=feed.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
+                          buffer=self.plan.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
         start, self._resume = (self._resume or {}).get("step", 0), None
         return StreamingBatches(up, plan, device=self.device, pairing=pairing, start_step=start,
                                 readahead=feed.readahead)
@@ -283,20 +275,21 @@ class ModuleTrainer:
             self._record(f"{self.name}/{name}", value)
         self._checkpoint(self.ckpt_dir, self.epoch, loss=mean_loss)
         self._update(epoch=self.epoch, step=self.lineage["step"], loss=mean_loss, samples_per_second=rate,
-                     train_seconds=self.lineage["train_seconds"], peak_memory_bytes=self._peak_memory())
+                     train_seconds=self.lineage["train_seconds"], peak_memory_bytes=peak_memory(self.device))
         self.metrics.write()
         self._write_status()
 
     def _checkpoint(self, directory: str, number: int, **extra) -> None:
         checkpoint.save(self.store, directory, number, self.module, self.objective, self.optimizer,
-                        {**self.lineage, **extra, "epoch": self.epoch,
+                        {**self.lineage, **extra, "epochs_done": self.epoch,
                          "upstream_version": self._upstream.manifest.version})
 
     def _latest_checkpoint(self) -> dict | None:
         """The newest checkpoint: an epoch's end, or a mid-epoch one (``feed.checkpoint_every_steps``) after it."""
         last = checkpoint.latest(self.store, self.ckpt_dir)
         mid = checkpoint.latest(self.store, f"{self.ckpt_dir}/mid")
-        if mid is not None and mid["epoch"] == (last["epoch"] if last else 0) and \
+        # A mid-epoch checkpoint is numbered by step; ``epochs_done`` says which epoch it is inside.
+        if mid is not None and mid.get("epochs_done") == (last["epoch"] if last else 0) and \
                 mid["step"] > (last["step"] if last else 0):
             return mid
         return last
@@ -355,11 +348,6 @@ class ModuleTrainer:
         if manifest is not None:
             self._record(f"{self.name}/stream/version", manifest.version)
 
-    def _peak_memory(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
     def _record(self, name: str, value) -> None:
         self.metrics.record(name, value, epoch=self.epoch, step=self.lineage["step"])
 
@@ -370,13 +358,3 @@ class ModuleTrainer:
         with self._lock:
             self._status = self._status.model_copy(update=fields)
 
-
-def _node_name() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return f"{socket.gethostname()}:{ray.get_runtime_context().get_node_id()[:8]}"
-    except Exception:  # noqa: BLE001 - outside Ray the host name is enough
-        pass
-    return socket.gethostname()

@@ -61,6 +61,7 @@ class Source:
     chain: tuple[Manifest, ...] = ()
     versions: tuple[Manifest, ...] = ()       # the stored versions read (several for a stream window)
     pinned: dict[int, torch.Tensor] = field(default_factory=dict)  # units held in memory (``pin``)
+    _by_unit: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         m = self.meta
@@ -109,8 +110,19 @@ class Source:
     def read_unit(self, u: int) -> tuple[np.ndarray, torch.Tensor]:
         """(kept global rows of unit ``u``, their tensors ``(n, *shape)`` in storage dtype), stored order."""
         x = self._unit_tensor(u)
-        rows = np.flatnonzero(self.unit == u)
-        return rows, x.index_select(0, torch.from_numpy(self.offset[rows]))
+        rows = self._unit_members(u)
+        off = self.offset[rows]
+        if len(off) == len(x) and (len(off) == 0 or (off[0] == 0 and np.all(np.diff(off) == 1))):
+            return rows, x  # every row of the unit kept, in order (the usual case): no copy
+        return rows, x.index_select(0, torch.from_numpy(off))
+
+    def _unit_members(self, u: int) -> np.ndarray:
+        """Global rows of unit ``u`` (one sort of ``unit``, then a slice per call)."""
+        if self._by_unit is None:
+            order = np.argsort(self.unit, kind="stable")
+            self._by_unit = (order, np.searchsorted(self.unit[order], np.arange(len(self.units) + 1)))
+        order, starts = self._by_unit
+        return order[starts[u]:starts[u + 1]]
 
     def fetch(self, rows: np.ndarray) -> torch.Tensor:
         """Tensors of ``rows`` in the order given, reading each unit they touch once (one at a time)."""

@@ -86,18 +86,23 @@ class StreamingBatches:
             for w in range(first_window, len(self.plan.bounds) - 1):
                 lo, hi = self.plan.bounds[w], self.plan.bounds[w + 1]
                 want = self.plan.order[lo:hi]
-                got_rows, got_x = [], []
+                x, held = None, 0
+                where = _positions_map(want)
                 for _ in range(len(np.unique(self.src.unit[want]))):
-                    rows, x = ahead.get().result()
+                    rows, part = ahead.get().result()
                     queued -= 1
-                    got_rows.append(rows)
-                    got_x.append(x)
                     top_up()
-                rows, x = np.concatenate(got_rows), torch.cat(got_x)
-                x = x.index_select(0, torch.from_numpy(_positions(rows, want)))  # window order
+                    keep = np.flatnonzero(where(rows) >= 0)  # the unit's training rows (test rows are skipped)
+                    if x is None:
+                        x = torch.empty((len(want), *part.shape[1:]), dtype=part.dtype)
+                    # one copy, straight into the window's order
+                    x[torch.from_numpy(where(rows[keep]))] = part if len(keep) == len(rows) else \
+                        part.index_select(0, torch.from_numpy(keep))
+                    held += len(rows)
+                    del part
                 x_pos = self._partners(lo, hi, want, x)
                 yield w, want, x, x_pos
-                self._hold(-(len(rows) + (len(x_pos) if x_pos is not None else 0)))
+                self._hold(-(held + (len(x_pos) if x_pos is not None else 0)))
 
     def _partners(self, lo: int, hi: int, want: np.ndarray, x: torch.Tensor) -> torch.Tensor | None:
         """Partner tensors of the window's rows: from the window where they are in it, else read from their unit."""
@@ -189,3 +194,16 @@ def _positions(rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Where each of ``wanted`` sits in ``rows`` (every wanted row is in rows)."""
     sorter = np.argsort(rows, kind="stable")
     return sorter[np.searchsorted(rows, wanted, sorter=sorter)].astype(np.int64)
+
+
+def _positions_map(want: np.ndarray):
+    """A function rows -> their positions in ``want`` (-1 for rows not in it)."""
+    sorter = np.argsort(want, kind="stable")
+    ordered = want[sorter]
+
+    def where(rows: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(ordered, rows).clip(max=max(len(ordered) - 1, 0))
+        found = ordered[at] == rows if len(ordered) else np.zeros(len(rows), bool)
+        return np.where(found, sorter[at], -1).astype(np.int64)
+
+    return where

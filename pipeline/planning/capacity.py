@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.errors import ConfigError
 from pipeline.nn.modules import build_module, shape_text
+from pipeline.planning import memory
 from pipeline.planning.plan import RunPlan, build_plan
 from pipeline.store.codec import channel_axis, get_codec
 from schemas.config import RunConfig
@@ -194,6 +195,13 @@ def describe(plan: RunPlan, cfg: RunConfig) -> str:
                      f"{objective:<26}{m.epochs:>7}{m.batch_size:>7}{mb:>12}")
     lines.append(f"all modules: {sum(m.params for m in plan.modules):,} parameters, "
                  f"{total / 1e6:,.1f} MB per full set of versions")
+    have, where = memory.budget(cfg)
+    lines += ["", f"host memory per module actor (predicted peak; budget {have / 2**30:,.2f} GiB from {where})"
+              if have else "host memory per module actor (predicted peak)"]
+    for m in plan.modules:
+        if m.host_memory:
+            lines.append(f"{m.name:<10}{sum(m.host_memory.values()) / 2**30:>8,.2f} GiB  buffer {m.buffer_samples:,} rows: "
+                         f"{memory.format_parts(m.host_memory)}")
     if plan.rows:  # the capacity planner at the dataset's size (`isostack plan` for other sizes and throughputs)
         lines += ["", format_capacity(capacity(cfg, plan, plan.rows, 1000.0), plan.rows, 1000.0,
                                       stream=cfg.schedule.publish == "stream")]

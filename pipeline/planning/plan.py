@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.nn.modules import ShapeError, infer_shape, shape_text
 from pipeline.nn.objectives import ModuleFacts, objective_problems
 from pipeline.nn.pairing import PAIRING_NEEDS
+from pipeline.planning import memory
 from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
 
@@ -41,6 +42,9 @@ class ModulePlan(BaseModel):
     source: str = Field("", description="The materialized stage its input is read from ('' = upstream itself).")
     recompute: list[str] = Field(default_factory=list, description="Modules below (not materialized) whose frozen "
                                  "weights recompute its input from `source`, bottom to top.")
+    buffer_samples: int = Field(0, description="Rows of its shuffle window (feed.buffer_samples, or the automatic size).")
+    host_memory: dict[str, int] = Field(default_factory=dict, description="Predicted peak host bytes of its actor, "
+                                        "by part (pipeline/planning/memory.py).")
 
 
 class RunPlan(BaseModel):
@@ -111,6 +115,7 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
         shape, upstream = out_shape, name
 
     problems += _materialize_problems(cfg, modules)
+    problems += _memory_problems(cfg, modules, rows)
     problems += _resource_problems(cfg, local_cluster)
     if problems:
         raise ConfigError(problems)
@@ -191,6 +196,27 @@ def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tup
                         f"about {need / 2**30:.2f} GiB on top of its own training, more than {where} "
                         f"({have / 2**30:.2f} GiB); materialize {last} (true), lower stack.{m.name}.train.batch_size, "
                         "or set resources.device_memory_gb"))
+    return out
+
+
+def _memory_problems(cfg: RunConfig, modules: list[ModulePlan], rows: int | None) -> list[tuple[str, str]]:
+    """Fill each module's predicted host memory; a module over resources.memory_per_module is a problem."""
+    out = []
+    for m in modules:
+        if not m.in_shape or not m.out_shape:
+            continue
+        src = next((p for p in modules if p.name == m.source), None) if m.source else None
+        stored_shape = tuple(src.in_shape if src else m.in_shape) if m.source == "input" else \
+            tuple(src.out_shape if src else m.in_shape)
+        codec = "uint8" if (m.source or m.upstream) == "input" else cfg.module_codec(m.source or m.upstream)
+        row_bytes = lambda c, shape: get_codec(c, shape).row_bytes  # noqa: E731
+        m.buffer_samples = memory.buffer_samples(cfg, row_bytes(codec, stored_shape), m.batch_size)
+        m.host_memory = memory.host_memory(cfg, in_shape=list(stored_shape), out_shape=m.out_shape, in_codec=codec,
+                                           params=m.params, batch_size=m.batch_size, pairing=m.pairing, rows=rows,
+                                           buffer=m.buffer_samples, row_bytes=row_bytes)
+        problem = memory.memory_problem(cfg, m.name, m.host_memory)
+        if problem:
+            out.append(problem)
     return out
 
 

@@ -52,6 +52,9 @@ def version_dir(stage: str, version: int) -> str:
     return f"store/{stage}/v{version:04d}"
 
 
+ROW_GROUP_BYTES = 64 << 20  # a feed reads one row group at a time (pipeline/feed); keep it a few MB..64 MB
+
+
 class VersionWriter:
     """Streams ``(meta, tensor)`` batches into shards of ``rows_per_shard`` rows.
 
@@ -229,7 +232,9 @@ class VersionWriter:
         try:
             with self._fs.write_stream(rel) as f:
                 faults.maybe_raise("enospc_shard", self.stage)
-                pq.write_table(shard, f.sink, row_group_size=max(rows, 1), **self._options)
+                # Row groups are what a streaming reader holds at once: at most ROW_GROUP_BYTES of tensors each.
+                group = max(1, min(rows, ROW_GROUP_BYTES // max(1, self._codec.row_bytes)))
+                pq.write_table(shard, f.sink, row_group_size=group, **self._options)
         except BaseException:
             self._state = "failed"
             raise

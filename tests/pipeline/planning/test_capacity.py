@@ -75,3 +75,29 @@ def test_cli_plan_prints_the_stl10_gim_numbers_of_the_issue(capsys):
         line = next(x for x in out.splitlines() if x.startswith(stage))
         assert gb in line
     assert main(["plan", "stl10-gim", "--samples", "0"]) != 0
+
+
+def test_validate_predicts_each_actors_memory_and_refuses_a_config_over_budget():
+    from pipeline.errors import ConfigError
+    from pipeline.planning.capacity import describe
+    from pipeline.planning.plan import build_plan
+
+    wide = ["dataset.image_size=32", "stack.m1.layers.0.channels=64", "resources.memory_per_module=64"]
+    cfg = load_config(None, wide, None)
+    plan = build_plan(cfg, check_paths=False, local_cluster=False)
+    m2 = plan.module("m2")
+    assert m2.host_memory["window"] > 0 and m2.buffer_samples >= 1
+    text = describe(plan, cfg)
+    assert "host memory per module actor" in text and "buffer" in text
+    # The same stack with a huge shuffle buffer on a small budget: refused, naming the key and the knob.
+    tight = load_config(None, wide[:-1] + ["resources.memory_per_module=1", "feed.buffer_samples=100000",
+                                           "dataset.max_per_split=100000"], None)
+    with pytest.raises(ConfigError) as err:
+        build_plan(tight, check_paths=False, local_cluster=False)
+    keys = [k for k, _ in err.value.problems]
+    assert "resources.memory_per_module" in keys
+    assert "feed.buffer_samples" in str(err.value)
+    # An automatic buffer shrinks to what the budget allows instead.
+    auto = load_config(None, wide[:-1] + ["resources.memory_per_module=1"], None)
+    small = build_plan(auto, check_paths=False, local_cluster=False).module("m2")
+    assert small.buffer_samples <= m2.buffer_samples

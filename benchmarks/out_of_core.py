@@ -1,0 +1,182 @@
+"""Out of core: a module trains on an upstream version many times its own peak memory, and its memory stays flat.
+
+    python -m benchmarks.out_of_core --gb 0.05            # toy size (seconds)
+    python -m benchmarks.out_of_core --gb 10 --scales 1,2,4   # the README row: m1's version >= 10 GB at 1x
+
+A 2-module stack: m1 is cheap and wide (its version is written directly as float16 activations of shape
+(64, 32, 32), 128 KB a sample, in bounded chunks: "a cheap, wide m1"), m2 (conv 64->16 3x3 stride 2 +
+max-pool, infonce_pair on same-instance pairs) trains one epoch on it in a fresh process through the real
+``ModuleTrainer.run`` (streaming feed, then its final version published) and reports its peak RSS.
+Table: samples, m1's version on disk, m2's peak RSS, m2's wall time, at 1x / 2x / 4x the samples.
+Goals (issue 15): version >= 4x m2's peak RSS; peak RSS at 2x and 4x within 10% of 1x; and, at 1x,
+store-fed streamed training samples/s >= 0.9 of the same steps fed from the version held in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from pipeline.feed import PairedBatches, StreamingBatches, load_upstream, open_source, plan_epoch
+from pipeline.nn.modules import build_module
+from pipeline.nn.objectives import build_objective, local_loss
+from pipeline.planning.config import load_config
+from pipeline.planning.plan import build_plan
+from pipeline.store import Store
+
+M1_SHAPE = (64, 32, 32)  # float16: 128 KiB a sample
+BATCH = 32
+
+
+def config(samples: int, buffer: int | None) -> dict:
+    cfg = load_config(None, [
+        "dataset.image_size=32", "train.epochs=1", "train.batch_size=32", "schedule.settle_epochs=0",
+        "schedule.poll_seconds=0.05", "stack.m1.layers.0.channels=64", "stack.m1.layers=[{type: conv, channels: 64, "
+        "kernel: 3, padding: same}]", "stack.m2.layers=[{type: conv, channels: 16, kernel: 3, stride: 2}, "
+        "{type: maxpool, kernel: 2}]", "store.rows_per_shard=512", "resources.memory_per_module=64",
+        "evaluate.baselines=false", *([f"feed.buffer_samples={buffer}"] if buffer else [])], None)
+    cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
+    return cfg.model_dump(mode="json")
+
+
+def write_m1(store: Store, samples: int, chunk: int = 256) -> int:
+    """m1's final version: NORB-like metadata (5 classes x 10 instances x 18 azimuths), random activations."""
+    writer = store.begin_version("m1", codec="float16", final=True, rows_per_shard=512,
+                                 producer={"module": "m1", "epoch": 1, "generation": 0})
+    gen = torch.Generator().manual_seed(0)
+    for lo in range(0, samples, chunk):
+        i = np.arange(lo, min(samples, lo + chunk))
+        meta = {"sample_id": i, "split": np.where(i % 5 == 4, "test", "train"), "label": (i // 180) % 5,
+                "instance": (i // 18) % 10 + 10 * ((i // 900) % 2), "azimuth": (i % 18) * 20.0,
+                "elevation": np.full(len(i), 30.0), "lighting": (i // 1800) % 6}
+        writer.write(meta, torch.randn((len(i), *M1_SHAPE), generator=gen).half())
+    manifest = writer.commit()
+    return sum(s.bytes for s in manifest.shards)
+
+
+def train_m2(workdir: str, samples: int, buffer: int | None) -> dict:
+    """m2's ``run()`` in a fresh process (its own peak RSS): wall seconds, peak RSS, samples/s."""
+    code = (
+        "import json, resource, sys, time, torch; torch.set_num_threads(1)\n"
+        "from workers.trainer import ModuleTrainer\n"
+        "cfg = json.loads(sys.argv[3]); t0 = time.perf_counter()\n"
+        "t = ModuleTrainer(sys.argv[1], sys.argv[2], 'm2', cfg); t.run()\n"
+        "s = t.status(); held = [r['value'] for r in t.metrics.rows if r['name'] == 'm2/feed/rows_held']\n"
+        "print(json.dumps({'seconds': time.perf_counter() - t0, 'rss': resource.getrusage(resource.RUSAGE_SELF)"
+        ".ru_maxrss * 1024, 'samples_per_second': s['samples_per_second'], 'rows_held': max(held or [0]), "
+        "'state': s['state']}))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, workdir, f"ooc{samples}", json.dumps(config(samples, buffer))],
+                         capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"m2 failed at {samples} samples:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def throughput(store: Store, cfg: dict, steps: int) -> dict:
+    """samples/s of the same m2 steps fed streamed from the store and from the version held in memory."""
+    torch.set_num_threads(1)
+    rc = load_config(None, [], None).model_validate(cfg)
+    plan = build_plan(rc, check_paths=False, local_cluster=False)
+    mp = plan.module("m2")
+    version = store.final("m1").version
+    rates = {}
+    for side in ("memory", "streamed", "memory", "streamed"):  # alternate; each side's best counts
+        torch.manual_seed(0)
+        module = build_module(rc.stack["m2"], tuple(mp.in_shape))
+        objective = build_objective(rc.stack["m2"].objective, tuple(mp.out_shape), plan.num_classes,
+                                    in_shape=tuple(mp.in_shape), module=module)
+        opt = torch.optim.Adam(list(module.parameters()) + list(objective.parameters()), lr=1e-3)
+        rng = np.random.default_rng([0, 1])
+        if side == "memory":
+            up = load_upstream(store, "m1", version)  # decoded before the clock: the version is in memory
+            batches = PairedBatches(up, batch_size=BATCH, pairing="same_instance", rng=rng, device=torch.device("cpu"),
+                                    max_steps=steps)
+        else:
+            t_open = time.perf_counter()
+            src = open_source(store, "m1", version, cfg, torch.device("cpu"))
+            ep = plan_epoch({k: getattr(src, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")},
+                            src.train_rows(), src.unit, pairing="same_instance", batch_size=BATCH,
+                            buffer=mp.buffer_samples, rng=rng, max_steps=steps)
+            batches = StreamingBatches(src, ep, device=torch.device("cpu"), pairing="same_instance",
+                                       readahead=rc.feed.readahead)
+        t0 = time.perf_counter() if side == "memory" else t_open
+        n = 0
+        for b in batches:
+            loss, _ = local_loss(objective, module, b.x, b.x_pos, b.labels, b.groups)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(b.x)
+        rates[side] = max(rates.get(side, 0.0), n / (time.perf_counter() - t0))
+        if side == "streamed":
+            rates["fetch_rate"] = ep.fetch_rate
+    return rates
+
+
+def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None) -> dict:
+    per_sample = math.prod(M1_SHAPE) * 2
+    base = max(4 * BATCH, int(gb * 1e9 / per_sample))
+    rows = []
+    for s in scales:
+        n = base * s
+        store = Store(workdir, f"ooc{n}")
+        t0 = time.perf_counter()
+        disk = write_m1(store, n)
+        write_s = time.perf_counter() - t0
+        m2 = train_m2(workdir, n, buffer)
+        rows.append({"scale": s, "samples": n, "version_bytes": disk, "write_seconds": write_s, **m2})
+        if s == scales[0]:
+            tp = throughput(store, config(n, buffer), steps=max(4, (n * 4 // 5) // BATCH))
+        store.delete("store")  # the next scale's version is written fresh; free the disk
+    first = rows[0]["rss"]
+    return {"rows": rows, "throughput": tp,
+            "goals": {"version_over_rss_at_1x": rows[0]["version_bytes"] / first,
+                      "rss_spread_vs_1x": max(abs(r["rss"] - first) / first for r in rows),
+                      "streamed_over_memory_at_1x": tp["streamed"] / tp["memory"]}}
+
+
+def table(result: dict) -> str:
+    lines = [f"{'scale':>5} {'samples':>9} {'m1 version GB':>14} {'m2 peak RSS GB':>15} {'version/RSS':>12} "
+             f"{'m2 seconds':>11} {'m2 samples/s':>13} {'rows held':>10}"]
+    for r in result["rows"]:
+        lines.append(f"{r['scale']:>4}x {r['samples']:>9,} {r['version_bytes'] / 1e9:>14.3f} {r['rss'] / 1e9:>15.3f} "
+                     f"{r['version_bytes'] / r['rss']:>12.2f} {r['seconds']:>11.1f} {r['samples_per_second'] or 0:>13.1f} "
+                     f"{int(r['rows_held']):>10,}")
+    g, tp = result["goals"], result["throughput"]
+    lines += [f"peak RSS spread vs 1x: {g['rss_spread_vs_1x']:.1%} (goal <= 10%)",
+              f"version / peak RSS at 1x: {g['version_over_rss_at_1x']:.2f} (goal >= 4)",
+              f"streamed vs in-memory samples/s at 1x: {tp['streamed']:.1f} / {tp['memory']:.1f} = "
+              f"{g['streamed_over_memory_at_1x']:.2f} (goal >= 0.9; partner fetch rate {tp['fetch_rate']:.1%})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, default=0.05, help="m1's version size at 1x, in GB (the README row: >= 10)")
+    ap.add_argument("--scales", default="1,2,4", help="sample multiples to run (comma separated)")
+    ap.add_argument("--buffer", type=int, default=None, help="feed.buffer_samples (default: automatic)")
+    ap.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args(argv)
+    scales = [int(s) for s in args.scales.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        result = run(args.gb, scales, tmp, args.buffer)
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Host memory of one module actor, predicted before launch.
+
+A trainer streams its upstream (``pipeline.feed``), so its memory does not grow with the samples:
+it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group), the
+window's partner rows, ``feed.readahead`` row groups read ahead, the metadata index (a few dozen
+bytes a sample: the one term that grows with the dataset), the model with its gradients and Adam
+state, one batch's activations, and, while publishing, one row group and one inference chunk.
+``build_plan`` refuses a config whose prediction exceeds ``resources.memory_per_module``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from pipeline.store.writer import ROW_GROUP_BYTES
+from schemas.config import RunConfig
+
+PROCESS_BASE = 450 * 2**20  # a Python process with torch, pyarrow and a Ray worker loaded, measured ~0.4 GiB
+INDEX_BYTES_PER_ROW = 96  # metadata index: 7 columns as numpy + the Arrow table + the epoch plan arrays
+AUTO_BUFFER_SHARE = 0.25  # an automatic shuffle window takes at most this share of the budget
+MAX_AUTO_BUFFER = 8192
+
+
+def node_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def budget(cfg: RunConfig) -> tuple[int | None, str]:
+    """Bytes one module actor may use, and where that number comes from."""
+    if cfg.resources.memory_per_module is not None:
+        return int(cfg.resources.memory_per_module * 2**30), "resources.memory_per_module"
+    have = node_memory()
+    if have is None:
+        return None, ""
+    sharing = 1 if cfg.schedule.mode == "sequential" else len(cfg.stack)
+    return have // sharing, f"this machine's memory / {sharing} module(s) (resources.memory_per_module unset)"
+
+
+def buffer_samples(cfg: RunConfig, in_row_bytes: int, batch_size: int) -> int:
+    """``feed.buffer_samples``, or when unset as many rows as fit in a quarter of the budget (4 batches to 8192)."""
+    if cfg.feed.buffer_samples is not None:
+        return cfg.feed.buffer_samples
+    have, _ = budget(cfg)
+    fit = int(AUTO_BUFFER_SHARE * have / max(1, 2 * in_row_bytes)) if have else MAX_AUTO_BUFFER
+    return max(4 * batch_size, min(MAX_AUTO_BUFFER, fit))
+
+
+def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: int, batch_size: int, pairing,
+                rows: int | None, buffer: int, row_bytes) -> dict[str, int]:
+    """Predicted peak bytes by part (``row_bytes(codec, shape)`` gives a stored row's width)."""
+    stored = row_bytes(in_codec, tuple(in_shape))
+    in_values, out_values = math.prod(in_shape), math.prod(out_shape or [0])
+    unit = max(1, min(cfg.store.rows_per_shard, ROW_GROUP_BYTES // max(1, stored)))  # rows of one row group
+    window = max(buffer, unit) if rows is None else min(rows, max(buffer, min(unit, rows)))
+    paired = pairing in ("same_instance", "neighbor_pose")
+    chunk = max(256, 4 * batch_size)
+    parts = {
+        "process": PROCESS_BASE,
+        "window": window * stored * (2 if paired else 1),
+        "readahead": (cfg.feed.readahead + 1) * min(unit, rows or unit) * stored,
+        "index": (rows or 0) * INDEX_BYTES_PER_ROW,
+        "model": params * 4 * 4,  # weights, gradients, Adam's two moments (float32)
+        # a batch of pairs in float32, and the activations autograd keeps (input and output of each side)
+        "batch": 2 * batch_size * (in_values + out_values) * 4 * 2,
+    }
+    publish = min(unit, rows or unit) * stored + chunk * (in_values + out_values) * 4
+    parts["publish"] = max(0, publish - parts["window"] - parts["readahead"] - parts["batch"])  # not while training
+    return parts
+
+
+KNOBS = {"window": "feed.buffer_samples", "readahead": "feed.readahead", "batch": "train.batch_size",
+         "publish": "train.batch_size (publishing runs max(256, 4 x batch) rows at once) or store.rows_per_shard",
+         "index": "dataset size (max_per_split)", "model": "the module's width", "process": "-"}
+
+
+def memory_problem(cfg: RunConfig, name: str, parts: dict[str, int]) -> tuple[str, str] | None:
+    """A problem naming ``resources.memory_per_module`` when ``parts`` exceed the budget, else None."""
+    have, where = budget(cfg)
+    need = sum(parts.values())
+    if have is None or need <= have:
+        return None
+    biggest = max((k for k in parts if k != "process"), key=parts.get)
+    return ("resources.memory_per_module",
+            f"module {name} would hold about {need / 2**30:.2f} GiB of host memory ({format_parts(parts)}), more than "
+            f"{where} ({have / 2**30:.2f} GiB); its largest part is the {biggest}: lower {KNOBS[biggest]}, "
+            "or raise resources.memory_per_module where the node has the memory")
+
+
+def format_parts(parts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / 2**20:,.0f} MiB" for k, v in parts.items() if v)
