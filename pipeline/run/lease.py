@@ -1,9 +1,10 @@
 """Leases: one owner at a time per module (owner + expiry, so a crashed owner does not lock forever).
 
-On a local or mounted file system the lease file is created with ``O_CREAT | O_EXCL``: of two takers
-exactly one creates it, the other is refused naming the owner. An expired lease is taken over by renaming
-it to a unique name first (a rename of one file succeeds once), so two takers of a lapsed lease cannot
-both win either. Object stores: pyarrow.fs has no conditional write, so there the lease is written, read
+On a local or mounted file system the lease record is written whole to a private file and hard-linked
+into place (``link`` fails when the name exists): of two takers exactly one creates it, the other is
+refused naming the owner, and no reader sees half a record. An expired lease is taken over through a
+token named by the lapsed record's content (again an exclusive link), so of the takers that saw the same
+lapsed lease only one replaces it. Object stores: pyarrow.fs has no conditional write, so there the lease is written, read
 back and checked (two takers racing within that window can both believe they hold it): a known limitation
 of leases on s3:// and gs:// roots.
 
@@ -13,6 +14,7 @@ of leases on s3:// and gs:// roots.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -41,32 +43,47 @@ def _refuse(store: Store, module: str, held: dict) -> LeaseError:
 def _take_local(store: Store, module: str, record: dict) -> None:
     path = store.local_path(f"{_DIR}/{module}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    # The record is written whole to a private file first and then hard-linked into place: link() fails when
+    # the name exists, so taking is atomic and no reader ever sees a half-written lease.
+    mine = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(mine, "w") as f:
+        f.write(json.dumps(record))
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        _link_exclusive(store, module, path, mine)
+    finally:
+        os.remove(mine)
+
+
+def _link_exclusive(store: Store, module: str, path: str, mine: str) -> None:
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(mine, path)
+            return
         except FileExistsError:
-            held = store.read_json(f"{_DIR}/{module}.json") or {}
-            if held.get("expires", 0) > time.time():
-                raise _refuse(store, module, held) from None
-            # Lapsed: move it aside under a unique name; only one taker's rename finds it.
-            tomb = f"{path}.lapsed-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(path, tomb)
-            except FileNotFoundError:
-                continue  # another taker moved it first; race for the create
-            with open(tomb) as f:
-                moved = json.loads(f.read() or "{}")
-            if moved.get("expires", 0) > time.time():  # we moved a fresh lease that replaced the lapsed one
-                with contextlib.suppress(FileExistsError):
-                    os.link(tomb, path)
-                os.remove(tomb)
-                raise _refuse(store, module, moved) from None
-            os.remove(tomb)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
-            f.flush()
-            os.fsync(f.fileno())
+            pass
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            continue  # released meanwhile: race for the link again
+        held = json.loads(text or "{}")
+        if held.get("expires", 0) > time.time():
+            raise _refuse(store, module, held)
+        # Lapsed. Of all takers that read this same lapsed record, the one that links a token named by the
+        # record's content wins and alone replaces it; the token stays, so a slow taker that read the old
+        # record later still finds it taken. (A zombie owner releasing its lapsed lease inside this window
+        # could let one more taker in: the lease protects against crashed owners, not paused ones.)
+        token = f"{path}.taken-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        try:
+            os.link(mine, token)
+        except FileExistsError:
+            with open(token) as f:
+                raise _refuse(store, module, json.loads(f.read() or "{}")) from None
+        staged = f"{mine}.staged"
+        os.link(mine, staged)
+        os.replace(staged, path)
         return
     raise LeaseError(f"module {module}: the lease {path} kept changing hands", "retry in a few seconds")
 
