@@ -60,7 +60,7 @@ def _cases(store: Path, config: Path, tmp: Path):
         ("store URI mixing two runs", ["run", str(config), *s, "--run-id", "good", "--set", "train.epochs=2"],
          ["already exists", "different config"]),
         ("RUN outside --store", ["status", str(tmp / "elsewhere" / "good"), *s], ["outside --store"]),
-        ("embed with the wrong image size", ["embed", "good", str(wrong), *s], ["(1, 8, 8)", "expects (1, 16, 16)"]),
+        ("embed with the wrong image size", ["embed", "good", str(wrong), *s], ["(3, 1, 8, 8)", "(N, 1, 16, 16)", "resize the images to 16x16"]),
         ("retrain an unknown module", ["retrain", "good", "--module", "m7", *s], ["no module 'm7'"]),
         ("retrain --set of another module", ["retrain", "good", "--module", "m2", *s, "--set", "stack.m1.train.lr=1"],
          ["stack.m1.train.lr", "may only change"]),

@@ -181,7 +181,7 @@ def test_second_retrain_of_the_same_module_is_refused_naming_the_owner(config, t
         time.sleep(0.05)
     owner = json.loads(lease.read_text())["owner"]
     second = cli("retrain", "lease", "--module", "m2", "--store", str(store), check=False)
-    assert second.returncode != 0 and owner in second.stderr and "being retrained" in second.stderr
+    assert second.returncode != 0 and owner in second.stderr and "being trained by" in second.stderr
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert not lease.exists()  # released when the first finished
