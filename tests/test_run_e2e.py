@@ -48,9 +48,9 @@ def tree_hashes(root: Path, *prefixes: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    # m1 gets many more epochs so it is still training when m2's actor is up (about 2.5 s per 10 epochs here;
-    # an actor starts in seconds under load): the async overlap is then visible on tiny data.
-    proc = isostack("run", *_sets(TINY + ["stack.m1.train.epochs=40"]), "--store", str(store), "--run-id", "e2e")
+    # m1 gets more epochs so its window is wide enough for the async overlap to be visible on tiny data, and
+    # one settle epoch leaves m2 one of its two epochs to train on a non-final m1 version.
+    proc = isostack("run", *_sets(TINY + ["stack.m1.train.epochs=10", "schedule.settle_epochs=1"]), "--store", str(store), "--run-id", "e2e")
     return store, store / "e2e", proc
 
 

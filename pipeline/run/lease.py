@@ -33,6 +33,24 @@ def _owner() -> str:
     return f"{socket.gethostname()}:pid{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def held_live(held: dict) -> bool:
+    """Whether a lease record still holds: unexpired, and, when its owner is a process on this machine, that
+    process still exists (a driver killed with SIGKILL holds no lease, so `resume` need not wait out the TTL)."""
+    if held.get("expires", 0) <= time.time():
+        return False
+    host, _, rest = str(held.get("owner", "")).partition(":pid")
+    pid = rest.split(":", 1)[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _refuse(store: Store, module: str, held: dict) -> LeaseError:
     left = held.get("expires", 0) - time.time()
     return LeaseError(f"module {module} is being trained by {held.get('owner')} (lease {store.root_uri}/{_DIR}/{module}.json "
@@ -69,7 +87,7 @@ def _link_exclusive(store: Store, module: str, path: str, mine: str) -> None:
         except FileNotFoundError:
             continue  # released meanwhile: race for the link again
         held = json.loads(text or "{}")
-        if held.get("expires", 0) > time.time():
+        if held_live(held):
             raise _refuse(store, module, held)
         # Lapsed. Of all takers that read this same lapsed record, the one that links a token named by the
         # record's content wins and alone replaces it; the token stays, so a slow taker that read the old
@@ -91,7 +109,7 @@ def _link_exclusive(store: Store, module: str, path: str, mine: str) -> None:
 def _take_object_store(store: Store, module: str, record: dict) -> None:
     rel = f"{_DIR}/{module}.json"
     held = store.read_json(rel)
-    if held and held.get("expires", 0) > time.time():
+    if held and held_live(held):
         raise _refuse(store, module, held)
     store.write_json(rel, record)
     time.sleep(0.05)
@@ -131,7 +149,7 @@ def live_leases(store: Store) -> dict[str, str]:
         if not name.endswith(".json"):
             continue
         held = store.read_json(f"{_DIR}/{name}") or {}
-        if held.get("expires", 0) > time.time():
+        if held_live(held):
             out[name[:-len(".json")]] = str(held.get("owner"))
     return out
 

@@ -72,3 +72,22 @@ def test_live_leases_name_the_owner_and_lapse(tmp_path):
     with module_lease(store, "m2") as owner:
         assert live_leases(store) == {"m2": owner}
     assert live_leases(store) == {}
+
+
+def test_a_lease_of_a_dead_local_process_does_not_hold(tmp_path):
+    # A driver killed with SIGKILL leaves its lease behind; `resume` must not wait out the TTL for it.
+    import socket
+    import subprocess
+
+    from pipeline.run.lease import held_live, live_leases
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    store = Store(str(tmp_path), "run")
+    record = {"owner": f"{socket.gethostname()}:pid{dead.pid}:abc123", "expires": time.time() + 60}
+    store.write_json("leases/m2.json", record)
+    assert not held_live(record) and live_leases(store) == {}
+    with module_lease(store, "m2") as me:  # taken over at once
+        assert live_leases(store) == {"m2": me}
+    # Another machine's owner cannot be checked: its lease holds until it expires.
+    assert held_live({"owner": "elsewhere:pid1:abc", "expires": time.time() + 60})
