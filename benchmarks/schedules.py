@@ -5,7 +5,9 @@ each with its final nearest-centroid test accuracy.
 Timed: ``driver.run(final_stage=False)`` after the dataset is ingested (actor start, training, checkpoints,
 publishing, settle epochs), and the reference loop's load + training. Not timed: Ray start, ingest, and
 the evaluation that gives the accuracy. Actors get 1 torch thread each (``cpus_per_module=1``), so
-`sequential` uses one core at a time and `async` both; the reference loop is given both cores.
+`sequential` trains on one core at a time and `async` on both; the reference loop is given both cores.
+Both modes create every actor when the run starts (`sequential` sets each up while the one below trains), so
+the comparison is not one of actor start-up; ``train.epochs`` is each module's whole budget in both.
 """
 
 from __future__ import annotations

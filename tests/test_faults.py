@@ -185,3 +185,29 @@ def test_second_retrain_of_the_same_module_is_refused_naming_the_owner(config, t
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert not lease.exists()  # released when the first finished
+
+
+def test_retrain_set_is_local_to_its_module_and_recorded(config, tmp_path):
+    store = tmp_path / "store"
+    cli("run", str(config), *sets(["train.epochs=2", "train.lr=0.001"]), "--store", str(store), "--run-id", "local",
+        "--no-final-stage")
+    root = store / "local"
+    cli("retrain", "local", "--module", "m2", "--store", str(store), "--set", "train.lr=0.005", "--set", "train.epochs=1")
+    info = json.loads((root / "run.json").read_text())
+    assert info["retrains"][-1]["module"] == "m2" and info["retrains"][-1]["generation"] == 1
+    assert info["retrains"][-1]["overrides"] == ["train.lr=0.005", "train.epochs=1"]
+    cfg = info["config"]
+    assert cfg["stack"]["m2"]["train"]["lr"] == 0.005 and cfg["stack"]["m2"]["train"]["epochs"] == 1
+    assert cfg["train"]["lr"] == 0.001 and cfg["train"]["epochs"] == 2  # the run's defaults: unchanged
+    assert cfg["stack"]["m1"]["train"].get("lr") is None and cfg["stack"]["m1"]["train"].get("epochs") is None
+    # The override took effect: m2's new final is its one-epoch generation.
+    assert manifests(root, "m2")[-1]["final"] and manifests(root, "m2")[-1]["producer"] == {
+        **manifests(root, "m2")[-1]["producer"], "generation": 1, "epoch": 1}
+    # A later retrain of m1 trains with the run's settings (2 epochs at lr 0.001), not the ones given to m2.
+    cli("retrain", "local", "--module", "m1", "--store", str(store))
+    m1_final = manifests(root, "m1")[-1]
+    assert m1_final["final"] and m1_final["producer"]["generation"] == 1 and m1_final["producer"]["epoch"] == 2
+    info = json.loads((root / "run.json").read_text())
+    assert [(r["module"], r["overrides"]) for r in info["retrains"]] == [
+        ("m2", ["train.lr=0.005", "train.epochs=1"]), ("m1", [])]
+    assert info["config"]["stack"]["m1"]["train"].get("lr") is None and info["config"]["train"]["lr"] == 0.001

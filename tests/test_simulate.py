@@ -16,8 +16,9 @@ def _stack(train=(10.0, 10.0, 10.0), epochs=3, **kw):
 def test_sequential_wall_time_is_the_sum_of_module_times():
     costs = [ModuleCost("m1", 2.0, 3, infer_s=0.5, start_s=1.0), ModuleCost("m2", 3.0, 4, infer_s=0.25, start_s=1.0)]
     res = simulate(costs, Cluster(), Schedule(mode="sequential", settle_epochs=2, poll_s=POLL))
-    # m1: start 1 + 3 epochs x 2 + 3 publishes (2 intermediate + final) x 0.5; m2 the same with its numbers
-    assert res.wall_s == pytest.approx((1 + 3 * 2 + 3 * 0.5) + (1 + 4 * 3 + 4 * 0.25))
+    # Both actors start at t = 0 (the scheduler creates them up front), so m2's start hides behind m1's training:
+    # start 1, then m1's 3 epochs x 2 + 3 publishes (2 intermediate + final) x 0.5, then m2's the same.
+    assert res.wall_s == pytest.approx(1 + (3 * 2 + 3 * 0.5) + (4 * 3 + 4 * 0.25))
     assert [m.epochs for m in res.modules] == [3, 4] and [m.published for m in res.modules] == [3, 4]
 
 
@@ -38,14 +39,35 @@ def test_async_with_free_store_and_a_device_each_is_the_slowest_chain():
     assert seq.wall_s == pytest.approx(90.0)
 
 
-def test_async_tracks_upstream_and_settles():
-    # A fast m2 (1 s epochs) runs out of its 3 epochs before m1 is final: it trains one epoch per new version
-    # (track_upstream) and settle_epochs=2 on m1's final.
+def test_async_tracks_upstream_and_settles_within_the_budget():
+    # A fast m2 (1 s epochs, budget 3, settle 1): its last epoch is kept for m1's final (v3, at 30 s); before
+    # that, tracking spends one epoch on each new version (v1 at 10 s, v2 at 20 s) and waits for the next.
     costs = [ModuleCost("m1", 10.0, 3), ModuleCost("m2", 1.0, 3)]
-    res = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=2, poll_s=POLL))
-    assert [v for _, v in res.modules[1].upstream_used] == [1, 1, 1, 2, 3, 3]
-    untracked = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=2, track_upstream=False, poll_s=POLL))
-    assert [v for _, v in untracked.modules[1].upstream_used] == [1, 1, 1, 3, 3]
+    res = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=1, poll_s=POLL))
+    assert [v for _, v in res.modules[1].upstream_used] == [1, 2, 3]
+    # Without tracking it trains ahead on v1 and then waits for the final.
+    untracked = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=1, track_upstream=False, poll_s=POLL))
+    assert [v for _, v in untracked.modules[1].upstream_used] == [1, 1, 3]
+    # settle 2 of 3: only the first epoch may use a non-final version.
+    settle2 = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=2, poll_s=POLL))
+    assert [v for _, v in settle2.modules[1].upstream_used] == [1, 3, 3]
+
+
+@pytest.mark.parametrize("settle", [0, 1, 3])
+@pytest.mark.parametrize("track", [True, False])
+def test_every_module_trains_its_budget_and_ends_on_the_final_upstream(settle, track):
+    # The epoch budget is the budget whatever the timing (the old loop trained one more epoch per upstream version
+    # past it, compounding up the stack), and each final version is built on the upstream's final one.
+    costs = [ModuleCost("m1", 5.0, 4, infer_s=0.1), ModuleCost("m2", 0.5, 4, infer_s=0.1),
+             ModuleCost("m3", 0.2, 4, infer_s=0.1)]
+    res = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=settle, track_upstream=track, poll_s=POLL))
+    assert [m.epochs for m in res.modules] == [4, 4, 4]
+    assert res.modules[0].published == 4  # v1..v3, then its final v4 (publish_every 1)
+    for below, m in zip(res.modules, res.modules[1:]):
+        assert len(m.upstream_used) == 4
+        assert m.final_upstream == below.published  # built on the upstream's final version, settle 0 included
+        assert all(v == 4 for _, v in m.upstream_used[4 - settle:])  # the settle epochs on the final upstream
+    assert res.modules[1].final_s > res.modules[0].final_s and res.modules[2].final_s > res.modules[1].final_s
 
 
 def test_bottom_module_settle_is_capped_by_its_epochs():

@@ -1,8 +1,9 @@
 """A discrete-event model of the module actors' schedule (pure Python: no torch, no Ray).
 
-Each module is a process that follows ``workers/trainer.py``'s ``run`` loop step by step (``_process`` below
-quotes the branches it mirrors); what each step costs comes from ``ModuleCost``, and the resources it holds
-are shared by processor sharing:
+Each module is a process that follows ``workers/trainer.py``'s ``run`` loop step by step: what it does at an
+epoch boundary (train, wait, commit the final version) and when it publishes are decided by the trainer's own
+``workers.epochs.next_step`` / ``publishes_after``, so the model cannot drift from the epoch policy; what each
+step costs comes from ``ModuleCost``, and the resources it holds are shared by processor sharing:
 
 - ``device``: a module's training and inference. One device per module by default; with
   ``Cluster.devices`` < M the modules time-slice: ``pooled`` (an OS scheduler over cores: n busy tasks on
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from workers.epochs import Boundary, Step, next_step, publishes_after
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class ModuleResult:
     staleness_start: list = field(default_factory=list)  # upstream versions behind the newest, per epoch start
     staleness_end: list = field(default_factory=list)    # ... and at that epoch's end
     upstream_used: list = field(default_factory=list)    # (epoch, upstream version)
+    final_upstream: int | None = None   # the upstream version loaded when the final version was committed
     utilisation: float = 0.0            # device_work_s / span
 
     def as_dict(self) -> dict:
@@ -168,13 +172,16 @@ class _Sim:
 
     # ------------------------------------------------ one module: workers/trainer.py's run loop
 
-    def _process(self, i: int):
+    def _start(self, i: int):
+        """Actor start: process, imports, build, resume check (both modes create every actor at t = 0)."""
+        yield _Task("host", self.costs[i].start_s, "start")
+
+    def _body(self, i: int):
+        """``ModuleTrainer.run``: the decisions are ``workers.epochs``' own (the one epoch policy), the costs ours."""
         c, sch, res = self.costs[i], self.schedule, self.results[i]
-        settle_needed = min(sch.settle_epochs, c.epochs) if i == 0 else sch.settle_epochs  # _settle_needed
-        epoch, on_final, used = 0, 0, []   # used: lineage["upstream_versions"] as (epoch, version)
+        used: list[int] = []               # lineage["upstream_versions"]: the upstream version of each epoch
         loaded: list[_Version | None] = [None]
         n_pub = 0
-        yield _Task("host", c.start_s, "start")
 
         def switch():  # _switch_upstream: move to the newest committed upstream version, loading it
             newest = self.newest(i)
@@ -196,31 +203,30 @@ class _Sim:
         while True:
             yield from switch()
             up = loaded[0]
-            waiting = epoch >= c.epochs and not up.final if up is not None else True
-            if waiting and up is not None and sch.track_upstream:
-                waiting = bool(used) and used[-1][1] == up.number
-            if waiting:
+            step = next_step(Boundary(epoch=res.epochs, budget=c.epochs, settle=sch.settle_epochs,
+                                      track=sch.track_upstream, loaded=up is not None,
+                                      upstream_final=up is not None and up.final,
+                                      trained_on_loaded=bool(up is not None and used and used[-1] == up.number)))
+            if step == Step.wait:
                 yield _Task("delay", sch.poll_s, "poll")
                 continue
-            if epoch >= c.epochs and on_final >= settle_needed:
+            if step == Step.finish:
                 break
-            # train_until(epoch + 1): switch again (blocking; the upstream exists by now), then one epoch
+            # train_until(epoch + 1): switch again (the upstream exists by now), then one epoch
             yield from switch()
             up = loaded[0]
             yield _Task("host", c.epoch_host_s, "epoch_host")
             if res.started_s is None:
                 res.started_s = self.t
             res.staleness_start.append(self.newest(i).number - up.number)
-            yield _Task("device", _nth(c.train_s, epoch), "train")
+            yield _Task("device", _nth(c.train_s, res.epochs), "train")
             res.staleness_end.append(self.newest(i).number - up.number)
-            epoch += 1
-            used.append((epoch, up.number))
-            res.upstream_used.append((epoch, up.number))
-            on_final += up.final
-            res.epochs = epoch
-            finishing = epoch >= c.epochs and on_final >= settle_needed
-            if epoch % sch.publish_every == 0 and not finishing:
+            res.epochs += 1
+            used.append(up.number)
+            res.upstream_used.append((res.epochs, up.number))
+            if publishes_after(res.epochs, c.epochs, sch.publish_every, up.final):
                 yield from publish(final=False)
+        res.final_upstream = loaded[0].number
         yield from publish(final=True)
 
     # ------------------------------------------------ processor sharing over all running steps
@@ -248,22 +254,31 @@ class _Sim:
 
     def run(self) -> SimResult:
         m = len(self.costs)
-        gens = {i: self._process(i) for i in (range(m) if self.schedule.mode == "async" else [0])}
+        # Both modes create every actor at t = 0 (pipeline/run/scheduler.py); async then runs them all, sequential
+        # runs a module once it has started and the one below is final.
+        gens = {i: self._start(i) for i in range(m)}
+        phase = dict.fromkeys(range(m), "start")  # start -> ready (sequential, waiting its turn) -> body -> done
         active: dict[int, _Task] = {}
-        nxt = 1  # sequential: the next module to start
+
+        def launch(i: int) -> None:
+            phase[i], gens[i] = "body", self._body(i)
+            advance(i)
 
         def advance(i: int) -> None:
-            nonlocal nxt
             while True:
                 try:
                     task = next(gens[i])
                 except StopIteration:
                     del gens[i]
                     active.pop(i, None)
-                    if self.schedule.mode == "sequential" and nxt < m:  # the scheduler starts the next one
-                        gens[nxt] = self._process(nxt)
-                        nxt += 1
-                        advance(nxt - 1)
+                    if phase[i] == "start":
+                        phase[i] = "ready"
+                        if self.schedule.mode == "async" or i == 0 or phase[i - 1] == "done":
+                            launch(i)
+                    else:
+                        phase[i] = "done"
+                        if i + 1 < m and phase[i + 1] == "ready":  # sequential: the scheduler runs the next one
+                            launch(i + 1)
                     return
                 if task.amount > 0:
                     if task.kind in ("read", "write") and math.isinf(self._rates({i: task})[i]):

@@ -1,10 +1,21 @@
-"""train.seed makes a run reproducible: a sequential run twice gives bit-identical final weights on CPU."""
+"""train.seed makes a run reproducible: a sequential run twice gives bit-identical final weights on CPU; an async
+run records, for every epoch, the upstream version it trained on (what it is reproducible from besides its config).
+
+Seeding was already complete before issue 17 (initialisation, data order, pairs, augmentation and the published
+subsample all derive from train.seed), so these tests guard it rather than catch a past failure; what did break
+reproducibility then, epoch counts that depended on timing, is tested in tests/workers/test_epochs.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.planning.config import load_config
+from pipeline.store import checkpoint
 from pipeline.run.driver import prepare_run
 from tests.conftest import TINY_NORB
 from workers.trainer import ModuleTrainer
@@ -32,3 +43,28 @@ def test_a_sequential_run_twice_is_bit_identical(tmp_path):
     first = _sequential_run(tmp_path / "a", seed=3)
     assert first == _sequential_run(tmp_path / "b", seed=3)
     assert first["m1"] != _sequential_run(tmp_path / "c", seed=4)["m1"]  # the seed is what decides
+
+
+def test_an_async_run_records_the_upstream_version_of_every_epoch(tmp_path):
+    # m2 has fewer epochs than m1 and runs beside it, so its epochs see different m1 versions depending on timing:
+    # the record, not the config, says which.
+    cfg = load_config(None, TINY_NORB + [
+        "train.epochs=2", "stack.m1.train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=3",
+        "schedule.poll_seconds=0.02", "schedule.settle_epochs=1"], str(tmp_path))
+    cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
+    store, _, _ = prepare_run(cfg, "r")
+    trainers = [ModuleTrainer(store.uri, "r", name, cfg.model_dump(mode="json")) for name in cfg.stack]
+    threads = [threading.Thread(target=t.run, daemon=True) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert store.final("m2") is not None, "m2 did not finish in 120 s"
+    lineage = checkpoint.latest(store, checkpoint.checkpoint_dir("m2"))
+    used = [tuple(e) for e in lineage["upstream_versions"]]
+    assert [e for e, _ in used] == [1, 2]  # one entry per epoch, exactly the budget
+    assert all(v in store.versions("m1") for _, v in used)
+    assert used[-1][1] == store.final("m1").version  # the settle epoch, on m1's final
+    rows = pq.read_table(pa.BufferReader(store.read_bytes("metrics/m2.parquet"))).to_pylist()
+    loaded = {int(r["value"]) for r in rows if r["name"] == "m2/upstream/version"}
+    assert {v for _, v in used} <= loaded  # the metrics name every version an epoch trained on
