@@ -121,3 +121,16 @@ def test_wide_modules_are_thinned_unless_the_user_chose():
     assert memory.publish_policy(cfg, epochs=300, version_bytes=100 * 2**30) == (30, memory.MIN_FRACTION)
     chosen = load_config(None, TINY_NORB + ["schedule.publish_every=1", "schedule.publish_fraction=1.0"])
     assert memory.publish_policy(chosen, epochs=300, version_bytes=100 * 2**30) == (1, 1.0)
+
+
+def test_the_planned_memory_holds_two_publishing_chunks_whatever_the_rows():
+    cfg = load_config(None, TINY_NORB + ["resources.memory_per_module=8", "feed.buffer_samples=8"])
+    row_bytes = lambda c, shape: 2 * int(np.prod(shape)) if c == "float16" else int(np.prod(shape))  # noqa: E731
+    parts = [memory.host_memory(cfg, in_shape=[1, 64, 64], out_shape=[49, 256, 16, 16], in_codec="uint8", params=1,
+                                batch_size=1, pairing=None, rows=rows, buffer=8, row_bytes=row_bytes,
+                                out_codec="float16") for rows in (100_000, 10_000_000)]
+    chunk = memory.publish_chunk(cfg, 64 * 64, 49 * 256 * 16 * 16)
+    held = chunk * (memory.inference_bytes(64 * 64, 49 * 256 * 16 * 16) + 2 * 49 * 256 * 16 * 16)
+    assert parts[0]["publish"] == parts[1]["publish"] > 0
+    # publishing replaces the training parts while it runs: together they cover the two chunks and a row group
+    assert sum(parts[0][k] for k in ("publish", "window", "readahead", "batch")) >= held
