@@ -20,7 +20,9 @@ from safetensors.torch import save as st_save
 
 from pipeline.errors import StoreError
 from pipeline.feed import Source
+from pipeline.planning.memory import publish_shard_rows
 from pipeline.planning.plan import ModulePlan
+from pipeline.store.codec import get_codec
 from pipeline.store import Store
 from pipeline.store.stream import StreamRing, chunk_rows
 from pipeline.store.writer import VersionWriter
@@ -44,8 +46,9 @@ def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source,
                                     upstream=upstream)
     rows = None if final else intermediate_rows(src, plan.publish_fraction, seed=cfg.module_train(name).seed + epoch)
     codec = cfg.module_codec(name)
+    shard_rows = publish_shard_rows(cfg, get_codec(codec, tuple(plan.out_shape)).row_bytes)  # the writer buffers one
     writer = store.begin_version(name, codec=codec, zstd_level=mcfg.store.zstd_level, final=final,
-                                 rows_per_shard=cfg.store.rows_per_shard,
+                                 rows_per_shard=shard_rows,
                                  sample_fraction=(len(rows) if rows is not None else len(src)) / len(src),
                                  producer=producer, upstream=upstream)
     try:

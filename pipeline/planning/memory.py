@@ -26,6 +26,7 @@ AUTO_BUFFER_SHARE = 0.25  # an automatic shuffle window takes at most this share
 MAX_AUTO_BUFFER = 8192
 PUBLISH_CHUNK_BYTES = 512 * 2**20  # inference activations of one publishing chunk, at most
 PUBLISH_CHUNK_SHARE = 0.1  # ... and at most this share of the actor's budget
+PUBLISH_SHARD_BYTES = 4 * ROW_GROUP_BYTES  # a writer buffers one shard before writing it: published shards stay this small
 THIN_BYTES = 512 * 2**20  # an intermediate version larger than this is thinned (when the user did not choose)
 MIN_FRACTION = 0.1
 THIN_VERSIONS = 10  # a thinned module publishes about this many intermediate versions over its epochs
@@ -77,9 +78,11 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
         # a batch of pairs in float32, and the activations autograd keeps (input and output of each side)
         "batch": 2 * batch_size * (in_values + out_values) * 4 * 2,
     }
-    # one row group read, the chunk being computed (float32 activations) and the one being written (stored)
-    publish = min(unit, rows or unit) * stored + chunk * (inference_bytes(in_values, out_values)
-                                                          + row_bytes(out_codec, tuple(out_shape or [0])))
+    # one row group read, the chunk being computed (float32 activations), the one being written (stored)
+    # and the shard the writer fills
+    out_row = row_bytes(out_codec, tuple(out_shape or [0]))
+    publish = (min(unit, rows or unit) * stored + chunk * (inference_bytes(in_values, out_values) + out_row)
+               + publish_shard_rows(cfg, out_row) * out_row)
     parts["publish"] = max(0, publish - parts["window"] - parts["readahead"] - parts["batch"])  # not while training
     return parts
 
@@ -102,6 +105,11 @@ def publish_chunk(cfg: RunConfig, in_values: int, out_values: int) -> int:
     have, _ = budget(cfg)
     cap = PUBLISH_CHUNK_BYTES if have is None else min(PUBLISH_CHUNK_BYTES, int(PUBLISH_CHUNK_SHARE * have))
     return max(1, cap // max(1, inference_bytes(in_values, out_values)))
+
+
+def publish_shard_rows(cfg: RunConfig, out_row_bytes: int) -> int:
+    """Rows per published shard: ``store.rows_per_shard``, fewer for wide rows (a shard is buffered whole)."""
+    return max(1, min(cfg.store.rows_per_shard, PUBLISH_SHARD_BYTES // max(1, out_row_bytes)))
 
 
 def publish_policy(cfg: RunConfig, *, epochs: int, version_bytes: int | None) -> tuple[int, float]:

@@ -134,3 +134,10 @@ def test_the_planned_memory_holds_two_publishing_chunks_whatever_the_rows():
     assert parts[0]["publish"] == parts[1]["publish"] > 0
     # publishing replaces the training parts while it runs: together they cover the two chunks and a row group
     assert sum(parts[0][k] for k in ("publish", "window", "readahead", "batch")) >= held
+
+
+def test_wide_rows_go_into_small_shards_so_the_writer_buffers_little():
+    cfg = load_config(None, TINY_NORB + ["store.rows_per_shard=4096"])
+    wide = 2 * 49 * 256 * 16 * 16  # the GIM recipe's m1 row in float16: 6.4 MB
+    assert memory.publish_shard_rows(cfg, wide) * wide <= memory.PUBLISH_SHARD_BYTES
+    assert memory.publish_shard_rows(cfg, 100) == 4096
