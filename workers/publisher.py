@@ -82,12 +82,14 @@ def infer_chunks(src: Source, module: torch.nn.Module, device: torch.device, row
 
 def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``z`` as ``dtype``, refusing finite values the dtype cannot hold (float16 tops out at 65504)."""
-    out = z.to(dtype)
-    if dtype == torch.float16 and bool((torch.isinf(out) & torch.isfinite(z)).any()):
-        big = torch.where(torch.isfinite(z), z.abs(), 0).amax().item()
-        raise StoreError(f"activations up to {big:.4g} exceed the float16 range (65504)",
-                         "set store.codec: float32, or normalise the module's output")
-    return out
+    if dtype == torch.float16 and z.numel():
+        lo, hi = torch.aminmax(z)  # one pass, no temporaries; inf/NaN land here too and get the exact look
+        if max(-lo.item(), hi.item()) > 65504 or hi.isnan():
+            finite = torch.where(torch.isfinite(z), z.abs(), 0).amax().item()
+            if finite > 65504:
+                raise StoreError(f"activations up to {finite:.4g} exceed the float16 range (65504)",
+                                 "set store.codec: float32, or normalise the module's output")
+    return z.to(dtype)
 
 
 def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, device: torch.device,

@@ -141,3 +141,14 @@ def test_wide_rows_go_into_small_shards_so_the_writer_buffers_little():
     wide = 2 * 49 * 256 * 16 * 16  # the GIM recipe's m1 row in float16: 6.4 MB
     assert memory.publish_shard_rows(cfg, wide) * wide <= memory.PUBLISH_SHARD_BYTES
     assert memory.publish_shard_rows(cfg, 100) == 4096
+
+
+def test_infinities_of_the_module_itself_are_stored_not_refused(tmp_path):
+    cfg, plan = _setup(tmp_path)
+    store, src = _upstream(tmp_path, 10, 0)
+    module = Counting()
+    with torch.no_grad():
+        module.lin.bias[0] = float("inf")
+    m = _publish(store, cfg, plan, src, module, final=True)
+    got = open_versions(store, [m]).fetch(np.arange(10))
+    assert torch.isinf(got[:, 0]).all() and torch.isfinite(got[:, 1:]).all()
