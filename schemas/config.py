@@ -173,7 +173,8 @@ class ScheduleConfig(Strict):
     publish_fraction: float | None = Field(
         None, gt=0, le=1, description="Intermediate versions cover this random fraction of the train samples (they "
         "never hold the test split; final versions cover all samples). null: 1.0, or for a wide module (a version "
-        "over 512 MiB) 512 MiB worth of rows, at least 0.1; a number set here wins.")
+        "over 512 MiB) 512 MiB worth of rows, at least 0.1; a number set here wins. An intermediate version still "
+        "holds at least 4 batches of rows (or every train row).")
     settle_epochs: int = Field(1, ge=0, description="The last N of train.epochs are trained on the upstream's final version (a module waits for "
         "it); with 0 the final version is still computed on the upstream's final version.")
     track_upstream: bool = Field(

@@ -30,6 +30,7 @@ from schemas.config import RunConfig
 from schemas.manifest import Manifest
 
 # Codecs whose stored values are a plain float dtype: the cast happens on the device (int8 calibrates on float32).
+MIN_BATCHES = 4  # an intermediate version holds at least this many batches of rows (or every train row)
 STORED_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -44,7 +45,8 @@ def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source,
         weights = st_save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
         return store.commit_weights(name, weights, shape=list(plan.out_shape), final=final, producer=producer,
                                     upstream=upstream)
-    rows = None if final else intermediate_rows(src, plan.publish_fraction, seed=cfg.module_train(name).seed + epoch)
+    rows = None if final else intermediate_rows(src, plan.publish_fraction, seed=cfg.module_train(name).seed + epoch,
+                                                least=MIN_BATCHES * plan.batch_size)
     codec = cfg.module_codec(name)
     shard_rows = publish_shard_rows(cfg, get_codec(codec, tuple(plan.out_shape)).row_bytes)  # the writer buffers one
     writer = store.begin_version(name, codec=codec, zstd_level=mcfg.store.zstd_level, final=final,
@@ -59,13 +61,14 @@ def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source,
         raise
 
 
-def intermediate_rows(src: Source, fraction: float, seed: int) -> np.ndarray:
-    """(k,) sorted rows of an intermediate version: the train rows, a random ``fraction`` of them when < 1."""
+def intermediate_rows(src: Source, fraction: float, seed: int, least: int = 1) -> np.ndarray:
+    """(k,) sorted rows of an intermediate version: the train rows, a random ``fraction`` of them when < 1,
+    but at least ``least`` (a thinned version of a thinned upstream must still fill a few batches above)."""
     train = src.train_rows()
-    if fraction >= 1.0 or len(train) == 0:
+    k = max(int(round(fraction * len(train))), least, 1)
+    if k >= len(train):
         return train
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(train, size=max(1, int(round(fraction * len(train)))), replace=False))
+    return np.sort(np.random.default_rng(seed).choice(train, size=k, replace=False))
 
 
 def infer_chunks(src: Source, module: torch.nn.Module, device: torch.device, rows: np.ndarray | None, chunk: int,

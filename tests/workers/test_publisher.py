@@ -79,7 +79,10 @@ def test_intermediate_versions_hold_train_rows_only_and_the_final_all(tmp_path):
     mid = _publish(store, cfg, plan, src, Counting(), final=False)
     assert mid.splits == {"train": 40}
     thin = _publish(store, cfg, plan.model_copy(update={"publish_fraction": 0.25}), src, Counting(), final=False)
-    assert thin.splits == {"train": 10}
+    assert thin.splits == {"train": 16}  # a quarter is 10 rows: raised to 4 batches of 4
+    thinner = _publish(store, cfg, plan.model_copy(update={"publish_fraction": 0.25, "batch_size": 2}), src,
+                       Counting(), final=False)
+    assert thinner.splits == {"train": 10}
     final = _publish(store, cfg, plan, src, Counting(), final=True)
     assert final.splits == {"train": 40, "test": 10}
 
