@@ -121,12 +121,14 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
 
 
 def write_fetched(writer: VersionWriter, src: Source, module: torch.nn.Module, device: torch.device,
-                  rows: np.ndarray) -> None:
+                  rows: np.ndarray, dtype: torch.dtype | None = None) -> None:
     """Module outputs of ``rows`` (sorted) read by ``fetch``: a stream chunk of a few units."""
     module.eval()
     try:
         with torch.inference_mode():
             z = module(src.features(src.fetch(rows), device))
+            if dtype is not None and z.dtype != dtype:
+                z = _cast(z, dtype)
         writer.write(src.meta.take(pa.array(rows)), z.cpu())
     finally:
         module.train()
@@ -162,7 +164,8 @@ class ChunkProducer:
         rows = np.sort(self._order[self._cursor:self._cursor + chunk])
         self._cursor += chunk
         store_cfg = self.cfg.stack[self.name].store
-        return self.ring.append(lambda writer: write_fetched(writer, up, module, device, rows),
+        dtype = STORED_DTYPE.get(self.cfg.module_codec(self.name))
+        return self.ring.append(lambda writer: write_fetched(writer, up, module, device, rows, dtype),
                                 codec=self.cfg.module_codec(self.name), rows=len(rows), total_rows=len(up),
                                 rows_per_shard=self.cfg.store.rows_per_shard, zstd_level=store_cfg.zstd_level,
                                 producer=producer, upstream=upstream)
