@@ -95,6 +95,7 @@ class PssSampler:
     def __init__(self, root_pid: int, interval: float = 0.5) -> None:
         self.root, self.interval = root_pid, interval
         self.peak, self.largest_at_peak, self.processes_at_peak, self.samples = 0, 0, 0, 0
+        self.loads: list[float] = []  # the machine's 1-minute load average at each sample (others' work included)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -115,8 +116,14 @@ class PssSampler:
         sizes = [pss_bytes(pid) for pid in descendants(self.root)]
         total = sum(sizes)
         self.samples += 1
+        self.loads.append(load_average())
         if total > self.peak:
             self.peak, self.largest_at_peak, self.processes_at_peak = total, max(sizes, default=0), len(sizes)
+
+
+def load_average() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
 
 
 def descendants(root: int) -> list[int]:
@@ -164,7 +171,9 @@ def measured(cmd: list[str], log_path: str, timeout: float, interval: float) -> 
         log.write(out)
     return {"rc": proc.returncode, "wall_s": wall, "stdout": out, "peak_pss_bytes": mem.peak,
             "largest_process_bytes": mem.largest_at_peak, "processes_at_peak": mem.processes_at_peak,
-            "memory_samples": mem.samples}
+            "memory_samples": mem.samples,
+            "load_average": {"mean": float(np.mean(mem.loads)) if mem.loads else None,
+                             "max": max(mem.loads, default=None)}}
 
 
 # ---------------------------------------------------------------- sides
@@ -190,6 +199,8 @@ def isostack_side(mode: str, sets: list[str], store: str, log: str, *, timeout: 
     res["train_span_s"] = (max(iso_seconds(m["finished_at"]) for m in mods.values())
                            - min(iso_seconds(m["started_at"]) for m in mods.values()))
     res["module_seconds"] = {n: m.get("train_seconds") for n, m in mods.items()}
+    res["module_epochs"] = {n: m.get("epochs") for n, m in mods.items()}  # must equal train.epochs
+    res["module_final_version"] = {n: m.get("final_version") for n, m in mods.items()}
     res["params"] = {n: sum(t.numel() for t in module_weights(load_tensors(st, latest(st, checkpoint_dir(n))["weights"])).values())
                      for n in mods}
     return res
@@ -246,7 +257,9 @@ def rows(m: dict) -> list[Row]:
         out.append(goal_row("recipe", f"{tag}: img/s, {mode} vs single-process loop", side["img_per_s"],
                             loop.get("img_per_s") or 0, at_least=1.0 if goal else None,
                             note=f"train span {side['train_span_s']:.0f} s (CLI wall {side['wall_s']:.0f} s) vs "
-                                 f"loop {loop.get('seconds', 0):.0f} s"))
+                                 f"loop {loop.get('seconds', 0):.0f} s; epochs per module "
+                                 f"{'/'.join(str(e) for e in side.get('module_epochs', {}).values())}; load average "
+                                 f"{_load(side)} vs {_load(loop)}"))
         out.append(goal_row("recipe", f"{tag}: peak PSS GiB (all processes), {mode} vs loop", side["peak_pss_bytes"] / gib,
                             loop["peak_pss_bytes"] / gib, at_most=1.0 if goal else None,
                             note=f"largest process {side['largest_process_bytes'] / gib:.1f} vs "
@@ -260,6 +273,11 @@ def rows(m: dict) -> list[Row]:
         out.append(goal_row("recipe", f"{tag}: train span s, async vs sequential", a["train_span_s"], s["train_span_s"],
                             at_most=1.0))
     return out
+
+
+def _load(side: dict) -> str:
+    load = side.get("load_average") or {}
+    return "-" if load.get("mean") is None else f"{load['mean']:.1f} (max {load['max']:.1f})"
 
 
 def markdown(result: dict) -> str:

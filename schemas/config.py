@@ -167,10 +167,14 @@ class ModuleConfig(Strict):
 
 class ScheduleConfig(Strict):
     mode: Literal["async", "sequential"] = Field("async", description="async: all modules at once; sequential: greedy, one after another.")
-    publish_every: int = Field(1, ge=1, description="Commit a new version of a module's activations every N epochs.")
-    publish_fraction: float = Field(
-        1.0, gt=0, le=1, description="Intermediate versions cover this random fraction of samples (final versions cover all)."
-    )
+    publish_every: int | None = Field(
+        None, ge=1, description="Commit a new version of a module's activations every N epochs. null: every epoch, or "
+        "for a wide module (a version over 512 MiB) about 10 times over its epochs; a number set here wins.")
+    publish_fraction: float | None = Field(
+        None, gt=0, le=1, description="Intermediate versions cover this random fraction of the train samples (they "
+        "never hold the test split; final versions cover all samples). null: 1.0, or for a wide module (a version "
+        "over 512 MiB) 512 MiB worth of rows, at least 0.1; a number set here wins. An intermediate version still "
+        "holds at least 4 batches of rows (or every train row).")
     settle_epochs: int = Field(1, ge=0, description="The last N of train.epochs are trained on the upstream's final version (a module waits for "
         "it); with 0 the final version is still computed on the upstream's final version.")
     track_upstream: bool = Field(

@@ -1,72 +1,134 @@
 """How a module commits its activations: full versions (streamed unit by unit) and stream chunks.
 
-Both run the module in eval mode over rows read from its ``Source`` one row group at a time, in
-slices of ``chunk`` rows, so publishing holds one row group and one slice of outputs whatever the
-version's size.
+A full version runs the module in eval mode over rows read from its ``Source`` one row group at a time,
+in chunks of ``ModulePlan.publish_chunk`` rows (sized from memory by ``pipeline.planning.memory``, not
+from the dataset), casts each chunk's output to the stored dtype on the device, and hands it to one
+writer thread that encodes and writes it while the next chunk is computed: at most two chunks are held.
+An intermediate version covers (a ``publish_fraction`` sample of) the train rows only: the trainer above
+trains on train rows, and the final stage reads final versions, which cover every row.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
 from safetensors.torch import save as st_save
 
+from pipeline.errors import StoreError
 from pipeline.feed import Source
+from pipeline.planning.memory import publish_shard_rows
+from pipeline.planning.plan import ModulePlan
+from pipeline.store.codec import get_codec
 from pipeline.store import Store
 from pipeline.store.stream import StreamRing, chunk_rows
 from pipeline.store.writer import VersionWriter
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
 
+# Codecs whose stored values are a plain float dtype: the cast happens on the device (int8 calibrates on float32).
+MIN_BATCHES = 4  # an intermediate version holds at least this many batches of rows (or every train row)
+STORED_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-def publish_version(store: Store, cfg: RunConfig, name: str, src: Source, module: torch.nn.Module,
-                    device: torch.device, *, final: bool, epoch: int, out_shape: list[int], producer: dict,
-                    upstream: dict) -> Manifest:
-    """Commit one version of ``name``: its outputs on ``src`` (a ``schedule.publish_fraction`` sample of rows
-    for an intermediate version), or its weights alone when ``stack.<name>.store.materialize`` is false."""
-    mcfg, train = cfg.stack[name], cfg.module_train(name)
+
+def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source, module: torch.nn.Module,
+                    device: torch.device, *, final: bool, epoch: int, producer: dict, upstream: dict) -> Manifest:
+    """Commit one version of ``plan.name``: its outputs on ``src`` (every row for a final version; a
+    ``plan.publish_fraction`` sample of the train rows for an intermediate one), or its weights alone when
+    ``stack.<name>.store.materialize`` is false. A failure commits nothing."""
+    name = plan.name
+    mcfg = cfg.stack[name]
     if not mcfg.store.materialize:
         weights = st_save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
-        return store.commit_weights(name, weights, shape=out_shape, final=final, producer=producer, upstream=upstream)
-    rows, n = None, len(src)
-    fraction = 1.0 if final else cfg.schedule.publish_fraction
-    if fraction < 1.0:
-        rng = np.random.default_rng(train.seed + epoch)
-        rows = np.sort(rng.choice(n, size=max(1, int(round(fraction * n))), replace=False))
-    writer = store.begin_version(name, codec=cfg.module_codec(name), zstd_level=mcfg.store.zstd_level, final=final,
-                                 rows_per_shard=cfg.store.rows_per_shard,
-                                 sample_fraction=(len(rows) if rows is not None else n) / n,
+        return store.commit_weights(name, weights, shape=list(plan.out_shape), final=final, producer=producer,
+                                    upstream=upstream)
+    rows = None if final else intermediate_rows(src, plan.publish_fraction, seed=cfg.module_train(name).seed + epoch,
+                                                least=MIN_BATCHES * plan.batch_size)
+    codec = cfg.module_codec(name)
+    shard_rows = publish_shard_rows(cfg, get_codec(codec, tuple(plan.out_shape)).row_bytes)  # the writer buffers one
+    writer = store.begin_version(name, codec=codec, zstd_level=mcfg.store.zstd_level, final=final,
+                                 rows_per_shard=shard_rows,
+                                 sample_fraction=(len(rows) if rows is not None else len(src)) / len(src),
                                  producer=producer, upstream=upstream)
     try:
-        write_rows(writer, src, module, device, rows, chunk=max(256, 4 * train.batch_size))
+        write_rows(writer, src, module, device, rows, chunk=plan.publish_chunk, dtype=STORED_DTYPE.get(codec))
         return writer.commit()
     except BaseException:
         writer.abort()
         raise
 
 
+def intermediate_rows(src: Source, fraction: float, seed: int, least: int = 1) -> np.ndarray:
+    """(k,) sorted rows of an intermediate version: the train rows, a random ``fraction`` of them when < 1,
+    but at least ``least`` (a thinned version of a thinned upstream must still fill a few batches above)."""
+    train = src.train_rows()
+    k = max(int(round(fraction * len(train))), least, 1)
+    if k >= len(train):
+        return train
+    return np.sort(np.random.default_rng(seed).choice(train, size=k, replace=False))
+
+
+def infer_chunks(src: Source, module: torch.nn.Module, device: torch.device, rows: np.ndarray | None, chunk: int,
+                 dtype: torch.dtype | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """``(rows, outputs on the host)`` of at most ``chunk`` rows at a time, in stored order; outputs are cast
+    to ``dtype`` on the device first (half the copy and the host bytes for float16)."""
+    for idx, x in src.scan(rows):
+        for lo in range(0, len(idx), chunk):
+            z = module(src.features(x[lo:lo + chunk], device))  # (<=chunk, *out_shape) float32
+            if dtype is not None and z.dtype != dtype:
+                z = _cast(z, dtype)
+            yield idx[lo:lo + chunk], z.cpu()
+
+
+def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``z`` as ``dtype``, refusing finite values the dtype cannot hold (float16 tops out at 65504)."""
+    if dtype == torch.float16 and z.numel():
+        lo, hi = torch.aminmax(z)  # one pass, no temporaries; inf/NaN land here too and get the exact look
+        if max(-lo.item(), hi.item()) > 65504 or hi.isnan():
+            finite = torch.where(torch.isfinite(z), z.abs(), 0).amax().item()
+            if finite > 65504:
+                raise StoreError(f"activations up to {finite:.4g} exceed the float16 range (65504)",
+                                 "set store.codec: float32, or normalise the module's output")
+    return z.to(dtype)
+
+
 def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, device: torch.device,
-               rows: np.ndarray | None, chunk: int) -> None:
-    """Module outputs of ``rows`` (all when None) in stored order into ``writer``."""
+               rows: np.ndarray | None, chunk: int, dtype: torch.dtype | None = None) -> None:
+    """Module outputs of ``rows`` (all when None) in stored order into ``writer``: chunk i is written by one
+    writer thread while chunk i+1 is computed. On any error the thread is drained before this raises, so
+    the caller can abort ``writer`` with nothing still writing into it."""
     module.eval()
+    pending: Future | None = None
     try:
-        with torch.inference_mode():
-            for idx, x in src.scan(rows):
-                for lo in range(0, len(idx), chunk):
-                    z = module(src.features(x[lo:lo + chunk], device))  # (chunk, *out_shape)
-                    writer.write(src.meta.take(pa.array(idx[lo:lo + chunk])), z.cpu())
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-writer") as pool, torch.inference_mode():
+            try:
+                for idx, z in infer_chunks(src, module, device, rows, chunk, dtype):
+                    if pending is not None:
+                        pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued
+                    pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
+                    del z  # the thread holds it now; the next chunk is the only other one alive
+                if pending is not None:
+                    pending.result()
+            except BaseException:
+                if pending is not None:
+                    wait([pending])  # drain: the writer must be idle before the caller aborts it
+                raise
     finally:
         module.train()
 
 
 def write_fetched(writer: VersionWriter, src: Source, module: torch.nn.Module, device: torch.device,
-                  rows: np.ndarray) -> None:
+                  rows: np.ndarray, dtype: torch.dtype | None = None) -> None:
     """Module outputs of ``rows`` (sorted) read by ``fetch``: a stream chunk of a few units."""
     module.eval()
     try:
         with torch.inference_mode():
             z = module(src.features(src.fetch(rows), device))
+            if dtype is not None and z.dtype != dtype:
+                z = _cast(z, dtype)
         writer.write(src.meta.take(pa.array(rows)), z.cpu())
     finally:
         module.train()
@@ -94,7 +156,7 @@ class ChunkProducer:
         rows_total = len(up.train_rows())
         chunk = min(chunk_rows(self.cfg.store.window_samples, self.cfg.store.rows_per_shard), rows_total)
         self._since += 1
-        if self._since * self.train.batch_size * self.cfg.schedule.publish_fraction < chunk:
+        if self._since * self.train.batch_size * (self.cfg.schedule.publish_fraction or 1.0) < chunk:
             return None
         self._since = 0
         if self._order is None or self._cursor + chunk > len(self._order) or len(self._order) != rows_total:
@@ -102,7 +164,8 @@ class ChunkProducer:
         rows = np.sort(self._order[self._cursor:self._cursor + chunk])
         self._cursor += chunk
         store_cfg = self.cfg.stack[self.name].store
-        return self.ring.append(lambda writer: write_fetched(writer, up, module, device, rows),
+        dtype = STORED_DTYPE.get(self.cfg.module_codec(self.name))
+        return self.ring.append(lambda writer: write_fetched(writer, up, module, device, rows, dtype),
                                 codec=self.cfg.module_codec(self.name), rows=len(rows), total_rows=len(up),
                                 rows_per_shard=self.cfg.store.rows_per_shard, zstd_level=store_cfg.zstd_level,
                                 producer=producer, upstream=upstream)

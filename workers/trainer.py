@@ -118,7 +118,7 @@ class ModuleTrainer:
                 if step == Step.finish:
                     break
                 self.train_until(self.epoch + 1)
-                if publishes_after(self.epoch, self.train_cfg.epochs, self.cfg.schedule.publish_every,
+                if publishes_after(self.epoch, self.train_cfg.epochs, self.plan.publish_every,
                                    self._upstream.manifest.final) and self._chunks is None:
                     self.publish(final=False)
             if self._stop.is_set():
@@ -148,8 +148,7 @@ class ModuleTrainer:
         (its weights instead when the module is not materialized: ``store.materialize: false``)."""
         self._update(state=ModuleState.publishing)
         manifest = publish_version(
-            self.store, self.cfg, self.name, self._upstream, self.module, self.device, final=final, epoch=self.epoch,
-            out_shape=list(self.plan.out_shape),
+            self.store, self.cfg, self.plan, self._upstream, self.module, self.device, final=final, epoch=self.epoch,
             producer={"module": self.name, "epoch": self.epoch, "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors"},
             upstream={"stage": self.plan.upstream, "version": self._upstream.manifest.version})

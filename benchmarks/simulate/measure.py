@@ -171,7 +171,7 @@ def costs_from(run: dict, epochs: int, *, replay: bool = False, demand: dict | N
 def predict(run: dict, costs: list[ModuleCost], cfg, cores: int | None) -> dict:
     """Simulate ``run``'s schedule with ``costs``; ``cores`` None = one device per module (no contention)."""
     sch = cfg.schedule
-    schedule = Schedule(mode=sch.mode, publish_every=sch.publish_every, publish_fraction=sch.publish_fraction,
+    schedule = Schedule(mode=sch.mode, publish_every=sch.publish_every or 1, publish_fraction=sch.publish_fraction or 1.0,
                         settle_epochs=sch.settle_epochs, track_upstream=sch.track_upstream, poll_s=sch.poll_seconds)
     cluster = Cluster(devices=cores, pooled=True, host_on_device=cores is not None)
     res = simulate(costs, cluster, schedule)

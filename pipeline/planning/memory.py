@@ -4,8 +4,12 @@ A trainer streams its upstream (``pipeline.feed``), so its memory does not grow 
 it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group), the
 window's partner rows, ``feed.readahead`` row groups read ahead, the metadata index (a few dozen
 bytes a sample: the one term that grows with the dataset), the model with its gradients and Adam
-state, one batch's activations, and, while publishing, one row group and one inference chunk.
+state, one batch's activations, and, while publishing, one row group and two inference chunks (one
+computed while the one before it is written; ``publish_chunk`` sizes them from the budget).
 ``build_plan`` refuses a config whose prediction exceeds ``resources.memory_per_module``.
+
+It also fixes how a module publishes (``publish_policy``): the chunk size, and for a wide module whose
+intermediate versions would be large, a thinner schedule than every epoch over every sample.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ PROCESS_BASE = 450 * 2**20  # a Python process with torch, pyarrow and a Ray wor
 INDEX_BYTES_PER_ROW = 96  # metadata index: 7 columns as numpy + the Arrow table + the epoch plan arrays
 AUTO_BUFFER_SHARE = 0.25  # an automatic shuffle window takes at most this share of the budget
 MAX_AUTO_BUFFER = 8192
+PUBLISH_CHUNK_BYTES = 512 * 2**20  # inference activations of one publishing chunk, at most
+PUBLISH_CHUNK_SHARE = 0.1  # ... and at most this share of the actor's budget
+PUBLISH_SHARD_BYTES = 4 * ROW_GROUP_BYTES  # a writer buffers one shard before writing it: published shards stay this small
+THIN_BYTES = 512 * 2**20  # an intermediate version larger than this is thinned (when the user did not choose)
+MIN_FRACTION = 0.1
+THIN_VERSIONS = 10  # a thinned module publishes about this many intermediate versions over its epochs
 
 
 def node_memory() -> int | None:
@@ -50,14 +60,15 @@ def buffer_samples(cfg: RunConfig, in_row_bytes: int, batch_size: int) -> int:
 
 
 def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: int, batch_size: int, pairing,
-                rows: int | None, buffer: int, row_bytes) -> dict[str, int]:
+                rows: int | None, buffer: int, row_bytes,
+                out_codec: str = "float32") -> dict[str, int]:
     """Predicted peak bytes by part (``row_bytes(codec, shape)`` gives a stored row's width)."""
     stored = row_bytes(in_codec, tuple(in_shape))
     in_values, out_values = math.prod(in_shape), math.prod(out_shape or [0])
     unit = max(1, min(cfg.store.rows_per_shard, ROW_GROUP_BYTES // max(1, stored)))  # rows of one row group
     window = max(buffer, unit) if rows is None else min(rows, max(buffer, min(unit, rows)))
     paired = pairing in ("same_instance", "neighbor_pose")
-    chunk = max(256, 4 * batch_size)
+    chunk = publish_chunk(cfg, in_values, out_values)
     parts = {
         "process": PROCESS_BASE,
         "window": window * stored * (2 if paired else 1),
@@ -67,14 +78,54 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
         # a batch of pairs in float32, and the activations autograd keeps (input and output of each side)
         "batch": 2 * batch_size * (in_values + out_values) * 4 * 2,
     }
-    publish = min(unit, rows or unit) * stored + chunk * (in_values + out_values) * 4
+    # one row group read, the chunk being computed (float32 activations), the one being written (stored)
+    # and the shard the writer fills
+    out_row = row_bytes(out_codec, tuple(out_shape or [0]))
+    publish = (min(unit, rows or unit) * stored + chunk * (inference_bytes(in_values, out_values) + out_row)
+               + publish_shard_rows(cfg, out_row) * out_row)
     parts["publish"] = max(0, publish - parts["window"] - parts["readahead"] - parts["batch"])  # not while training
     return parts
 
 
 KNOBS = {"window": "feed.buffer_samples", "readahead": "feed.readahead", "batch": "train.batch_size",
-         "publish": "train.batch_size (publishing runs max(256, 4 x batch) rows at once) or store.rows_per_shard",
+         "publish": "resources.memory_per_module (publishing chunks are a tenth of it, at most 512 MiB) or "
+                    "store.rows_per_shard",
          "index": "dataset size (max_per_split)", "model": "the module's width", "process": "-"}
+
+
+def inference_bytes(in_values: int, out_values: int) -> int:
+    """Float32 bytes one sample holds during inference: its input, and about three maps of the output's width
+    alive at once (a block's input, its widest inner map, its output)."""
+    return 4 * (in_values + 3 * out_values)
+
+
+def publish_chunk(cfg: RunConfig, in_values: int, out_values: int) -> int:
+    """Rows run through the module at once while publishing: as many as fit in min(512 MiB, a tenth of
+    the actor's budget) of inference activations, at least one. It does not depend on the dataset size."""
+    have, _ = budget(cfg)
+    cap = PUBLISH_CHUNK_BYTES if have is None else min(PUBLISH_CHUNK_BYTES, int(PUBLISH_CHUNK_SHARE * have))
+    return max(1, cap // max(1, inference_bytes(in_values, out_values)))
+
+
+def publish_shard_rows(cfg: RunConfig, out_row_bytes: int) -> int:
+    """Rows per published shard: ``store.rows_per_shard``, fewer for wide rows (a shard is buffered whole)."""
+    return max(1, min(cfg.store.rows_per_shard, PUBLISH_SHARD_BYTES // max(1, out_row_bytes)))
+
+
+def publish_policy(cfg: RunConfig, *, epochs: int, version_bytes: int | None) -> tuple[int, float]:
+    """(publish_every, publish_fraction) of one module: ``schedule.publish_every`` / ``publish_fraction`` where
+    the user set them; else, for a module whose version would exceed ``THIN_BYTES``, a sample of
+    ``THIN_BYTES`` worth of rows (at least a tenth) about ``THIN_VERSIONS`` times over its epochs, and every
+    epoch over every train sample otherwise. Final versions always cover every sample."""
+    sch = cfg.schedule
+    wide = version_bytes is not None and version_bytes > THIN_BYTES
+    every = sch.publish_every if sch.publish_every is not None else \
+        (max(1, epochs // THIN_VERSIONS) if wide else 1)
+    if sch.publish_fraction is not None:
+        fraction = sch.publish_fraction
+    else:
+        fraction = max(MIN_FRACTION, math.floor(100 * THIN_BYTES / version_bytes) / 100) if wide else 1.0
+    return every, fraction
 
 
 def memory_problem(cfg: RunConfig, name: str, parts: dict[str, int]) -> tuple[str, str] | None:

@@ -45,6 +45,11 @@ class ModulePlan(BaseModel):
     buffer_samples: int = Field(0, description="Rows of its shuffle window (feed.buffer_samples, or the automatic size).")
     host_memory: dict[str, int] = Field(default_factory=dict, description="Predicted peak host bytes of its actor, "
                                         "by part (pipeline/planning/memory.py).")
+    publish_chunk: int = Field(1, description="Rows run through the module at once while publishing (sized from memory).")
+    publish_every: int = Field(1, description="Epochs between intermediate versions (schedule.publish_every, or chosen "
+                               "from the version's bytes).")
+    publish_fraction: float = Field(1.0, description="Share of the train rows an intermediate version covers "
+                                    "(schedule.publish_fraction, or chosen from the version's bytes).")
 
 
 class RunPlan(BaseModel):
@@ -213,7 +218,10 @@ def _memory_problems(cfg: RunConfig, modules: list[ModulePlan], rows: int | None
         m.buffer_samples = memory.buffer_samples(cfg, row_bytes(codec, stored_shape), m.batch_size)
         m.host_memory = memory.host_memory(cfg, in_shape=list(stored_shape), out_shape=m.out_shape, in_codec=codec,
                                            params=m.params, batch_size=m.batch_size, pairing=m.pairing, rows=rows,
-                                           buffer=m.buffer_samples, row_bytes=row_bytes)
+                                           buffer=m.buffer_samples, row_bytes=row_bytes,
+                                           out_codec=cfg.module_codec(m.name))
+        m.publish_chunk = memory.publish_chunk(cfg, math.prod(stored_shape), math.prod(m.out_shape))
+        m.publish_every, m.publish_fraction = memory.publish_policy(cfg, epochs=m.epochs, version_bytes=m.bytes_per_version)
         problem = memory.memory_problem(cfg, m.name, m.host_memory)
         if problem:
             out.append(problem)
