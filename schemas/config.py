@@ -178,8 +178,10 @@ class ScheduleConfig(Strict):
     settle_epochs: int = Field(1, ge=0, description="The last N of train.epochs are trained on the upstream's final version (a module waits for "
         "it); with 0 the final version is still computed on the upstream's final version.")
     track_upstream: bool = Field(
-        True, description="Spend at most one epoch on each non-final upstream version (a module waits for the next "
-        "one instead of training ahead on stale input); the epochs stay within train.epochs.")
+        False, description="true: spend at most one epoch on each non-final upstream version (a module waits for the "
+        "next one instead of training again on the same input); false: train every epoch on the newest committed "
+        "version, so no device idles while the module below publishes rarely (thin intermediate versions). Either "
+        "way the epochs stay within train.epochs and the last settle_epochs wait for the upstream's final version.")
     poll_seconds: float = Field(0.5, gt=0, description="How often a waiting module looks for a new upstream version.")
     keep_versions: int = Field(3, ge=1, description="Retention: newest N versions per stage kept (plus final and pinned ones).")
     publish: Literal["full", "stream"] = Field(
