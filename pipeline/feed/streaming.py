@@ -1,11 +1,12 @@
 """Train batches streamed from the store with bounded memory.
 
-``StreamingBatches`` follows an ``EpochPlan``: it reads the units (row groups) of one window,
-shuffles them into the window's order, draws the batches, then moves on; ``readahead`` units of the
-next window are read in the background while the current one trains (a bounded queue, so a slow
-trainer applies backpressure to the reader). Rows held at any time: one window (at most
-``feed.buffer_samples`` rows, or one unit when a unit is larger), the units read ahead, a carried
-tail shorter than a batch and the window's partner rows. ``max_rows_held`` records the peak.
+``StreamingBatches`` follows an ``EpochPlan``: it reads the units (row groups) of one window, keeps
+them as read (no copy), gathers each batch by position from them in the window's shuffled order,
+then moves on; ``readahead`` units of the next window are read in the background while the current
+one trains (a bounded queue, so a slow trainer applies backpressure to the reader). Rows held at any
+time: one window's units (at most ``feed.buffer_samples`` training rows, or one unit when a unit is
+larger), the units read ahead, the partners the window lacks (read from their units), a carried tail
+shorter than a batch and the prefetched batches. ``max_rows_held`` records the peak of the first four.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 A trainer streams its upstream (``pipeline.feed``), so its memory does not grow with the samples:
 it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group), the
-window's partner rows, ``feed.readahead`` row groups read ahead, the metadata index (a few dozen
-bytes a sample: the one term that grows with the dataset), the model with its gradients and Adam
+partners the window lacks (at most one a row, planned as one a row), ``feed.readahead`` row groups
+read ahead, the metadata index (a few dozen bytes a sample: the one term that grows with the
+dataset), the model with its gradients and Adam
 state, one batch's activations, and, while publishing, one row group and one inference chunk.
 ``build_plan`` refuses a config whose prediction exceeds ``resources.memory_per_module``.
 """
