@@ -212,6 +212,11 @@ class EvaluateConfig(Strict):
     knn_k: int = Field(5, ge=1, description="Neighbours for the kNN classifier and kNN pose regression.")
     linear_probe_epochs: int = Field(100, ge=1, description="Iterations of the logistic-regression probe.")
     baselines: bool = Field(True, description="Also score raw pixels as the baseline row.")
+    fit_rows: int = Field(
+        20000, ge=2, description="Most rows of a split the linear probe and kNN are fit on (train) and k-means and the "
+        "Gaussian mixture cluster (test): a larger split is subsampled, seeded by train.seed, so their cost stays bounded "
+        "at any dataset size; summary.json (evaluation.subsample) and the report say so. Nearest centroid and "
+        "evaluate.standardize's statistics use every row, and the probe and kNN are scored on every test row.")
     standardize: bool = Field(
         False, description="Z-score each embedding dimension with the train split's mean and std before scoring (the "
         "raw baseline too). Off: the seed thesis's protocol, where nearest centroid's Euclidean distance follows the "

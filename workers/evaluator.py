@@ -104,7 +104,8 @@ class Evaluator:
         ev = self.cfg.evaluate
         if ev.standardize:
             xtr, xte = standardize(xtr, xte)
-        return classify(xtr, ytr, xte, yte, knn_k=ev.knn_k, probe_iters=ev.linear_probe_epochs, seed=self.cfg.train.seed)
+        return classify(xtr, ytr, xte, yte, knn_k=ev.knn_k, probe_iters=ev.linear_probe_epochs, seed=self.cfg.train.seed,
+                        fit_rows=ev.fit_rows)
 
     # ------------------------------------------------------------ stages
 

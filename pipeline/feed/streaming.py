@@ -1,11 +1,12 @@
 """Train batches streamed from the store with bounded memory.
 
-``StreamingBatches`` follows an ``EpochPlan``: it reads the units (row groups) of one window,
-shuffles them into the window's order, draws the batches, then moves on; ``readahead`` units of the
-next window are read in the background while the current one trains (a bounded queue, so a slow
-trainer applies backpressure to the reader). Rows held at any time: one window (at most
-``feed.buffer_samples`` rows, or one unit when a unit is larger), the units read ahead, a carried
-tail shorter than a batch and the window's partner rows. ``max_rows_held`` records the peak.
+``StreamingBatches`` follows an ``EpochPlan``: it reads the units (row groups) of one window, keeps
+them as read (no copy), gathers each batch by position from them in the window's shuffled order,
+then moves on; ``readahead`` units of the next window are read in the background while the current
+one trains (a bounded queue, so a slow trainer applies backpressure to the reader). Rows held at any
+time: one window's units (at most ``feed.buffer_samples`` training rows, or one unit when a unit is
+larger), the units read ahead, the partners the window lacks (read from their units), a carried tail
+shorter than a batch and the prefetched batches. ``max_rows_held`` records the peak of the first four.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ class StreamingBatches:
         return rows, x
 
     def _windows(self, first_window: int):
-        """``(window, global rows in window order, tensors in that order, partner tensors or None)``."""
+        """``(window, rows in window order, their positions, partners' positions or None, parts, part starts)``.
+
+        A window is held as the unit tensors read (zero-copy views of what Parquet decoded) followed by
+        the partners the window lacks (fetched from their units): positions index their concatenation,
+        which is never made. Batches gather by position straight from the parts (``_gather``), as from a
+        version held in memory, so the window costs no copy and no window-sized allocation.
+        """
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-readahead") as pool:
             todo = iter(self._units_in_order(first_window))
             ahead: queue.SimpleQueue = queue.SimpleQueue()
@@ -86,38 +93,26 @@ class StreamingBatches:
             for w in range(first_window, len(self.plan.bounds) - 1):
                 lo, hi = self.plan.bounds[w], self.plan.bounds[w + 1]
                 want = self.plan.order[lo:hi]
-                x, held = None, 0
-                where = _positions_map(want)
+                partner = self.plan.partner[lo:hi] if self.plan.partner is not None else None
+                stored, parts = [], []
                 for _ in range(len(np.unique(self.src.unit[want]))):
                     rows, part = ahead.get().result()
                     queued -= 1
                     top_up()
-                    keep = np.flatnonzero(where(rows) >= 0)  # the unit's training rows (test rows are skipped)
-                    if x is None:
-                        x = torch.empty((len(want), *part.shape[1:]), dtype=part.dtype)
-                    # one copy, straight into the window's order
-                    x[torch.from_numpy(where(rows[keep]))] = part if len(keep) == len(rows) else \
-                        part.index_select(0, torch.from_numpy(keep))
-                    held += len(rows)
-                    del part
-                x_pos = self._partners(lo, hi, want, x)
-                yield w, want, x, x_pos
-                self._hold(-(held + (len(x_pos) if x_pos is not None else 0)))
-
-    def _partners(self, lo: int, hi: int, want: np.ndarray, x: torch.Tensor) -> torch.Tensor | None:
-        """Partner tensors of the window's rows: from the window where they are in it, else read from their unit."""
-        if self.plan.partner is None:
-            return None
-        partner = self.plan.partner[lo:hi]
-        inside = np.isin(partner, want)
-        out = torch.empty_like(x)
-        where, outside = np.flatnonzero(inside), np.flatnonzero(~inside)
-        if len(where):
-            out[torch.from_numpy(where)] = x.index_select(0, torch.from_numpy(_positions(want, partner[where])))
-        if len(outside):
-            out[torch.from_numpy(outside)] = self.src.fetch(partner[outside]).to(x.dtype)
-        self._hold(len(out))
-        return out
+                    stored.append(rows)
+                    parts.append(part)
+                if partner is not None:  # partners of a kind the window lacks: read from their units
+                    outside = np.unique(partner[~np.isin(partner, want)])
+                    if len(outside):
+                        parts.append(self.src.fetch(outside).to(parts[0].dtype))
+                        stored.append(outside)
+                        self._hold(len(outside))
+                starts = np.cumsum([0] + [len(r) for r in stored])
+                stored = np.concatenate(stored)
+                p_at = _positions(stored, partner) if partner is not None else None
+                yield w, want, _positions(stored, want), p_at, parts, starts
+                del parts
+                self._hold(-len(stored))
 
     # ------------------------------------------------------------ batches
 
@@ -131,30 +126,39 @@ class StreamingBatches:
                           self.src.features(x_pos, self.device) if x_pos is not None else None, labels, groups)
 
     def _produce(self):
-        """The batches, in order, built on the reader side of the prefetch queue."""
+        """The batches, in order, built on the reader side of the prefetch queue.
+
+        Each batch is gathered (a fresh tensor) from the window's parts, so they are released as soon as
+        the last batch of the window is out; rows left over at a window's end (fewer than a batch) are
+        gathered into a small carried tail.
+        """
         b, order = self.plan.batch_size, self.plan.order
         stop = self.plan.n_batches * b if len(order) >= b else len(order)  # the only batch may be short
         pos = self.start_step * b  # position in the epoch's order of the next row to batch
         if pos >= stop:
             return
-        tail = None  # rows of the previous window not yet in a batch (fewer than a batch)
-        for w, want, x, x_pos in self._windows(self.plan.window_of(pos)):
-            cut = max(0, pos - int(self.plan.bounds[w])) if tail is None else 0  # resuming inside this window
-            want, x = want[cut:], x[cut:]
-            x_pos = x_pos[cut:] if x_pos is not None else None
-            if tail is not None:
-                self._hold(-len(tail[0]))
-                want, x = np.concatenate([tail[0], want]), torch.cat([tail[1], x])
-                x_pos = torch.cat([tail[2], x_pos]) if x_pos is not None else None
-            i = 0
-            while pos < stop and len(want) - i >= min(b, stop - pos):
-                n = min(b, stop - pos)
-                yield self._batch(want[i:i + n], x[i:i + n], x_pos[i:i + n] if x_pos is not None else None)
-                i, pos = i + n, pos + n
+        tail = None  # (rows, x, x_pos) of the previous windows not yet in a batch (fewer than a batch)
+        for w, want, at, p_at, parts, starts in self._windows(self.plan.window_of(pos)):
+            i = max(0, pos - int(self.plan.bounds[w])) if tail is None else 0  # resuming inside this window
+            carried = 0 if tail is None else len(tail[0])
+            while pos < stop and carried + len(want) - i >= (n := min(b, stop - pos)):
+                take = n - carried
+                rows, x, x_pos = _gather(want, at, p_at, parts, starts, i, i + take)
+                if tail is not None:
+                    self._hold(-carried)
+                    rows, x = np.concatenate([tail[0], rows]), torch.cat([tail[1], x])
+                    x_pos = torch.cat([tail[2], x_pos]) if x_pos is not None else None
+                    tail, carried = None, 0
+                yield self._batch(rows, x, x_pos)
+                i, pos = i + take, pos + n
             if pos >= stop:
                 return
-            tail = (want[i:], x[i:].clone(), x_pos[i:].clone() if x_pos is not None else None)
-            self._hold(len(tail[0]))
+            rest = _gather(want, at, p_at, parts, starts, i, len(want))
+            self._hold(len(rest[0]))
+            if tail is not None:
+                rest = (np.concatenate([tail[0], rest[0]]), torch.cat([tail[1], rest[1]]),
+                        torch.cat([tail[2], rest[2]]) if rest[2] is not None else None)
+            tail = rest
 
     def __iter__(self):
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -188,6 +192,25 @@ class StreamingBatches:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def _gather(want, at, p_at, parts, starts, lo: int, hi: int):
+    """(rows, x, x_pos) of window positions ``lo:hi``, gathered from the window's parts into fresh tensors."""
+    x = _take(parts, starts, at[lo:hi])
+    return want[lo:hi], x, _take(parts, starts, p_at[lo:hi]) if p_at is not None else None
+
+
+def _take(parts: list[torch.Tensor], starts: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    """Rows at ``positions`` of the concatenation of ``parts`` (part k holds positions starts[k]:starts[k+1])."""
+    k = np.searchsorted(starts, positions, side="right") - 1
+    first = parts[int(k[0])] if len(k) else parts[0]
+    if len(k) == 0 or (k == k[0]).all():
+        return first.index_select(0, torch.from_numpy(positions - starts[int(k[0]) if len(k) else 0]))
+    out = torch.empty((len(positions), *first.shape[1:]), dtype=first.dtype)
+    for part in np.unique(k):
+        sel = np.flatnonzero(k == part)
+        out.index_copy_(0, torch.from_numpy(sel), parts[part].index_select(0, torch.from_numpy(positions[sel] - starts[part])))
+    return out
 
 
 def _positions(rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -14,6 +14,11 @@ Pure functions of numpy arrays (no store, no Ray). Four readings of one embeddin
   reduced by PCA to at most ``GMM_MAX_DIMS`` dimensions (a full covariance of raw pixels would not fit
   and would be singular), scored with the same Hungarian matching: clusters of any ellipsoidal shape.
 
+A split larger than ``fit_rows`` is subsampled (seeded, without replacement) for the fits whose cost grows
+faster than the rows: the probe and kNN are fit on the train subsample (and scored on every test row),
+k-means and the mixture cluster the test subsample; nearest centroid uses every row. The result then
+says so under ``"subsample"``.
+
 A reading the data cannot give raises or records ``UndefinedMetricError``'s reason instead of failing the
 final stage: an empty split or a train split with one class makes the whole classification undefined
 (raised, the evaluator reports it); a test split with no more samples than classes leaves k-means and
@@ -29,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.errors import DataError, UndefinedMetricError
 
-__all__ = ["classify", "cluster_accuracy", "gmm_cluster_accuracy", "standardize"]
+__all__ = ["classify", "cluster_accuracy", "fit_subsample", "gmm_cluster_accuracy", "standardize"]
 
 GMM_MAX_DIMS = 32
 
@@ -54,6 +59,7 @@ def classify(
     knn_k: int = 5,
     probe_iters: int = 100,
     seed: int = 0,
+    fit_rows: int | None = None,
 ) -> dict:
     """Score one embedding with four classifiers fit on the train split and scored on the test split.
 
@@ -66,7 +72,8 @@ def classify(
          "knn": {"test_accuracy", "k"},
          "kmeans": {"test_accuracy"},
          "gmm": {"test_accuracy", "dims"},
-         "undefined": {"kmeans": reason, "gmm": reason}}   # only when clustering is undefined; then no kmeans/gmm
+         "undefined": {"kmeans": reason, "gmm": reason},  # only when clustering is undefined; then no kmeans/gmm
+         "subsample": {"rows": {"train", "test"}, "of": {"train", "test"}, "seed"}}  # only when a split > fit_rows
     """
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -79,17 +86,32 @@ def classify(
     if len(classes) < 2:
         raise UndefinedMetricError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
                                    "select at least two categories (dataset.categories)")
-    probe_train, probe_test = _linear_probe(train_x, train_y, test_x, test_y, probe_iters, seed)
-    k = int(min(knn_k, len(train_x)))
-    knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
+    fit_tr = fit_subsample(len(train_x), fit_rows, seed)
+    fit_te = fit_subsample(len(test_x), fit_rows, seed + 1)
+    fx, fy = train_x[fit_tr], train_y[fit_tr]
+    if len(np.unique(fy)) < 2:  # a rare class left out by the draw: fit on every row rather than fail
+        fit_tr, fx, fy = np.arange(len(train_x)), train_x, train_y
+    probe_train, probe_test = _linear_probe(fx, fy, test_x, test_y, probe_iters, seed)
+    k = int(min(knn_k, len(fx)))
+    knn = KNeighborsClassifier(n_neighbors=k).fit(fx, fy)
 
     result = {
         "nearest_centroid": _nearest_centroid(train_x, train_y, test_x, test_y),
         "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
         "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
     }
-    result.update(_clusterings(test_x, test_y, seed))
+    result.update(_clusterings(test_x[fit_te], test_y[fit_te], seed))
+    if len(fit_tr) < len(train_x) or len(fit_te) < len(test_x):
+        result["subsample"] = {"rows": {"train": len(fit_tr), "test": len(fit_te)},
+                               "of": {"train": len(train_x), "test": len(test_x)}, "seed": int(seed)}
     return result
+
+
+def fit_subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted row indices of a seeded draw of at most ``limit`` of ``n`` rows without replacement (all when n <= limit)."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, n]).choice(n, size=limit, replace=False))
 
 
 def _nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict:

@@ -95,7 +95,8 @@ def render_report(
     if "skipped" in metrics:
         parts += ["<h2>Classification</h2>", f"<p>skipped: {_e(metrics['skipped'])}</p>"]
     elif metrics:
-        parts += ["<h2>Classification (against raw pixels)</h2>", _metrics_table(metrics), _per_class_table(metrics, class_names)]
+        parts += ["<h2>Classification (against raw pixels)</h2>", _subsample_note(metrics), _metrics_table(metrics),
+                  _per_class_table(metrics, class_names)]
     if metrics.get("per_module"):
         parts += ["<h2>Accuracy by depth</h2>", _depth_table(metrics["per_module"])]
     if pose:
@@ -125,6 +126,17 @@ def _headline(metrics: dict, pose: dict | None) -> str:
         bits.append(f"Pose: azimuth error {_fmt(pose.get('azimuth_mae_deg'), '.1f')} deg, trustworthiness "
                     f"{_fmt(pose.get('trustworthiness'), '.3f')}.")
     return f'<p class="headline">{_e(" ".join(bits))}</p>' if bits else ""
+
+
+def _subsample_note(metrics: dict) -> str:
+    """Says when the probe, kNN and clusterings saw a seeded subsample (``evaluate.fit_rows``), not every row."""
+    sub = metrics.get("subsample")
+    if not sub:
+        return ""
+    rows, of = sub["rows"], sub["of"]
+    return (f"<p>Subsampled (evaluate.fit_rows, seed {sub['seed']}): the linear probe and kNN were fit on "
+            f"{rows['train']:,} of {of['train']:,} train rows and k-means and the GMM clustered {rows['test']:,} of "
+            f"{of['test']:,} test rows; nearest centroid used every row.</p>")
 
 
 def _modules_table(modules: list[dict]) -> str:

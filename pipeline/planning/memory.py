@@ -2,10 +2,11 @@
 
 A trainer streams its upstream (``pipeline.feed``), so its memory does not grow with the samples:
 it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group), the
-window's partner rows, ``feed.readahead`` row groups read ahead, the metadata index (a few dozen
-bytes a sample: the one term that grows with the dataset), the model with its gradients and Adam
-state, one batch's activations, and, while publishing, one row group and two inference chunks (one
-computed while the one before it is written; ``publish_chunk`` sizes them from the budget).
+partners the window lacks (at most one a row, planned as one a row), ``feed.readahead`` row groups
+read ahead, the metadata index (a few dozen bytes a sample: the one term that grows with the
+dataset), the model with its gradients and Adam state, one batch's activations, and, while publishing,
+one row group and two inference chunks (one computed while the one before it is written;
+``publish_chunk`` sizes them from the budget).
 ``build_plan`` refuses a config whose prediction exceeds ``resources.memory_per_module``.
 
 It also fixes how a module publishes (``publish_policy``): the chunk size, and for a wide module whose

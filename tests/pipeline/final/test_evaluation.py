@@ -125,3 +125,36 @@ def test_one_class_in_train_is_undefined():
 
     with pytest.raises(UndefinedMetricError, match="1 class"):
         classify(TRAIN_X, np.zeros(len(TRAIN_Y)), TEST_X, TEST_Y)
+
+
+def _blobs(n: int, seed: int):
+    """n rows of two well separated blobs in 3 dimensions, labels 0/1 alternating."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    return (rng.normal(size=(n, 3)) + 8.0 * y[:, None]).astype(np.float32), y
+
+
+def test_a_split_over_fit_rows_is_subsampled_and_says_so():
+    train_x, train_y = _blobs(300, 0)
+    test_x, test_y = _blobs(120, 1)
+    whole = classify(train_x, train_y, test_x, test_y, fit_rows=1000)
+    assert "subsample" not in whole  # under the budget: every row, nothing to say
+    r = classify(train_x, train_y, test_x, test_y, fit_rows=50, seed=4)
+    assert r["subsample"] == {"rows": {"train": 50, "test": 50}, "of": {"train": 300, "test": 120}, "seed": 4}
+    assert json.loads(json.dumps(r)) == r
+    # nearest centroid still sees every row: identical to the unsampled result
+    assert r["nearest_centroid"] == whole["nearest_centroid"]
+    for clf in ("linear_probe", "knn", "kmeans", "gmm"):
+        assert r[clf]["test_accuracy"] > 0.95, clf  # separable blobs stay separable on a subsample
+    # the same seed draws the same rows: the same numbers
+    assert classify(train_x, train_y, test_x, test_y, fit_rows=50, seed=4) == r
+
+
+def test_fit_subsample_is_seeded_bounded_and_without_repeats():
+    from pipeline.final.evaluation import fit_subsample
+
+    a = fit_subsample(10_000, 500, 3)
+    assert len(a) == 500 and len(np.unique(a)) == 500 and np.all(np.diff(a) > 0) and a.max() < 10_000
+    assert np.array_equal(a, fit_subsample(10_000, 500, 3))
+    assert not np.array_equal(a, fit_subsample(10_000, 500, 4))
+    assert np.array_equal(fit_subsample(20, 500, 3), np.arange(20))

@@ -164,3 +164,17 @@ def test_loss_panels_with_tiny_changes_keep_titles_and_ticks_apart(tmp_path, mon
     top, bottom = fig.axes[0], fig.axes[1]
     assert all(ax.yaxis.get_offset_text().get_text() == "" for ax in fig.axes)
     assert not bottom.title.get_window_extent(renderer).overlaps(top.get_tightbbox(renderer))
+
+
+def test_report_says_when_the_fits_saw_a_subsample(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    x = rng.normal(size=(40, 2)) + 6.0 * y[:, None]
+    sub = classify(x, y, x, y, knn_k=1, fit_rows=10, seed=2)
+    whole = classify(x, y, x, y, knn_k=1)
+    text = open(render_report(str(tmp_path / "s.html"), title="t", config_yaml="a: 1", lineage={}, modules=[],
+                              metrics=sub, pose=None, images={}), encoding="utf-8").read()
+    assert "evaluate.fit_rows" in text and "fit on 10 of 40 train rows" in text and "10 of 40 test rows" in text
+    plain = open(render_report(str(tmp_path / "w.html"), title="t", config_yaml="a: 1", lineage={}, modules=[],
+                               metrics=whole, pose=None, images={}), encoding="utf-8").read()
+    assert "Subsampled" not in plain
