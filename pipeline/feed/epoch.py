@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.nn.pairing import partner_index
+from pipeline.nn.pairing import min_step, partner_index
 
 METADATA_PAIRINGS = ("same_instance", "neighbor_pose")
 
@@ -108,7 +108,7 @@ def _right_kind(kind: str, meta: dict[str, np.ndarray], rows: np.ndarray):
     if kind == "same_instance":
         return same
     az, el = meta["azimuth"], meta["elevation"]
-    az_step, el_step = _step(np.mod(az[rows], 360.0), 360.0), _step(el[rows], None)
+    az_step, el_step = min_step(np.mod(az[rows], 360.0), 360.0), min_step(el[rows], None)
 
     def neighbour(a, b):
         d_az = np.abs(np.mod(az[a] - az[b] + 180.0, 360.0) - 180.0)
@@ -118,14 +118,3 @@ def _right_kind(kind: str, meta: dict[str, np.ndarray], rows: np.ndarray):
         return same(a, b) & (np.asarray(one_az) | np.asarray(one_el))
 
     return neighbour
-
-
-def _step(values: np.ndarray, period: float | None) -> float | None:
-    distinct = np.unique(values[np.isfinite(values)])
-    if len(distinct) < 2:
-        return None
-    gaps = np.diff(distinct)
-    if period is not None:
-        gaps = np.append(gaps, distinct[0] + period - distinct[-1])
-    gaps = gaps[gaps > 1e-9]
-    return float(gaps.min()) if len(gaps) else None

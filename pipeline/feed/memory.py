@@ -10,8 +10,6 @@ float32 on the trainer's device. A background thread prepares the next batch
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.feed.source import recompute_chain, stored_below, to_float
-from pipeline.feed.streaming import TrainBatch
+from pipeline.feed.streaming import TrainBatch, background
 from pipeline.nn.pairing import partner_index
 from pipeline.store import Store
 from schemas.manifest import Manifest
@@ -151,37 +149,7 @@ class PairedBatches:
                           self._up.features(x_pos, self._device) if x_pos is not None else None, labels, groups)
 
     def __iter__(self):
-        q: queue.Queue = queue.Queue(maxsize=self._prefetch)
-        stop = threading.Event()
-        done = object()
-
-        def produce():
-            try:
-                for idx in self._batches:
-                    if stop.is_set():
-                        return
-                    q.put(self._make(idx))
-                q.put(done)
-            except BaseException as exc:  # surfaced in the consumer
-                q.put(exc)
-
-        thread = threading.Thread(target=produce, daemon=True, name="isostack-prefetch")
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+        return background((self._make(idx) for idx in self._batches), self._prefetch, "isostack-prefetch")
 
 
 def concat_upstreams(parts: list[Upstream]) -> Upstream:

@@ -161,37 +161,7 @@ class StreamingBatches:
             tail = rest
 
     def __iter__(self):
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
-
-        def produce():
-            try:
-                for batch in self._produce():
-                    if stop.is_set():
-                        return
-                    q.put(batch)
-                q.put(done)
-            except BaseException as exc:  # surfaced in the consumer
-                q.put(exc)
-
-        thread = threading.Thread(target=produce, daemon=True, name="isostack-feed")
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+        return background(self._produce(), self.prefetch, "isostack-feed")
 
 
 def _gather(want, at, p_at, parts, starts, lo: int, hi: int):
@@ -230,3 +200,40 @@ def _positions_map(want: np.ndarray):
         return np.where(found, sorter[at], -1).astype(np.int64)
 
     return where
+
+
+def background(items, depth: int, name: str):
+    """Iterate ``items`` on a daemon thread, at most ``depth`` ahead of the consumer, so reading and
+    decoding overlap the training step; an error in the thread is raised in the consumer, and leaving the
+    loop early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name=name)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

@@ -106,8 +106,9 @@ def _same_group_partner(group: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return partner
 
 
-def _min_step(values: np.ndarray, period: float | None) -> float | None:
-    distinct = np.unique(values)
+def min_step(values: np.ndarray, period: float | None) -> float | None:
+    """The smallest gap between distinct finite values (wrapping around ``period``), or None with fewer than 2."""
+    distinct = np.unique(values[np.isfinite(values)])
     if len(distinct) < 2:
         return None
     gaps = np.diff(distinct)
@@ -125,8 +126,8 @@ def _neighbor_pose_partner(group, azimuth, elevation, period, fallback, rng) -> 
     # Rows without a pose (NaN) get a group of their own: nobody's neighbour, and they fall back.
     group = np.where(valid, group, group.max() + 1 + np.arange(n))
     azimuth, elevation = np.where(valid, azimuth, 0.0), np.where(valid, elevation, elevation[valid].min())
-    az_step = _min_step(np.mod(azimuth[valid], period), period)
-    el_step = _min_step(elevation[valid], None)
+    az_step = min_step(np.mod(azimuth[valid], period), period)
+    el_step = min_step(elevation[valid], None)
     n_az = int(round(period / az_step)) if az_step else 1
     wraps = az_step is not None and abs(period / az_step - n_az) < 1e-6
     a = np.rint(np.mod(azimuth, period) / az_step).astype(np.int64) if az_step else np.zeros(n, np.int64)
