@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.feed.source import recompute_chain, stored_below, to_float
+from pipeline.feed.source import recompute_chain, stored_below, stored_features
 from pipeline.feed.streaming import TrainBatch, background
 from pipeline.nn.pairing import partner_index
 from pipeline.store import Store
@@ -49,12 +49,7 @@ class Upstream:
         return self.x.dtype == torch.uint8
 
     def features(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Stored rows -> float32 activations of the stage asked for, on ``device``."""
-        x = to_float(x, device)
-        if self.recompute is None:
-            return x
-        with torch.no_grad():  # not inference_mode: the result feeds a module that trains
-            return self.recompute(x)
+        return stored_features(x, self.recompute, device)
 
     def train_rows(self) -> np.ndarray:
         return np.flatnonzero(self.split == "train")

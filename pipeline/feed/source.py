@@ -84,12 +84,7 @@ class Source:
         return np.flatnonzero(self.split == "train")
 
     def features(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Stored rows -> float32 activations of the stage asked for, on ``device``."""
-        x = to_float(x, device)
-        if self.recompute is None:
-            return x
-        with torch.no_grad():  # not inference_mode: the result feeds a module that trains
-            return self.recompute(x)
+        return stored_features(x, self.recompute, device)
 
     def unit_rows(self) -> np.ndarray:
         """(U,) kept rows in each unit."""
@@ -228,3 +223,13 @@ def recompute_chain(store: Store, chain: list[Manifest], config: dict, device: t
         module.load_state_dict(st_load(store.read_weights(weights_version)))
         layers.append(module.eval().requires_grad_(False))
     return torch.nn.Sequential(*layers).to(device)
+
+
+def stored_features(x: torch.Tensor, recompute, device: torch.device) -> torch.Tensor:
+    """Stored rows -> float32 activations of the stage asked for, on ``device`` (through the frozen
+    ``recompute`` chain when the stage below was not materialized)."""
+    x = to_float(x, device)
+    if recompute is None:
+        return x
+    with torch.no_grad():  # not inference_mode: the result feeds a module that trains
+        return recompute(x)

@@ -120,16 +120,7 @@ def read_signals(path: str, shape: tuple[int, int], sample_rate: int) -> np.ndar
     if p.suffix != ".npy" or not p.is_file():
         raise DataError(f"embed input {path!r} is neither a .npy file nor a folder",
                         "pass signals as .npy (N, T) or (N, C, T), or a folder of .wav files")
-    arr = np.load(p)
-    if arr.ndim == 2:
-        arr = arr[:, None]
-    if arr.ndim != 3 or tuple(arr.shape[1:]) != (c, t):
-        raise DataError(f"{path} holds signals of shape {tuple(arr.shape[1:])}, the encoder expects ({c}, {t})",
-                        f"crop or pad the signals to {t} samples ({sample_rate} Hz) with {c} channel(s), or pass .wav files")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"{path} holds {arr.dtype} signals, the encoder expects floating-point samples in [-1, 1]",
-                        "convert the signals to float32 (integer PCM divided by its full scale)")
-    return arr.astype(np.float32)
+    return _signals(np.load(p), shape, where=path)
 
 
 def read_images(path: str, shape: tuple[int, int, int]) -> np.ndarray:
@@ -209,14 +200,15 @@ def _as_uint8(arr: np.ndarray, kind: str) -> np.ndarray:
     return np.round(values).astype(np.uint8)
 
 
-def _signals(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _signals(arr: np.ndarray, shape: tuple[int, int], where: str = "embed input") -> np.ndarray:
+    """Signals (N, T) or (N, C, T) of the encoder's shape -> float32 (N, C, T); ``where`` names them in errors."""
     c, t = shape
     if arr.ndim == 2:
         arr = arr[:, None]
     if arr.ndim != 3 or tuple(arr.shape[1:]) != (c, t):
-        raise DataError(f"embed input of shape {arr.shape}: the encoder expects signals (N, {c}, {t}) or (N, {t})",
+        raise DataError(f"{where} of shape {arr.shape}: the encoder expects signals (N, {c}, {t}) or (N, {t})",
                         f"crop or pad the signals to {t} samples with {c} channel(s), or pass .wav files")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(f"embed input holds {arr.dtype} signals, the encoder expects floating-point samples in [-1, 1]",
+        raise DataError(f"{where} holds {arr.dtype} signals, the encoder expects floating-point samples in [-1, 1]",
                         "convert the signals to float32 (integer PCM divided by its full scale)")
     return arr.astype(np.float32)
