@@ -207,7 +207,7 @@ class Evaluator:
             rows = pq.read_table(pa.BufferReader(data)).to_pylist()
             loss = [r for r in rows if r["name"] == f"{name}/loss/train"]
             switches = [(r["epoch"], int(r["value"])) for r in rows if r["name"] == f"{name}/upstream/version"]
-            heldout = [r for r in rows if r["name"] == f"{name}/loss/heldout"]
+            heldout = [r for r in rows if r["name"] == f"{name}/loss/heldout" and r["value"] is not None]
             curves[name] = {"epoch": [r["epoch"] for r in loss], "loss": [r["value"] for r in loss], "switches": switches,
                             "heldout_epoch": [r["epoch"] for r in heldout], "heldout_loss": [r["value"] for r in heldout]}
         return curves

@@ -34,6 +34,7 @@ from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
 from workers.epochs import Boundary, Step, next_step, publishes_after
+from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
 from workers.runtime import device_text, node_name, peak_memory
@@ -268,7 +269,11 @@ class ModuleTrainer:
         if up.manifest.final:
             self.lineage["epochs_on_final"] += 1
         rate = samples / seconds if seconds > 0 else None
-        for name, value in (("loss/train", mean_loss), ("samples_per_s", rate), ("epoch_seconds", seconds),
+        heldout = heldout_loss(up, self.module, self.objective, pairing=getattr(self.mcfg.objective, "pairing", None),
+                               batch_size=self.train_cfg.batch_size, buffer=self.plan.buffer_samples,
+                               device=self.device, seed=[self.train_cfg.seed, self.plan.index, self.epoch, 1])
+        for name, value in (("loss/train", mean_loss), ("loss/heldout", heldout), ("samples_per_s", rate),
+                            ("epoch_seconds", seconds),
                             ("feed/partner_fetch_rate", batches.plan.fetch_rate if batches.plan.partner is not None
                              else None), ("feed/rows_held", batches.max_rows_held)):
             self._record(f"{self.name}/{name}", value)
