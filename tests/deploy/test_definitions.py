@@ -123,9 +123,10 @@ def test_submit_script_runs_isostack_run_with_the_runtime_env():
 def test_rayjob_entrypoint_is_the_same_command():
     job = _yaml("kuberay/rayjob.yaml")
     entry = shlex.split(job["spec"]["entrypoint"])
-    assert entry[:2] == ["isostack", "run"]
+    # `python -m pipeline`: the image's interpreter, whatever PATH the pod's shell has (deploy/job.sh does the same)
+    assert entry[:4] == ["python", "-m", "pipeline", "run"]
     assert PYPROJECT["project"]["scripts"]["isostack"] == "pipeline.cli:main"
-    args = build_parser().parse_args(entry[1:])
+    args = build_parser().parse_args(entry[3:])
     assert "://" in args.store, "a cluster job needs a store every pod reaches"
     build_plan(load_config(args.config, args.overrides, args.store), check_paths=False, local_cluster=False)
 
