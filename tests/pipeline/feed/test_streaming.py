@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.feed import StreamingBatches, open_versions, plan_epoch
 from pipeline.feed.epoch import _right_kind
+from pipeline.feed.streaming import _take, keep_freed_batches
 from pipeline.store import Store
 
 BATCH = 8
@@ -118,3 +121,24 @@ def test_a_stream_window_keeps_the_newest_row_of_each_sample(tmp_path):
     assert len(src) == old.rows
     x = src.fetch(np.flatnonzero(np.isin(src.sample_id, np.arange(4))))
     assert torch.all(x == 1000.0)
+
+
+def test_take_gathers_rows_across_parts_in_the_order_asked():
+    parts = [torch.arange(n * 6, dtype=torch.float16).reshape(n, 2, 3) + 1000 * k for k, n in enumerate((5, 1, 7))]
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    whole = torch.cat(parts)
+    rng = np.random.default_rng(0)
+    for positions in (rng.integers(0, len(whole), 40), np.arange(len(whole)), np.array([12, 0, 5, 5]), np.zeros(0, int)):
+        assert torch.equal(_take(parts, starts, positions), whole[torch.from_numpy(positions)])
+
+
+def test_feed_keeps_freed_batch_memory_unless_malloc_is_tuned_by_the_user(monkeypatch):
+    keep_freed_batches.cache_clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert keep_freed_batches() is False  # the user's setting stands
+    keep_freed_batches.cache_clear()
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_batches() is True
