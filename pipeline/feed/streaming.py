@@ -98,13 +98,13 @@ class StreamingBatches:
                 lo, hi = self.plan.bounds[w], self.plan.bounds[w + 1]
                 want = self.plan.order[lo:hi]
                 partner = self.plan.partner[lo:hi] if self.plan.partner is not None else None
-                stored, parts = [], []
+                got = []
                 for _ in range(len(np.unique(self.src.unit[want]))):
-                    rows, part = ahead.get().result()
+                    got.append(ahead.get().result())
                     queued -= 1
                     top_up()
-                    stored.append(rows)
-                    parts.append(part)
+                stored, parts = [rows for rows, _ in got], [x for _, x in got]
+                del got  # the window's list is now the only holder of its units
                 if partner is not None:  # partners of a kind the window lacks: read from their units
                     outside = np.unique(partner[~np.isin(partner, want)])
                     if len(outside):
@@ -163,6 +163,9 @@ class StreamingBatches:
                 rest = (np.concatenate([tail[0], rest[0]]), torch.cat([tail[1], rest[1]]),
                         torch.cat([tail[2], rest[2]]) if rest[2] is not None else None)
             tail = rest
+            # Drop this window's units before the next is read: the loop variables would otherwise keep
+            # them alive while ``_windows`` reads the next window, holding two windows at once.
+            del parts, at, p_at, rest
 
     def __iter__(self):
         return background(self._produce(), self.prefetch, "isostack-feed")
