@@ -37,13 +37,14 @@ M1_SHAPE = (64, 32, 32)  # float16: 128 KiB a sample
 BATCH = 32
 
 
-def config(samples: int, buffer: int | None) -> dict:
+def config(samples: int, buffer: int | None, readahead: int | None = None) -> dict:
     cfg = load_config(None, [
         "dataset.image_size=32", "train.epochs=1", "train.batch_size=32", "schedule.settle_epochs=0",
         "schedule.poll_seconds=0.05", "stack.m1.layers.0.channels=64", "stack.m1.layers=[{type: conv, channels: 64, "
         "kernel: 3, padding: same}]", "stack.m2.layers=[{type: conv, channels: 16, kernel: 3, stride: 2}, "
         "{type: maxpool, kernel: 2}]", "store.rows_per_shard=512", "resources.memory_per_module=64",
-        "evaluate.baselines=false", *([f"feed.buffer_samples={buffer}"] if buffer else [])], None)
+        "evaluate.baselines=false", *([f"feed.buffer_samples={buffer}"] if buffer else []),
+        *([f"feed.readahead={readahead}"] if readahead is not None else [])], None)
     cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
     return cfg.model_dump(mode="json")
 
@@ -68,7 +69,7 @@ def write_m1(store: Store, samples: int, chunk: int = 256) -> int:
     return sum(s.bytes for s in manifest.shards)
 
 
-def train_m2(workdir: str, samples: int, buffer: int | None) -> dict:
+def train_m2(workdir: str, samples: int, buffer: int | None, readahead: int | None = None) -> dict:
     """m2's ``run()`` in a fresh process (its own peak RSS): wall seconds, peak RSS, samples/s."""
     code = (
         "import json, sys, time, torch; torch.set_num_threads(1)\n"
@@ -82,7 +83,7 @@ def train_m2(workdir: str, samples: int, buffer: int | None) -> dict:
         "print(json.dumps({'seconds': time.perf_counter() - t0, 'rss': hwm, "
         "'samples_per_second': s['samples_per_second'], 'rows_held': max(held or [0]), 'state': s['state']}))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code, workdir, f"ooc{samples}", json.dumps(config(samples, buffer))],
+    out = subprocess.run([sys.executable, "-c", code, workdir, f"ooc{samples}", json.dumps(config(samples, buffer, readahead))],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"m2 failed at {samples} samples:\n{out.stderr[-3000:]}")
@@ -146,7 +147,8 @@ def throughput(store: Store, cfg: dict, steps: int, rounds: int = 3) -> dict:
             "pair_ratios": [s["samples_per_second"] / m["samples_per_second"] for m, s in zip(runs[::2], runs[1::2])]}
 
 
-def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, compare: bool = True) -> dict:
+def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, compare: bool = True,
+        readahead: int | None = None) -> dict:
     per_sample = math.prod(M1_SHAPE) * 2
     base = max(4 * BATCH, int(gb * 1e9 / per_sample))
     rows, tp = [], {}
@@ -156,10 +158,10 @@ def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, c
         t0 = time.perf_counter()
         disk = write_m1(store, n)
         write_s = time.perf_counter() - t0
-        m2 = train_m2(workdir, n, buffer)
+        m2 = train_m2(workdir, n, buffer, readahead)
         rows.append({"scale": s, "samples": n, "version_bytes": disk, "write_seconds": write_s, **m2})
         if s == scales[0] and compare:
-            tp = throughput(store, config(n, buffer), steps=max(4, (n * 4 // 5) // BATCH))
+            tp = throughput(store, config(n, buffer, readahead), steps=max(4, (n * 4 // 5) // BATCH))
         store.delete("store")  # the next scale's version is written fresh; free the disk
     first = rows[0]["rss"]
     return {"rows": rows, "throughput": tp,
@@ -193,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gb", type=float, default=0.05, help="m1's version size at 1x, in GB (the README row: >= 10)")
     ap.add_argument("--scales", default="1,2,4", help="sample multiples to run (comma separated)")
     ap.add_argument("--buffer", type=int, default=None, help="feed.buffer_samples (default: automatic)")
+    ap.add_argument("--readahead", type=int, default=None, help="feed.readahead (default: the config default)")
     ap.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
     ap.add_argument("--no-compare", action="store_true", help="skip the streamed vs in-memory throughput comparison")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     scales = [int(s) for s in args.scales.split(",")]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare)
+        result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare, readahead=args.readahead)
     print(table(result))
     if args.json:
         with open(args.json, "w") as fh:
