@@ -229,10 +229,10 @@ def keep_freed_batches() -> bool:
     A feed allocates each batch (``x`` and ``x_pos``, float16 gathered then float32: megabytes) on its
     thread and the trainer frees it on another. With glibc's defaults the arena's top is trimmed back to
     the kernel (or the block was an mmap of its own) at every free, so the next batch page-faults its
-    memory in again and the kernel zeroes it: on the out-of-core benchmark that was ~500 faults a
+    memory in again and the kernel zeroes it: on the out-of-core benchmark that was ~300 faults a
     sample, about half the trainer process's CPU time in the kernel. Blocks under 32 MiB now come from
-    the heap, and up to 64 MiB free at its top is kept for the next batch (so peak RSS moves by at most
-    that). Process-wide, once; left alone when the user tunes malloc through the environment or libc is
+    the heap, and up to 64 MiB free at its top is kept for the next batch (peak RSS measured on the
+    benchmark did not move). Process-wide, once; left alone when the user tunes malloc through the environment or libc is
     not glibc. Returns whether it was applied.
     """
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
