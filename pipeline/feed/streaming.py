@@ -232,8 +232,8 @@ def keep_freed_batches() -> bool:
     memory in again and the kernel zeroes it: on the out-of-core benchmark that was ~300 faults a
     sample, about half the trainer process's CPU time in the kernel. Blocks under 32 MiB now come from
     the heap, and up to 64 MiB free at its top is kept for the next batch (peak RSS measured on the
-    benchmark did not move). Process-wide, once; left alone when the user tunes malloc through the environment or libc is
-    not glibc. Returns whether it was applied.
+    benchmark did not move). Process-wide, once; left alone when the user tunes malloc through the
+    environment or libc is not glibc. Returns whether it was applied.
     """
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
             k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
