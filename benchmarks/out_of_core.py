@@ -37,13 +37,14 @@ M1_SHAPE = (64, 32, 32)  # float16: 128 KiB a sample
 BATCH = 32
 
 
-def config(samples: int, buffer: int | None) -> dict:
+def config(samples: int, buffer: int | None, readahead: int | None = None) -> dict:
     cfg = load_config(None, [
         "dataset.image_size=32", "train.epochs=1", "train.batch_size=32", "schedule.settle_epochs=0",
         "schedule.poll_seconds=0.05", "stack.m1.layers.0.channels=64", "stack.m1.layers=[{type: conv, channels: 64, "
         "kernel: 3, padding: same}]", "stack.m2.layers=[{type: conv, channels: 16, kernel: 3, stride: 2}, "
         "{type: maxpool, kernel: 2}]", "store.rows_per_shard=512", "resources.memory_per_module=64",
-        "evaluate.baselines=false", *([f"feed.buffer_samples={buffer}"] if buffer else [])], None)
+        "evaluate.baselines=false", *([f"feed.buffer_samples={buffer}"] if buffer else []),
+        *([f"feed.readahead={readahead}"] if readahead is not None else [])], None)
     cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
     return cfg.model_dump(mode="json")
 
@@ -68,7 +69,7 @@ def write_m1(store: Store, samples: int, chunk: int = 256) -> int:
     return sum(s.bytes for s in manifest.shards)
 
 
-def train_m2(workdir: str, samples: int, buffer: int | None) -> dict:
+def train_m2(workdir: str, samples: int, buffer: int | None, readahead: int | None = None) -> dict:
     """m2's ``run()`` in a fresh process (its own peak RSS): wall seconds, peak RSS, samples/s."""
     code = (
         "import json, sys, time, torch; torch.set_num_threads(1)\n"
@@ -82,22 +83,30 @@ def train_m2(workdir: str, samples: int, buffer: int | None) -> dict:
         "print(json.dumps({'seconds': time.perf_counter() - t0, 'rss': hwm, "
         "'samples_per_second': s['samples_per_second'], 'rows_held': max(held or [0]), 'state': s['state']}))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code, workdir, f"ooc{samples}", json.dumps(config(samples, buffer))],
+    out = subprocess.run([sys.executable, "-c", code, workdir, f"ooc{samples}", json.dumps(config(samples, buffer, readahead))],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"m2 failed at {samples} samples:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def throughput(store: Store, cfg: dict, steps: int) -> dict:
-    """samples/s of the same m2 steps fed streamed from the store and from the version held in memory."""
+def throughput(store: Store, cfg: dict, steps: int, rounds: int = 3) -> dict:
+    """samples/s of the same m2 steps fed streamed from the store and from the version held in memory.
+
+    The sides alternate ``rounds`` times in this process (a shared machine's load moves between runs;
+    each side's best counts, and every run is kept with its load average). Besides wall-clock samples/s
+    each run records samples per CPU second of the whole process (every thread: training, feed, reads),
+    which the other sessions' load distorts far less, and the wait for the first batch. The streamed clock
+    includes opening the source and reading the first window; the in-memory one starts with the version
+    already decoded.
+    """
     torch.set_num_threads(1)
     rc = load_config(None, [], None).model_validate(cfg)
     plan = build_plan(rc, check_paths=False, local_cluster=False)
     mp = plan.module("m2")
     version = store.final("m1").version
-    rates = {}
-    for side in ("memory", "streamed", "memory", "streamed"):  # alternate; each side's best counts
+    runs = []
+    for side in ("memory", "streamed") * rounds:
         torch.manual_seed(0)
         module = build_module(rc.stack["m2"], tuple(mp.in_shape))
         objective = build_objective(rc.stack["m2"].objective, tuple(mp.out_shape), plan.num_classes,
@@ -106,31 +115,40 @@ def throughput(store: Store, cfg: dict, steps: int) -> dict:
         rng = np.random.default_rng([0, 1])
         if side == "memory":
             up = load_upstream(store, "m1", version)  # decoded before the clock: the version is in memory
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        if side == "memory":
             batches = PairedBatches(up, batch_size=BATCH, pairing="same_instance", rng=rng, device=torch.device("cpu"),
                                     max_steps=steps)
         else:
-            t_open = time.perf_counter()
             src = open_source(store, "m1", version, cfg, torch.device("cpu"))
             ep = plan_epoch({k: getattr(src, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")},
                             src.train_rows(), src.unit, pairing="same_instance", batch_size=BATCH,
                             buffer=mp.buffer_samples, rng=rng, max_steps=steps)
             batches = StreamingBatches(src, ep, device=torch.device("cpu"), pairing="same_instance",
                                        readahead=rc.feed.readahead)
-        t0 = time.perf_counter() if side == "memory" else t_open
-        n = 0
+        n, first = 0, None
         for b in batches:
+            first = time.perf_counter() - t0 if first is None else first
             loss, _ = local_loss(objective, module, b.x, b.x_pos, b.labels, b.groups)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             n += len(b.x)
-        rates[side] = max(rates.get(side, 0.0), n / (time.perf_counter() - t0))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        runs.append({"side": side, "samples_per_second": n / wall, "samples_per_cpu_second": n / cpu,
+                     "first_batch_seconds": first, "load_average": os.getloadavg()[0]})
         if side == "streamed":
-            rates["fetch_rate"] = ep.fetch_rate
-    return rates
+            fetch_rate = ep.fetch_rate
+        del batches
+        up = None
+    best = {side: max(r["samples_per_second"] for r in runs if r["side"] == side) for side in ("memory", "streamed")}
+    per_cpu = {side: max(r["samples_per_cpu_second"] for r in runs if r["side"] == side) for side in ("memory", "streamed")}
+    return {**best, "fetch_rate": fetch_rate, "cpu_ratio": per_cpu["streamed"] / per_cpu["memory"], "runs": runs,
+            "pair_ratios": [s["samples_per_second"] / m["samples_per_second"] for m, s in zip(runs[::2], runs[1::2])]}
 
 
-def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, compare: bool = True) -> dict:
+def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, compare: bool = True,
+        readahead: int | None = None) -> dict:
     per_sample = math.prod(M1_SHAPE) * 2
     base = max(4 * BATCH, int(gb * 1e9 / per_sample))
     rows, tp = [], {}
@@ -140,10 +158,10 @@ def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, c
         t0 = time.perf_counter()
         disk = write_m1(store, n)
         write_s = time.perf_counter() - t0
-        m2 = train_m2(workdir, n, buffer)
+        m2 = train_m2(workdir, n, buffer, readahead)
         rows.append({"scale": s, "samples": n, "version_bytes": disk, "write_seconds": write_s, **m2})
         if s == scales[0] and compare:
-            tp = throughput(store, config(n, buffer), steps=max(4, (n * 4 // 5) // BATCH))
+            tp = throughput(store, config(n, buffer, readahead), steps=max(4, (n * 4 // 5) // BATCH))
         store.delete("store")  # the next scale's version is written fresh; free the disk
     first = rows[0]["rss"]
     return {"rows": rows, "throughput": tp,
@@ -164,7 +182,11 @@ def table(result: dict) -> str:
               f"version / peak RSS at 1x: {g['version_over_rss_at_1x']:.2f} (goal >= 4)"]
     if tp:
         lines += [f"streamed vs in-memory samples/s at 1x: {tp['streamed']:.1f} / {tp['memory']:.1f} = "
-                  f"{g['streamed_over_memory_at_1x']:.2f} (goal >= 0.9; partner fetch rate {tp['fetch_rate']:.1%})"]
+                  f"{g['streamed_over_memory_at_1x']:.2f} (goal >= 0.9; partner fetch rate {tp['fetch_rate']:.1%})",
+                  f"  per pair of runs: {', '.join(f'{r:.2f}' for r in tp['pair_ratios'])}; samples per CPU second, "
+                  f"streamed / in-memory: {tp['cpu_ratio']:.2f}"]
+        lines += [f"  {r['side']:>8}: {r['samples_per_second']:8.1f} samples/s, {r['samples_per_cpu_second']:7.1f} per CPU s, "
+                  f"first batch {r['first_batch_seconds']:.2f} s, load {r['load_average']:.1f}" for r in tp["runs"]]
     return "\n".join(lines)
 
 
@@ -173,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gb", type=float, default=0.05, help="m1's version size at 1x, in GB (the README row: >= 10)")
     ap.add_argument("--scales", default="1,2,4", help="sample multiples to run (comma separated)")
     ap.add_argument("--buffer", type=int, default=None, help="feed.buffer_samples (default: automatic)")
+    ap.add_argument("--readahead", type=int, default=None, help="feed.readahead (default: the config default)")
     ap.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
     ap.add_argument("--no-compare", action="store_true", help="skip the streamed vs in-memory throughput comparison")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     scales = [int(s) for s in args.scales.split(",")]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare)
+        result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare, readahead=args.readahead)
     print(table(result))
     if args.json:
         with open(args.json, "w") as fh:

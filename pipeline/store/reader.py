@@ -229,7 +229,9 @@ class VersionReader:
         """One row group's rows, ``(rows, *shape)`` in the codec's storage dtype (uint8, float16, ...)."""
         pf = self._open(shard)
         with self._read_errors(self._rels[shard]):
-            table = pf.read_row_group(group, columns=[TENSOR_COLUMN])
+            # Decoded on the calling (readahead) thread: Arrow's pool costs the same CPU in more threads
+            # contending with the trainer for the same cores.
+            table = pf.read_row_group(group, columns=[TENSOR_COLUMN], use_threads=False)
         table = table.replace_schema_metadata(pf.schema_arrow.metadata)
         parts = list(self._table_tensors(table, shard))
         if not parts:

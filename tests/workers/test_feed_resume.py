@@ -59,3 +59,21 @@ def test_a_module_killed_mid_epoch_resumes_the_order(tmp_path):
         np.testing.assert_array_equal(a, b)
     names = {r["name"] for r in again.metrics.rows}
     assert "m1/feed/rows_held" in names and "m1/feed/partner_fetch_rate" in names
+
+
+def test_the_trainer_holds_the_window_its_plan_gives(tmp_path):
+    """feed.buffer_samples bounds what a trainer holds, whatever the version's size (counted rows, not RSS)."""
+    torch.set_num_threads(1)
+    cfg = load_config(None, STACK + ["feed.buffer_samples=16", "feed.readahead=1"], str(tmp_path / "store"))
+    cfg = cfg.model_copy(update={"stack": {"m1": cfg.stack["m1"]}})
+    store, _, _ = prepare_run(cfg, "r")
+    trainer = ModuleTrainer(store.uri, "r", "m1", cfg.model_dump(mode="json"))
+    trainer.setup()
+    assert trainer.plan.buffer_samples == 16
+    trainer.train_until(1)
+    held = max(r["value"] for r in trainer.metrics.rows if r["name"] == "m1/feed/rows_held")
+    train_rows = len(trainer._upstream.train_rows())
+    # one window (16 rows: a 16-row unit) + its partners (16) + the unit in flight and one read ahead (2 x 16)
+    # + a carried tail shorter than a batch (7)
+    assert 0 < held <= 16 + 16 + 2 * 16 + 7, held
+    assert held < train_rows / 4, (held, train_rows)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import platform
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.feed import StreamingBatches, open_versions, plan_epoch
+from pipeline.feed import Source, StreamingBatches, open_versions, plan_epoch
 from pipeline.feed.epoch import _right_kind
+from pipeline.feed.streaming import _take, keep_freed_batches
 from pipeline.store import Store
 
 BATCH = 8
@@ -118,3 +122,45 @@ def test_a_stream_window_keeps_the_newest_row_of_each_sample(tmp_path):
     assert len(src) == old.rows
     x = src.fetch(np.flatnonzero(np.isin(src.sample_id, np.arange(4))))
     assert torch.all(x == 1000.0)
+
+
+def test_take_gathers_rows_across_parts_in_the_order_asked():
+    parts = [torch.arange(n * 6, dtype=torch.float16).reshape(n, 2, 3) + 1000 * k for k, n in enumerate((5, 1, 7))]
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    whole = torch.cat(parts)
+    rng = np.random.default_rng(0)
+    for positions in (rng.integers(0, len(whole), 40), np.arange(len(whole)), np.array([12, 0, 5, 5]), np.zeros(0, int)):
+        assert torch.equal(_take(parts, starts, positions), whole[torch.from_numpy(positions)])
+
+
+def test_feed_keeps_freed_batch_memory_unless_malloc_is_tuned_by_the_user(monkeypatch):
+    keep_freed_batches.cache_clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert keep_freed_batches() is False  # the user's setting stands
+    keep_freed_batches.cache_clear()
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_batches() is True
+
+
+def test_units_are_released_when_their_window_ends(tmp_path, monkeypatch):
+    """The unit tensors alive at any read (not the feed's own count): one window's units plus those in flight."""
+    store = Store(str(tmp_path), "r")
+    make_version(store, objects=12, rows_per_shard=8)
+    src = open_versions(store, [store.newest("m1")])
+    alive, peak = [], [0]
+    read_unit = Source.read_unit
+
+    def watched(self, u):
+        rows, x = read_unit(self, u)
+        alive.append(weakref.ref(x))
+        peak[0] = max(peak[0], sum(ref() is not None for ref in alive))
+        return rows, x
+
+    monkeypatch.setattr(Source, "read_unit", watched)
+    plan, feed, batches = _epoch(src, "same_instance", buffer=32, readahead=1)
+    per_window = max(len(np.unique(src.unit[plan.order[a:b]])) for a, b in zip(plan.bounds[:-1], plan.bounds[1:]))
+    assert len(plan.bounds) - 1 >= 3 and len(batches) == plan.n_batches
+    assert peak[0] <= per_window + 1 + 1, (peak[0], per_window)  # the window, the unit in flight, one ahead
