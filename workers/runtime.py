@@ -1,11 +1,23 @@
-"""Where a worker runs: its node, its device in words, its peak memory (for status and summary.json)."""
+"""Where a worker runs: its node, its device in words, its peak memory (for status and summary.json), and
+how module actors that share a node's cores take turns on them (``CoreTurns``)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import hashlib
+import os
 import resource
 import socket
+import tempfile
+import time
 
 import torch
+
+YIELD_SECONDS = 0.02  # after a long turn, time for a waiting actor to take the cores (a blocked flock wakes in <1 ms)
+LONG_TURN = 0.05  # turns shorter than this do not yield (tiny test modules step thousands of times)
 
 
 def device_text(device: torch.device) -> str:
@@ -34,3 +46,78 @@ def node_name() -> str:
     except Exception:  # noqa: BLE001 - outside Ray the host name is enough
         pass
     return socket.gethostname()
+
+
+def node_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class CoreTurns:
+    """One compute turn at a time (a training step, a publishing chunk) among the module actors of one run
+    that share a node's cores.
+
+    When ``resources.cpus_per_module`` x modules exceeds the node's cores (a laptop, this project's 2-core
+    machine), concurrent actors only oversubscribe the cores (each with its own torch threads) and hold
+    their activations at the same time: taking turns gives each step every thread it was given and keeps
+    one step's activations alive on the node instead of one per module, at the same total work. The turn
+    is an exclusive ``flock`` on a file in the node's temp directory named by the run, so it is node-local
+    (actors on other nodes never wait for each other) and the kernel frees it when its holder dies. A
+    holder yields briefly after a long turn so that a waiting actor gets the next one (flock is not FIFO),
+    and first hands its freed heap back to the OS (an actor waiting for its turn holds no dead step).
+    """
+
+    def __init__(self, key: str, shared: bool) -> None:
+        self.shared, self.waited = shared, 0.0
+        self.path = os.path.join(tempfile.gettempdir(), f"isostack-turns-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
+        self._fd: int | None = None
+
+    @classmethod
+    def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
+        """Turns for a module actor of ``cfg``: shared when its modules' threads exceed this node's cores on CPU."""
+        shared = device.type == "cpu" and cfg.resources.cpus_per_module * len(cfg.stack) > node_cores()
+        return cls(key, shared)
+
+    @contextlib.contextmanager
+    def turn(self):
+        if not self.shared:
+            yield
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        t0 = time.perf_counter()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        start = time.perf_counter()
+        self.waited += start - t0
+        try:
+            yield
+        finally:
+            long = time.perf_counter() - start > LONG_TURN
+            if long:
+                release_free_memory()  # before the next actor's turn allocates its own step
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if long:
+                time.sleep(YIELD_SECONDS)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __getstate__(self) -> dict:  # the descriptor stays in its process
+        return {**self.__dict__, "_fd": None}
+
+
+NO_TURNS = CoreTurns("", shared=False)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps freed small blocks of a finished step's
+    activations in its arenas, counted in the process's RSS until reused)."""
+    name = ctypes.util.find_library("c")
+    if name and "libc" in name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)

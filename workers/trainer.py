@@ -36,7 +36,7 @@ from schemas.status import ModuleState, ModuleStatus
 from workers.epochs import Boundary, Step, next_step, publishes_after
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
-from workers.runtime import device_text, node_name, peak_memory
+from workers.runtime import CoreTurns, device_text, node_name, peak_memory
 
 
 class ModuleTrainer:
@@ -65,6 +65,7 @@ class ModuleTrainer:
         self.train_cfg = self.cfg.module_train(self.name)
         self.mcfg = self.cfg.stack[self.name]
         self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+        self.turns = CoreTurns.for_module(self.cfg, f"{self.store_uri}|{self.run_id}", self.device)
         torch.manual_seed(self.train_cfg.seed + 1000 * self.plan.index + 7919 * self.generation)
         self.module = build_module(self.mcfg, tuple(self.plan.in_shape)).to(self.device)
         self.objective = build_objective(self.mcfg.objective, tuple(self.plan.out_shape), plan.num_classes,
@@ -151,7 +152,7 @@ class ModuleTrainer:
             self.store, self.cfg, self.plan, self._upstream, self.module, self.device, final=final, epoch=self.epoch,
             producer={"module": self.name, "epoch": self.epoch, "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors"},
-            upstream={"stage": self.plan.upstream, "version": self._upstream.manifest.version})
+            upstream={"stage": self.plan.upstream, "version": self._upstream.manifest.version}, turns=self.turns)
         return self._published(manifest)
 
     def _published(self, manifest):
@@ -238,23 +239,24 @@ class ModuleTrainer:
     def _step(self, batch, pairing: str | None, gen: torch.Generator, step: int) -> torch.Tensor:
         """One optimizer step on one batch; the loss."""
         x, x_pos = batch.x, batch.x_pos
-        if pairing == "augment":
-            x, x_pos = augment_views(x, gen)
-        loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)
-        if faults.armed("nan_loss", self.name, self.epoch + 1):
-            loss = loss * float("nan")
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"module {self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1} "
-                f"(upstream {self.plan.upstream} v{self._upstream.manifest.version})",
-                f"lower stack.{self.name}.train.lr (now {self.train_cfg.lr}) or check the upstream activations; "
-                f"the last good checkpoint ({self.ckpt_dir}/{self.epoch:04d}) and versions are kept")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        after_step = getattr(self.objective, "after_step", None)
-        if after_step is not None:
-            after_step(self.module)  # e.g. moco's momentum update of its key encoder
+        with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
+            if pairing == "augment":
+                x, x_pos = augment_views(x, gen)
+            loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)
+            if faults.armed("nan_loss", self.name, self.epoch + 1):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"module {self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1} "
+                    f"(upstream {self.plan.upstream} v{self._upstream.manifest.version})",
+                    f"lower stack.{self.name}.train.lr (now {self.train_cfg.lr}) or check the upstream activations; "
+                    f"the last good checkpoint ({self.ckpt_dir}/{self.epoch:04d}) and versions are kept")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            after_step = getattr(self.objective, "after_step", None)
+            if after_step is not None:
+                after_step(self.module)  # e.g. moco's momentum update of its key encoder
         self._stream_tick()
         return loss
 
@@ -298,7 +300,8 @@ class ModuleTrainer:
     def _stream_setup(self) -> None:
         streaming = self.cfg.schedule.publish == "stream"
         self._chunks = ChunkProducer(StreamRing(self.store, self.name, self.cfg.store.window_samples), self.cfg,
-                                     self.name, seed=[self.train_cfg.seed, self.plan.index, self.generation]) \
+                                     self.name, seed=[self.train_cfg.seed, self.plan.index, self.generation],
+                                     turns=self.turns) \
             if streaming and self.mcfg.store.materialize else None
         below = self.cfg.stack.get(self.plan.upstream)
         self._reads_stream = streaming and below is not None and below.store.materialize

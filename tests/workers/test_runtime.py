@@ -1,0 +1,90 @@
+"""Module actors sharing a node's cores take turns: one compute turn at a time, node-local, freed on death."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from pipeline.planning.config import load_config
+from tests.conftest import TINY_NORB
+from workers.runtime import CoreTurns, node_cores
+
+TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
+
+
+def _take_turns(key: str, shared: bool, n: int, out: str) -> None:
+    turns = CoreTurns(key, shared)
+    with open(out, "a") as f:
+        for _ in range(n):
+            with turns.turn():
+                start = time.monotonic()
+                time.sleep(TURN)
+                f.write(f"{os.getpid()} {start} {time.monotonic()}\n")
+                f.flush()
+
+
+def _intervals(path) -> list[tuple[int, float, float]]:
+    with open(path) as f:
+        return sorted(((int(p), float(a), float(b)) for p, a, b in (line.split() for line in f)), key=lambda s: s[1])
+
+
+def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2):
+    out = str(tmp_path / f"turns-{shared}.txt")
+    ctx = mp.get_context("spawn")
+    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(60)
+        assert p.exitcode == 0
+    return _intervals(out)
+
+
+def test_shared_turns_never_overlap_and_alternate(tmp_path):
+    spans = _run(f"test-{tmp_path}", True, tmp_path)
+    assert len(spans) == 8
+    for (_, _, end), (_, start, _) in zip(spans, spans[1:]):
+        assert start >= end - 1e-3  # one turn at a time across the processes
+    # the holder yields after a long turn: the other process gets the next one (not all four in a row)
+    owners = [pid for pid, _, _ in spans]
+    assert sum(a != b for a, b in zip(owners, owners[1:])) >= 3
+
+
+def test_unshared_turns_do_not_wait(tmp_path):
+    spans = _run(f"test-{tmp_path}", False, tmp_path)
+    assert any(start < end for (_, _, end), (_, start, _) in zip(spans, spans[1:]))  # the two ran at once
+
+
+def _hold_forever(key: str, ready) -> None:
+    turns = CoreTurns(key, True)
+    with turns.turn():
+        ready.set()
+        time.sleep(600)
+
+
+def test_a_dead_holder_frees_the_turn(tmp_path):
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    key = f"test-dead-{tmp_path}"
+    holder = ctx.Process(target=_hold_forever, args=(key, ready))
+    holder.start()
+    assert ready.wait(60)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    t0 = time.monotonic()
+    with CoreTurns(key, True).turn():
+        pass
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("cpus, shared", [(1, None), (64, True)])
+def test_turns_are_shared_only_when_the_modules_threads_exceed_the_cores(cpus, shared):
+    cfg = load_config(None, TINY_NORB + [f"resources.cpus_per_module={cpus}"])
+    expect = cpus * len(cfg.stack) > node_cores() if shared is None else shared
+    assert CoreTurns.for_module(cfg, "k", torch.device("cpu")).shared is expect
+    assert CoreTurns.for_module(cfg, "k", torch.device("meta")).shared is False  # an accelerator: no CPU turns
