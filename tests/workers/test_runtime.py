@@ -88,3 +88,13 @@ def test_turns_are_shared_only_when_the_modules_threads_exceed_the_cores(cpus, s
     expect = cpus * len(cfg.stack) > node_cores() if shared is None else shared
     assert CoreTurns.for_module(cfg, "k", torch.device("cpu")).shared is expect
     assert CoreTurns.for_module(cfg, "k", torch.device("meta")).shared is False  # an accelerator: no CPU turns
+
+
+def test_a_lone_actor_does_not_yield(tmp_path):
+    turns = CoreTurns(f"test-lone-{tmp_path}", True)
+    t0 = time.monotonic()
+    for _ in range(3):
+        with turns.turn():
+            time.sleep(0.06)  # a long turn, but nobody waits: no yield after it
+    assert time.monotonic() - t0 < 3 * 0.06 + 0.03
+    turns.close()
