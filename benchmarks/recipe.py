@@ -96,7 +96,8 @@ class PssSampler:
     def __init__(self, root_pid: int, interval: float = 0.5) -> None:
         self.root, self.interval = root_pid, interval
         self.peak, self.largest_at_peak, self.processes_at_peak, self.samples = 0, 0, 0, 0
-        self.by_process: dict[str, int] = {}  # "pid name" -> that process's own peak PSS (where the memory is)
+        self.by_process: dict[int, int] = {}  # pid -> that process's own peak PSS (where the memory is)
+        self.names: dict[int, str] = {}  # pid -> its title when first seen (Ray retitles an actor per task)
         self.loads: list[float] = []  # the machine's 1-minute load average at each sample (others' work included)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -119,8 +120,8 @@ class PssSampler:
         sizes = [pss_bytes(pid) for pid in pids]
         total = sum(sizes)
         for pid, size in zip(pids, sizes):
-            key = f"{pid} {process_name(pid)}"
-            self.by_process[key] = max(size, self.by_process.get(key, 0))
+            self.names.setdefault(pid, process_name(pid))
+            self.by_process[pid] = max(size, self.by_process.get(pid, 0))
         self.samples += 1
         self.loads.append(load_average())
         if total > self.peak:
@@ -187,7 +188,8 @@ def measured(cmd: list[str], log_path: str, timeout: float, interval: float) -> 
     return {"rc": proc.returncode, "wall_s": wall, "stdout": out, "peak_pss_bytes": mem.peak,
             "largest_process_bytes": mem.largest_at_peak, "processes_at_peak": mem.processes_at_peak,
             "memory_samples": mem.samples,
-            "process_peaks": dict(sorted(mem.by_process.items(), key=lambda kv: -kv[1])[:12]),
+            "process_peaks": {f"{pid} {mem.names[pid]}": peak
+                              for pid, peak in sorted(mem.by_process.items(), key=lambda kv: -kv[1])[:12]},
             "load_average": {"mean": float(np.mean(mem.loads)) if mem.loads else None,
                              "max": max(mem.loads, default=None)}}
 

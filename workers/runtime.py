@@ -77,6 +77,7 @@ class CoreTurns:
         self.path = os.path.join(tempfile.gettempdir(), f"isostack-turns-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
         self._fd: int | None = None  # the turn: exclusive
         self._queue: int | None = None  # shared by the actors waiting for a turn, so a holder knows to yield
+        self._depth = 0
 
     @classmethod
     def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
@@ -86,8 +87,12 @@ class CoreTurns:
 
     @contextlib.contextmanager
     def turn(self):
-        if not self.shared:
-            yield
+        if not self.shared or self._depth:  # a turn inside a turn (a stream chunk after a step) is the same turn
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
             return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -98,9 +103,11 @@ class CoreTurns:
         fcntl.flock(self._queue, fcntl.LOCK_UN)
         start = time.perf_counter()
         self.waited += start - t0
+        self._depth = 1
         try:
             yield
         finally:
+            self._depth = 0
             long = time.perf_counter() - start > LONG_TURN
             if long:
                 release_free_memory()  # before the next actor's turn allocates its own step

@@ -212,7 +212,7 @@ class ModuleTrainer:
                           buffer=self.plan.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
         start, self._resume = (self._resume or {}).get("step", 0), None
         return StreamingBatches(up, plan, device=self.device, pairing=pairing, start_step=start,
-                                readahead=feed.readahead)
+                                readahead=feed.readahead, prefetch=1 if self.turns.shared else 2)
 
     def _train_epoch(self) -> None:
         tc = self.train_cfg
@@ -224,10 +224,10 @@ class ModuleTrainer:
             self.lineage["started_at"] = now_iso()
         self._update(state=ModuleState.training, started_at=self.lineage["started_at"])
         losses, samples, t0 = [], 0, time.perf_counter()
-        for step, batch in enumerate(batches, start=batches.start_step):
+        for step, batch in enumerate(batches.stored(), start=batches.start_step):
             if self._stop.is_set():
                 return
-            loss = self._step(batch, pairing, gen, step)
+            loss = self._step(batch, pairing, gen, step, batches.features)
             losses.append(loss.detach())
             samples += len(batch.x)
             every = self.cfg.feed.checkpoint_every_steps
@@ -236,10 +236,11 @@ class ModuleTrainer:
                                  feed_step=step + 1, step=self.lineage["step"] + len(losses))
         self._end_epoch(losses, samples, time.perf_counter() - t0, batches)
 
-    def _step(self, batch, pairing: str | None, gen: torch.Generator, step: int) -> torch.Tensor:
-        """One optimizer step on one batch; the loss."""
-        x, x_pos = batch.x, batch.x_pos
+    def _step(self, batch, pairing: str | None, gen: torch.Generator, step: int, features) -> torch.Tensor:
+        """One optimizer step on one batch (as stored; ``features`` makes it float32); the loss."""
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
+            batch = features(batch)  # float32 only now: a module waiting for its turn holds stored rows
+            x, x_pos = batch.x, batch.x_pos
             if pairing == "augment":
                 x, x_pos = augment_views(x, gen)
             loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)

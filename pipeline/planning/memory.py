@@ -1,7 +1,8 @@
 """Host memory of one module actor, predicted before launch.
 
 A trainer streams its upstream (``pipeline.feed``), so its memory does not grow with the samples:
-it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group), the
+it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group; when unset, at most
+256 MiB of rows and their partners, at least two batches), the
 partners the window lacks (at most one a row, planned as one a row), ``feed.readahead`` row groups
 read ahead, the metadata index (a few dozen bytes a sample: the one term that grows with the
 dataset), the model with its gradients and Adam state, one batch's activations, and, while publishing,

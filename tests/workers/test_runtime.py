@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing as mp
 import os
 import signal
@@ -98,3 +99,17 @@ def test_a_lone_actor_does_not_yield(tmp_path):
             time.sleep(0.06)  # a long turn, but nobody waits: no yield after it
     assert time.monotonic() - t0 < 3 * 0.06 + 0.03
     turns.close()
+
+
+def test_a_turn_inside_a_turn_keeps_the_outer_one(tmp_path):
+    key = f"test-nested-{tmp_path}"
+    outer, other = CoreTurns(key, True), CoreTurns(key, True)
+    with outer.turn():
+        with outer.turn():
+            pass
+        # the inner exit must not have released the node's turn: another actor still cannot take it
+        other._fd = os.open(other.path, os.O_RDWR | os.O_CREAT, 0o600)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after the outer turn
+    other.close()
