@@ -110,7 +110,8 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
     module.eval()
     pending: Future | None = None
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-writer") as pool, torch.inference_mode():
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-writer") as pool, torch.inference_mode(), \
+                turns.series():
             try:
                 for idx, z in infer_chunks(src, module, device, rows, chunk, dtype, turns):
                     if pending is not None:

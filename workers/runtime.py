@@ -19,6 +19,7 @@ import torch
 
 YIELD_SECONDS = 0.02  # after a long turn, time for a waiting actor to take the cores (a blocked flock wakes in <1 ms)
 LONG_TURN = 0.05  # turns shorter than this do not yield (tiny test modules step thousands of times)
+SERIES_SECONDS = 5.0  # a series of short turns (publishing chunks) keeps the cores about as long as a training step
 
 
 def device_text(device: torch.device) -> str:
@@ -78,6 +79,8 @@ class CoreTurns:
         self._fd: int | None = None  # the turn: exclusive
         self._queue: int | None = None  # shared by the actors waiting for a turn, so a holder knows to yield
         self._depth = 0
+        self._held_since: float | None = None  # when this actor took the node's turn, while it holds it
+        self._keep = 0.0  # inside series(): seconds a turn is kept across consecutive turns
 
     @classmethod
     def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
@@ -94,6 +97,30 @@ class CoreTurns:
             finally:
                 self._depth -= 1
             return
+        if self._held_since is None:
+            self._acquire()
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            if time.perf_counter() - self._held_since >= self._keep:
+                self._release()
+
+    @contextlib.contextmanager
+    def series(self, seconds: float = SERIES_SECONDS):
+        """Many short turns in a row (a publish's chunks): the node's turn is kept from one to the next until it
+        has been held ``seconds``, so that short turns do not each wait behind another actor's whole training
+        step (a publish of 134 one-second chunks then took as long as 134 steps of the module above)."""
+        self._keep = seconds
+        try:
+            yield
+        finally:
+            self._keep = 0.0
+            if self._held_since is not None and not self._depth:
+                self._release()
+
+    def _acquire(self) -> None:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             self._queue = os.open(self.path + ".queue", os.O_RDWR | os.O_CREAT, 0o600)
@@ -101,19 +128,17 @@ class CoreTurns:
         fcntl.flock(self._queue, fcntl.LOCK_SH)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         fcntl.flock(self._queue, fcntl.LOCK_UN)
-        start = time.perf_counter()
-        self.waited += start - t0
-        self._depth = 1
-        try:
-            yield
-        finally:
-            self._depth = 0
-            long = time.perf_counter() - start > LONG_TURN
-            if long:
-                release_free_memory()  # before the next actor's turn allocates its own step
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            if long and self._others_waiting():
-                time.sleep(YIELD_SECONDS)
+        self._held_since = time.perf_counter()
+        self.waited += self._held_since - t0
+
+    def _release(self) -> None:
+        long = time.perf_counter() - self._held_since > LONG_TURN
+        self._held_since = None
+        if long:
+            release_free_memory()  # before the next actor's turn allocates its own step
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if long and self._others_waiting():
+            time.sleep(YIELD_SECONDS)
 
     def _others_waiting(self) -> bool:
         try:
@@ -130,7 +155,7 @@ class CoreTurns:
         self._fd = self._queue = None
 
     def __getstate__(self) -> dict:  # the descriptor stays in its process
-        return {**self.__dict__, "_fd": None, "_queue": None}
+        return {**self.__dict__, "_fd": None, "_queue": None, "_held_since": None, "_depth": 0}
 
 
 NO_TURNS = CoreTurns("", shared=False)

@@ -18,8 +18,10 @@ from workers.runtime import CoreTurns, node_cores
 TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
 
 
-def _take_turns(key: str, shared: bool, n: int, out: str) -> None:
+def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None) -> None:
     turns = CoreTurns(key, shared)
+    if barrier is not None:
+        barrier.wait(60)  # both processes start together, whatever their import times
     with open(out, "a") as f:
         for _ in range(n):
             with turns.turn():
@@ -37,7 +39,8 @@ def _intervals(path) -> list[tuple[int, float, float]]:
 def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2):
     out = str(tmp_path / f"turns-{shared}.txt")
     ctx = mp.get_context("spawn")
-    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out)) for _ in range(procs)]
+    barrier = ctx.Barrier(procs)
+    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out, barrier)) for _ in range(procs)]
     for p in ps:
         p.start()
     for p in ps:
@@ -113,3 +116,29 @@ def test_a_turn_inside_a_turn_keeps_the_outer_one(tmp_path):
             fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after the outer turn
     other.close()
+
+
+def _short_turns_in_a_series(key: str, n: int, out: str) -> None:
+    turns = CoreTurns(key, True)
+    with open(out, "a") as f, turns.series(seconds=30):
+        for _ in range(n):
+            with turns.turn():
+                f.write(f"{os.getpid()} {time.monotonic()} {time.monotonic()}\n")
+                f.flush()
+                time.sleep(0.06)
+
+
+def test_a_series_of_short_turns_keeps_the_cores_between_them(tmp_path):
+    key, out = f"test-series-{tmp_path}", str(tmp_path / "series.txt")
+    ctx = mp.get_context("spawn")
+    long = ctx.Process(target=_take_turns, args=(key, True, 4, out))
+    short = ctx.Process(target=_short_turns_in_a_series, args=(key, 6, out))
+    long.start()
+    short.start()
+    for p in (long, short):
+        p.join(60)
+        assert p.exitcode == 0
+    owners = [pid for pid, _, _ in _intervals(out)]
+    # the six short turns come in one run (the series keeps the turn), not one between each long turn
+    runs = [owners[0]] + [b for a, b in zip(owners, owners[1:]) if a != b]
+    assert runs.count(short.pid) == 1 and owners.count(short.pid) == 6
