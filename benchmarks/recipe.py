@@ -14,11 +14,12 @@ Measured per side:
   ingest) is kept as well. Loop: its load + training seconds.
 - peak memory: PSS summed over the side's whole process tree (CLI, Ray's GCS, raylet, workers and the
   module actors; or the loop's one process), sampled from ``/proc/<pid>/smaps_rollup`` every
-  ``interval`` seconds by a thread here; also the largest single process at that peak.
+  ``interval`` seconds by a thread here; also the largest single process at that peak, each process's own
+  peak (``process_peaks``) and each module actor's peak RSS from summary.json (``module_peak_rss_bytes``).
 - parameters per module: isostack's from each module's newest checkpoint, the loop's from its modules;
   they must be equal (the same network).
 
-``python -m benchmarks.recipe [--n 320] [--epochs 2] [--quick]`` writes ``recipe-<machine>-n<N>.{json,md}``
+``python -m benchmarks.recipe [--n 320] [--epochs 2] [--quick] [--keep DIR]`` writes ``recipe-<machine>-n<N>.{json,md}``
 into benchmarks/results/; ``python -m benchmarks --only recipe`` runs it (N=320, or --quick) with the others.
 """
 
