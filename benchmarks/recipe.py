@@ -14,17 +14,19 @@ Measured per side:
   ingest) is kept as well. Loop: its load + training seconds.
 - peak memory: PSS summed over the side's whole process tree (CLI, Ray's GCS, raylet, workers and the
   module actors; or the loop's one process), sampled from ``/proc/<pid>/smaps_rollup`` every
-  ``interval`` seconds by a thread here; also the largest single process at that peak.
+  ``interval`` seconds by a thread here; also the largest single process at that peak, each process's own
+  peak (``process_peaks``) and each module actor's peak RSS from summary.json (``module_peak_rss_bytes``).
 - parameters per module: isostack's from each module's newest checkpoint, the loop's from its modules;
   they must be equal (the same network).
 
-``python -m benchmarks.recipe [--n 320] [--epochs 2] [--quick]`` writes ``recipe-<machine>-n<N>.{json,md}``
+``python -m benchmarks.recipe [--n 320] [--epochs 2] [--quick] [--keep DIR]`` writes ``recipe-<machine>-n<N>.{json,md}``
 into benchmarks/results/; ``python -m benchmarks --only recipe`` runs it (N=320, or --quick) with the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import struct
@@ -95,6 +97,8 @@ class PssSampler:
     def __init__(self, root_pid: int, interval: float = 0.5) -> None:
         self.root, self.interval = root_pid, interval
         self.peak, self.largest_at_peak, self.processes_at_peak, self.samples = 0, 0, 0, 0
+        self.by_process: dict[int, int] = {}  # pid -> that process's own peak PSS (where the memory is)
+        self.names: dict[int, str] = {}  # pid -> its title when first seen (Ray retitles an actor per task)
         self.loads: list[float] = []  # the machine's 1-minute load average at each sample (others' work included)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -113,8 +117,12 @@ class PssSampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> None:
-        sizes = [pss_bytes(pid) for pid in descendants(self.root)]
+        pids = descendants(self.root)
+        sizes = [pss_bytes(pid) for pid in pids]
         total = sum(sizes)
+        for pid, size in zip(pids, sizes):
+            self.names.setdefault(pid, process_name(pid))
+            self.by_process[pid] = max(size, self.by_process.get(pid, 0))
         self.samples += 1
         self.loads.append(load_average())
         if total > self.peak:
@@ -146,6 +154,15 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def process_name(pid: int) -> str:
+    """A process's title (Ray names an actor's process ``ray::ModuleTrainer...``), cut to 60 characters."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:60]
+    except OSError:
+        return "?"
+
+
 def pss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -172,6 +189,8 @@ def measured(cmd: list[str], log_path: str, timeout: float, interval: float) -> 
     return {"rc": proc.returncode, "wall_s": wall, "stdout": out, "peak_pss_bytes": mem.peak,
             "largest_process_bytes": mem.largest_at_peak, "processes_at_peak": mem.processes_at_peak,
             "memory_samples": mem.samples,
+            "process_peaks": {f"{pid} {mem.names[pid]}": peak
+                              for pid, peak in sorted(mem.by_process.items(), key=lambda kv: -kv[1])[:12]},
             "load_average": {"mean": float(np.mean(mem.loads)) if mem.loads else None,
                              "max": max(mem.loads, default=None)}}
 
@@ -201,6 +220,8 @@ def isostack_side(mode: str, sets: list[str], store: str, log: str, *, timeout: 
     res["module_seconds"] = {n: m.get("train_seconds") for n, m in mods.items()}
     res["module_epochs"] = {n: m.get("epochs") for n, m in mods.items()}  # must equal train.epochs
     res["module_final_version"] = {n: m.get("final_version") for n, m in mods.items()}
+    res["module_peak_rss_bytes"] = {n: m.get("peak_memory_bytes") for n, m in mods.items()}  # each actor's own peak
+    res["module_span_s"] = {n: iso_seconds(m["finished_at"]) - iso_seconds(m["started_at"]) for n, m in mods.items()}
     res["params"] = {n: sum(t.numel() for t in module_weights(load_tensors(st, latest(st, checkpoint_dir(n))["weights"])).values())
                      for n in mods}
     return res
@@ -305,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-module", type=int, default=None, help="resources.cpus_per_module (default: all cores)")
     p.add_argument("--modes", default=",".join(MODES), help="isostack schedule modes to run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--keep", default=None, metavar="DIR",
+                   help="work in DIR and keep it (data, stores with each run's metrics and summary, runs.log)")
     args = p.parse_args(argv)
     size = dict(QUICK) if args.quick else {"n": args.n, "epochs": args.epochs, "batch_size": 32}
-    with tempfile.TemporaryDirectory(prefix="isostack-recipe-") as workdir:
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="isostack-recipe-")) \
+            as workdir:
         m = measure(size["n"], size["epochs"], workdir, batch_size=size["batch_size"], cpus=args.cpus_per_module,
                     modes=tuple(x for x in args.modes.split(",") if x))
         result = {"rows": [r.as_dict() for r in rows(m)], "details": m,

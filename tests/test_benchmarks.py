@@ -50,6 +50,9 @@ def test_recipe_memory_sampler_sums_pss_over_the_process_tree(tmp_path):
     assert res["rc"] == 0 and res["memory_samples"] >= 3
     assert res["peak_pss_bytes"] >= 300 << 20 and res["processes_at_peak"] >= 2
     assert res["largest_process_bytes"] >= 300 << 20
+    # each process's own peak, named: the python grandchild holds the 300 MB, not the shell
+    holder = max(res["process_peaks"], key=res["process_peaks"].get)
+    assert res["process_peaks"][holder] >= 300 << 20 and "python" in holder
 
 
 def test_recipe_data_reads_as_small_norb(tmp_path):

@@ -28,6 +28,7 @@ from pipeline.store.stream import StreamRing, chunk_rows
 from pipeline.store.writer import VersionWriter
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
+from workers.runtime import NO_TURNS, CoreTurns
 
 # Codecs whose stored values are a plain float dtype: the cast happens on the device (int8 calibrates on float32).
 MIN_BATCHES = 4  # an intermediate version holds at least this many batches of rows (or every train row)
@@ -35,7 +36,8 @@ STORED_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 
 def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source, module: torch.nn.Module,
-                    device: torch.device, *, final: bool, epoch: int, producer: dict, upstream: dict) -> Manifest:
+                    device: torch.device, *, final: bool, epoch: int, producer: dict, upstream: dict,
+                    turns: CoreTurns = NO_TURNS) -> Manifest:
     """Commit one version of ``plan.name``: its outputs on ``src`` (every row for a final version; a
     ``plan.publish_fraction`` sample of the train rows for an intermediate one), or its weights alone when
     ``stack.<name>.store.materialize`` is false. A failure commits nothing."""
@@ -54,7 +56,8 @@ def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source,
                                  sample_fraction=(len(rows) if rows is not None else len(src)) / len(src),
                                  producer=producer, upstream=upstream)
     try:
-        write_rows(writer, src, module, device, rows, chunk=plan.publish_chunk, dtype=STORED_DTYPE.get(codec))
+        write_rows(writer, src, module, device, rows, chunk=plan.publish_chunk, dtype=STORED_DTYPE.get(codec),
+                   turns=turns)
         return writer.commit()
     except BaseException:
         writer.abort()
@@ -72,15 +75,18 @@ def intermediate_rows(src: Source, fraction: float, seed: int, least: int = 1) -
 
 
 def infer_chunks(src: Source, module: torch.nn.Module, device: torch.device, rows: np.ndarray | None, chunk: int,
-                 dtype: torch.dtype | None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                 dtype: torch.dtype | None, turns: CoreTurns = NO_TURNS) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """``(rows, outputs on the host)`` of at most ``chunk`` rows at a time, in stored order; outputs are cast
-    to ``dtype`` on the device first (half the copy and the host bytes for float16)."""
+    to ``dtype`` on the device first (half the copy and the host bytes for float16). Each chunk is one of
+    ``turns`` (the actors sharing the node's cores compute one at a time)."""
     for idx, x in src.scan(rows):
         for lo in range(0, len(idx), chunk):
-            z = module(src.features(x[lo:lo + chunk], device))  # (<=chunk, *out_shape) float32
-            if dtype is not None and z.dtype != dtype:
-                z = _cast(z, dtype)
-            yield idx[lo:lo + chunk], z.cpu()
+            with turns.turn():
+                z = module(src.features(x[lo:lo + chunk], device))  # (<=chunk, *out_shape) float32
+                if dtype is not None and z.dtype != dtype:
+                    z = _cast(z, dtype)
+                z = z.cpu()
+            yield idx[lo:lo + chunk], z
 
 
 def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -96,16 +102,18 @@ def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, device: torch.device,
-               rows: np.ndarray | None, chunk: int, dtype: torch.dtype | None = None) -> None:
+               rows: np.ndarray | None, chunk: int, dtype: torch.dtype | None = None,
+               turns: CoreTurns = NO_TURNS) -> None:
     """Module outputs of ``rows`` (all when None) in stored order into ``writer``: chunk i is written by one
     writer thread while chunk i+1 is computed. On any error the thread is drained before this raises, so
     the caller can abort ``writer`` with nothing still writing into it."""
     module.eval()
     pending: Future | None = None
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-writer") as pool, torch.inference_mode():
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-writer") as pool, torch.inference_mode(), \
+                turns.series():
             try:
-                for idx, z in infer_chunks(src, module, device, rows, chunk, dtype):
+                for idx, z in infer_chunks(src, module, device, rows, chunk, dtype, turns):
                     if pending is not None:
                         pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued
                     pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
@@ -121,15 +129,17 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
 
 
 def write_fetched(writer: VersionWriter, src: Source, module: torch.nn.Module, device: torch.device,
-                  rows: np.ndarray, dtype: torch.dtype | None = None) -> None:
+                  rows: np.ndarray, dtype: torch.dtype | None = None, turns: CoreTurns = NO_TURNS) -> None:
     """Module outputs of ``rows`` (sorted) read by ``fetch``: a stream chunk of a few units."""
+    x = src.fetch(rows)  # read before the turn: the cores are not needed for it
     module.eval()
     try:
-        with torch.inference_mode():
-            z = module(src.features(src.fetch(rows), device))
+        with torch.inference_mode(), turns.turn():
+            z = module(src.features(x, device))
             if dtype is not None and z.dtype != dtype:
                 z = _cast(z, dtype)
-        writer.write(src.meta.take(pa.array(rows)), z.cpu())
+            z = z.cpu()
+        writer.write(src.meta.take(pa.array(rows)), z)
     finally:
         module.train()
 
@@ -145,8 +155,9 @@ def chunk_order(src: Source, rng: np.random.Generator) -> np.ndarray:
 class ChunkProducer:
     """``schedule.publish: stream``: every few steps, a chunk of the module's outputs into its ring."""
 
-    def __init__(self, ring: StreamRing, cfg: RunConfig, name: str, seed: list[int]) -> None:
-        self.ring, self.cfg, self.name, self.seed = ring, cfg, name, seed
+    def __init__(self, ring: StreamRing, cfg: RunConfig, name: str, seed: list[int],
+                 turns: CoreTurns = NO_TURNS) -> None:
+        self.ring, self.cfg, self.name, self.seed, self.turns = ring, cfg, name, seed, turns
         self.train = cfg.module_train(name)
         self._since, self._cursor, self._order = 0, 0, None
 
@@ -165,7 +176,7 @@ class ChunkProducer:
         self._cursor += chunk
         store_cfg = self.cfg.stack[self.name].store
         dtype = STORED_DTYPE.get(self.cfg.module_codec(self.name))
-        return self.ring.append(lambda writer: write_fetched(writer, up, module, device, rows, dtype),
+        return self.ring.append(lambda writer: write_fetched(writer, up, module, device, rows, dtype, self.turns),
                                 codec=self.cfg.module_codec(self.name), rows=len(rows), total_rows=len(up),
                                 rows_per_shard=self.cfg.store.rows_per_shard, zstd_level=store_cfg.zstd_level,
                                 producer=producer, upstream=upstream)

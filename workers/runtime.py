@@ -1,11 +1,25 @@
-"""Where a worker runs: its node, its device in words, its peak memory (for status and summary.json)."""
+"""Where a worker runs: its node, its device in words, its peak memory (for status and summary.json), and
+how module actors that share a node's cores take turns on them (``CoreTurns``)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import functools
+import hashlib
+import os
 import resource
 import socket
+import tempfile
+import time
 
 import torch
+
+YIELD_SECONDS = 0.02  # after a long turn, time for a waiting actor to take the cores (a blocked flock wakes in <1 ms)
+LONG_TURN = 0.05  # turns shorter than this do not yield (tiny test modules step thousands of times)
+SERIES_SECONDS = 5.0  # a series of short turns (publishing chunks) keeps the cores about as long as a training step
 
 
 def device_text(device: torch.device) -> str:
@@ -34,3 +48,131 @@ def node_name() -> str:
     except Exception:  # noqa: BLE001 - outside Ray the host name is enough
         pass
     return socket.gethostname()
+
+
+def node_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class CoreTurns:
+    """One compute turn at a time (a training step, a publishing chunk) among the module actors of one run
+    that share a node's cores.
+
+    When ``resources.cpus_per_module`` x modules exceeds the node's cores (a laptop, this project's 2-core
+    machine), concurrent actors only oversubscribe the cores (each with its own torch threads) and hold
+    their activations at the same time: taking turns gives each step every thread it was given and keeps
+    one step's activations alive on the node instead of one per module, at the same total work. The turn
+    is an exclusive ``flock`` on a file in the node's temp directory named by the run, so it is node-local
+    (actors on other nodes never wait for each other) and the kernel frees it when its holder dies. A
+    holder yields briefly after a long turn when another actor waits, so that it gets the next turn (flock is
+    not FIFO),
+    and first hands its freed heap back to the OS (an actor waiting for its turn holds no dead step).
+    """
+
+    def __init__(self, key: str, shared: bool) -> None:
+        self.shared, self.waited = shared, 0.0
+        self.path = os.path.join(tempfile.gettempdir(), f"isostack-turns-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
+        self._fd: int | None = None  # the turn: exclusive
+        self._queue: int | None = None  # shared by the actors waiting for a turn, so a holder knows to yield
+        self._depth = 0
+        self._held_since: float | None = None  # when this actor took the node's turn, while it holds it
+        self._keep = 0.0  # inside series(): seconds a turn is kept across consecutive turns
+
+    @classmethod
+    def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
+        """Turns for a module actor of ``cfg``: shared when its modules' threads exceed this node's cores on CPU."""
+        shared = device.type == "cpu" and cfg.resources.cpus_per_module * len(cfg.stack) > node_cores()
+        return cls(key, shared)
+
+    @contextlib.contextmanager
+    def turn(self):
+        if not self.shared or self._depth:  # a turn inside a turn (a stream chunk after a step) is the same turn
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        if self._held_since is None:
+            self._acquire()
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            if time.perf_counter() - self._held_since >= self._keep:
+                self._release()
+
+    @contextlib.contextmanager
+    def series(self, seconds: float = SERIES_SECONDS):
+        """Many short turns in a row (a publish's chunks): the node's turn is kept from one to the next until it
+        has been held ``seconds``, so that short turns do not each wait behind another actor's whole training
+        step (a publish of 134 one-second chunks then took as long as 134 steps of the module above)."""
+        self._keep = seconds
+        try:
+            yield
+        finally:
+            self._keep = 0.0
+            if self._held_since is not None and not self._depth:
+                self._release()
+
+    def _acquire(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._queue = os.open(self.path + ".queue", os.O_RDWR | os.O_CREAT, 0o600)
+        t0 = time.perf_counter()
+        fcntl.flock(self._queue, fcntl.LOCK_SH)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        fcntl.flock(self._queue, fcntl.LOCK_UN)
+        self._held_since = time.perf_counter()
+        self.waited += self._held_since - t0
+
+    def _release(self) -> None:
+        long = time.perf_counter() - self._held_since > LONG_TURN
+        self._held_since = None
+        if long:
+            release_free_memory()  # before the next actor's turn allocates its own step
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if long and self._others_waiting():
+            time.sleep(YIELD_SECONDS)
+
+    def _others_waiting(self) -> bool:
+        try:
+            fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._queue, fcntl.LOCK_UN)
+        return False
+
+    def close(self) -> None:
+        for fd in (self._fd, self._queue):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._queue = None
+
+    def __getstate__(self) -> dict:  # the descriptor stays in its process
+        return {**self.__dict__, "_fd": None, "_queue": None, "_held_since": None, "_depth": 0}
+
+
+NO_TURNS = CoreTurns("", shared=False)
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name and "libc" in name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps freed small blocks of a finished step's
+    activations in its arenas, counted in the process's RSS until reused: ~0.4 GB after a stl10-gim m3 step)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -37,7 +37,7 @@ from workers.epochs import Boundary, Step, next_step, publishes_after
 from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
-from workers.runtime import device_text, node_name, peak_memory
+from workers.runtime import CoreTurns, device_text, node_name, peak_memory
 
 
 class ModuleTrainer:
@@ -66,6 +66,7 @@ class ModuleTrainer:
         self.train_cfg = self.cfg.module_train(self.name)
         self.mcfg = self.cfg.stack[self.name]
         self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+        self.turns = CoreTurns.for_module(self.cfg, f"{self.store_uri}|{self.run_id}", self.device)
         torch.manual_seed(self.train_cfg.seed + 1000 * self.plan.index + 7919 * self.generation)
         self.module = build_module(self.mcfg, tuple(self.plan.in_shape)).to(self.device)
         self.objective = build_objective(self.mcfg.objective, tuple(self.plan.out_shape), plan.num_classes,
@@ -152,7 +153,7 @@ class ModuleTrainer:
             self.store, self.cfg, self.plan, self._upstream, self.module, self.device, final=final, epoch=self.epoch,
             producer={"module": self.name, "epoch": self.epoch, "generation": self.generation,
                       "checkpoint": f"{self.ckpt_dir}/{self.epoch:04d}.safetensors"},
-            upstream={"stage": self.plan.upstream, "version": self._upstream.manifest.version})
+            upstream={"stage": self.plan.upstream, "version": self._upstream.manifest.version}, turns=self.turns)
         return self._published(manifest)
 
     def _published(self, manifest):
@@ -212,7 +213,7 @@ class ModuleTrainer:
                           buffer=self.plan.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
         start, self._resume = (self._resume or {}).get("step", 0), None
         return StreamingBatches(up, plan, device=self.device, pairing=pairing, start_step=start,
-                                readahead=feed.readahead)
+                                readahead=feed.readahead, prefetch=1 if self.turns.shared else 2)
 
     def _train_epoch(self) -> None:
         tc = self.train_cfg
@@ -224,10 +225,10 @@ class ModuleTrainer:
             self.lineage["started_at"] = now_iso()
         self._update(state=ModuleState.training, started_at=self.lineage["started_at"])
         losses, samples, t0 = [], 0, time.perf_counter()
-        for step, batch in enumerate(batches, start=batches.start_step):
+        for step, batch in enumerate(batches.stored(), start=batches.start_step):
             if self._stop.is_set():
                 return
-            loss = self._step(batch, pairing, gen, step)
+            loss = self._step(batch, pairing, gen, step, batches.features)
             losses.append(loss.detach())
             samples += len(batch.x)
             every = self.cfg.feed.checkpoint_every_steps
@@ -236,26 +237,28 @@ class ModuleTrainer:
                                  feed_step=step + 1, step=self.lineage["step"] + len(losses))
         self._end_epoch(losses, samples, time.perf_counter() - t0, batches)
 
-    def _step(self, batch, pairing: str | None, gen: torch.Generator, step: int) -> torch.Tensor:
-        """One optimizer step on one batch; the loss."""
-        x, x_pos = batch.x, batch.x_pos
-        if pairing == "augment":
-            x, x_pos = augment_views(x, gen)
-        loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)
-        if faults.armed("nan_loss", self.name, self.epoch + 1):
-            loss = loss * float("nan")
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"module {self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1} "
-                f"(upstream {self.plan.upstream} v{self._upstream.manifest.version})",
-                f"lower stack.{self.name}.train.lr (now {self.train_cfg.lr}) or check the upstream activations; "
-                f"the last good checkpoint ({self.ckpt_dir}/{self.epoch:04d}) and versions are kept")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        after_step = getattr(self.objective, "after_step", None)
-        if after_step is not None:
-            after_step(self.module)  # e.g. moco's momentum update of its key encoder
+    def _step(self, batch, pairing: str | None, gen: torch.Generator, step: int, features) -> torch.Tensor:
+        """One optimizer step on one batch (as stored; ``features`` makes it float32); the loss."""
+        with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
+            batch = features(batch)  # float32 only now: a module waiting for its turn holds stored rows
+            x, x_pos = batch.x, batch.x_pos
+            if pairing == "augment":
+                x, x_pos = augment_views(x, gen)
+            loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)
+            if faults.armed("nan_loss", self.name, self.epoch + 1):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"module {self.name}: loss became {loss.item()} at epoch {self.epoch + 1}, step {step + 1} "
+                    f"(upstream {self.plan.upstream} v{self._upstream.manifest.version})",
+                    f"lower stack.{self.name}.train.lr (now {self.train_cfg.lr}) or check the upstream activations; "
+                    f"the last good checkpoint ({self.ckpt_dir}/{self.epoch:04d}) and versions are kept")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            after_step = getattr(self.objective, "after_step", None)
+            if after_step is not None:
+                after_step(self.module)  # e.g. moco's momentum update of its key encoder
         self._stream_tick()
         return loss
 
@@ -303,7 +306,8 @@ class ModuleTrainer:
     def _stream_setup(self) -> None:
         streaming = self.cfg.schedule.publish == "stream"
         self._chunks = ChunkProducer(StreamRing(self.store, self.name, self.cfg.store.window_samples), self.cfg,
-                                     self.name, seed=[self.train_cfg.seed, self.plan.index, self.generation]) \
+                                     self.name, seed=[self.train_cfg.seed, self.plan.index, self.generation],
+                                     turns=self.turns) \
             if streaming and self.mcfg.store.materialize else None
         below = self.cfg.stack.get(self.plan.upstream)
         self._reads_stream = streaming and below is not None and below.store.materialize

@@ -1,7 +1,8 @@
 """Host memory of one module actor, predicted before launch.
 
 A trainer streams its upstream (``pipeline.feed``), so its memory does not grow with the samples:
-it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group), the
+it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group; when unset, at most
+256 MiB of rows and their partners, at least two batches), the
 partners the window lacks (at most one a row, planned as one a row), ``feed.readahead`` row groups
 read ahead, the metadata index (a few dozen bytes a sample: the one term that grows with the
 dataset), the model with its gradients and Adam state, one batch's activations, and, while publishing,
@@ -23,9 +24,11 @@ from schemas.config import RunConfig
 
 PROCESS_BASE = 450 * 2**20  # a Python process with torch, pyarrow and a Ray worker loaded, measured ~0.4 GiB
 INDEX_BYTES_PER_ROW = 96  # metadata index: 7 columns as numpy + the Arrow table + the epoch plan arrays
-AUTO_BUFFER_SHARE = 0.25  # an automatic shuffle window takes at most this share of the budget
+AUTO_BUFFER_BYTES = 256 * 2**20  # an automatic shuffle window (and its partners) holds at most this many bytes ...
+AUTO_BUFFER_SHARE = 0.25  # ... and at most this share of the budget
+MIN_AUTO_BATCHES = 2  # ... but at least this many batches of rows (a batch mixes rows of a few row groups)
 MAX_AUTO_BUFFER = 8192
-PUBLISH_CHUNK_BYTES = 512 * 2**20  # inference activations of one publishing chunk, at most
+PUBLISH_CHUNK_BYTES = 128 * 2**20  # inference activations of one publishing chunk, at most
 PUBLISH_CHUNK_SHARE = 0.1  # ... and at most this share of the actor's budget
 PUBLISH_SHARD_BYTES = 4 * ROW_GROUP_BYTES  # a writer buffers one shard before writing it: published shards stay this small
 THIN_BYTES = 512 * 2**20  # an intermediate version larger than this is thinned (when the user did not choose)
@@ -52,12 +55,17 @@ def budget(cfg: RunConfig) -> tuple[int | None, str]:
 
 
 def buffer_samples(cfg: RunConfig, in_row_bytes: int, batch_size: int) -> int:
-    """``feed.buffer_samples``, or when unset as many rows as fit in a quarter of the budget (4 batches to 8192)."""
+    """``feed.buffer_samples``, or when unset as many stored rows as fit in ``AUTO_BUFFER_BYTES`` (and a quarter
+    of the budget): at least ``MIN_AUTO_BATCHES`` batches, at most ``MAX_AUTO_BUFFER`` rows.
+
+    The window is there for shuffle quality (each batch mixes rows of several row groups), not to fill the
+    budget: a window the size of the whole version buys no better order and holds gigabytes of wide rows."""
     if cfg.feed.buffer_samples is not None:
         return cfg.feed.buffer_samples
     have, _ = budget(cfg)
-    fit = int(AUTO_BUFFER_SHARE * have / max(1, 2 * in_row_bytes)) if have else MAX_AUTO_BUFFER
-    return max(4 * batch_size, min(MAX_AUTO_BUFFER, fit))
+    cap = AUTO_BUFFER_BYTES if have is None else min(AUTO_BUFFER_BYTES, int(AUTO_BUFFER_SHARE * have))
+    # a paired window also holds up to one partner a row (host_memory's window term): both within the cap
+    return max(MIN_AUTO_BATCHES * batch_size, min(MAX_AUTO_BUFFER, cap // max(1, 2 * in_row_bytes)))
 
 
 def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: int, batch_size: int, pairing,
@@ -89,7 +97,7 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
 
 
 KNOBS = {"window": "feed.buffer_samples", "readahead": "feed.readahead", "batch": "train.batch_size",
-         "publish": "resources.memory_per_module (publishing chunks are a tenth of it, at most 512 MiB) or "
+         "publish": "resources.memory_per_module (publishing chunks are a tenth of it, at most 128 MiB) or "
                     "store.rows_per_shard",
          "index": "dataset size (max_per_split)", "model": "the module's width", "process": "-"}
 
@@ -101,7 +109,7 @@ def inference_bytes(in_values: int, out_values: int) -> int:
 
 
 def publish_chunk(cfg: RunConfig, in_values: int, out_values: int) -> int:
-    """Rows run through the module at once while publishing: as many as fit in min(512 MiB, a tenth of
+    """Rows run through the module at once while publishing: as many as fit in min(128 MiB, a tenth of
     the actor's budget) of inference activations, at least one. It does not depend on the dataset size."""
     have, _ = budget(cfg)
     cap = PUBLISH_CHUNK_BYTES if have is None else min(PUBLISH_CHUNK_BYTES, int(PUBLISH_CHUNK_SHARE * have))

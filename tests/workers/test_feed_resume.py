@@ -22,11 +22,11 @@ class Recording(ModuleTrainer):
         self.seen: list[np.ndarray] = []
         self.stop_after = stop_after
 
-    def _step(self, batch, pairing, gen, step):
-        self.seen.append(batch.x.flatten(1).sum(1).numpy().round(3))
+    def _step(self, batch, pairing, gen, step, features):
+        self.seen.append(features(batch).x.flatten(1).sum(1).numpy().round(3))
         if self.stop_after is not None and len(self.seen) >= self.stop_after:
             self._stop.set()  # a kill after this step: nothing after the last mid-epoch checkpoint is kept
-        return super()._step(batch, pairing, gen, step)
+        return super()._step(batch, pairing, gen, step, features)
 
 
 def _run(tmp_path, name="m1"):

@@ -111,9 +111,11 @@ def test_float16_overflow_is_refused_not_stored_as_inf(tmp_path):
 
 
 def test_publish_chunk_comes_from_memory_not_the_dataset():
-    cfg = load_config(None, TINY_NORB + ["resources.memory_per_module=2"])
+    cfg = load_config(None, TINY_NORB + ["resources.memory_per_module=0.5"])
     per_row = memory.inference_bytes(4096, 49 * 256 * 16 * 16)  # the GIM recipe's m1: ~38 MB a row
-    assert memory.publish_chunk(cfg, 4096, 49 * 256 * 16 * 16) == int(0.1 * 2 * 2**30) // per_row
+    assert memory.publish_chunk(cfg, 4096, 49 * 256 * 16 * 16) == int(0.1 * 0.5 * 2**30) // per_row  # a tenth
+    roomy = load_config(None, TINY_NORB + ["resources.memory_per_module=64"])
+    assert memory.publish_chunk(roomy, 4096, 49 * 256 * 16 * 16) == memory.PUBLISH_CHUNK_BYTES // per_row  # the cap
     assert memory.publish_chunk(cfg, 10, 10) * memory.inference_bytes(10, 10) <= memory.PUBLISH_CHUNK_BYTES
 
 

@@ -101,3 +101,19 @@ def test_validate_predicts_each_actors_memory_and_refuses_a_config_over_budget()
     auto = load_config(None, wide[:-1] + ["resources.memory_per_module=1"], None)
     small = build_plan(auto, check_paths=False, local_cluster=False).module("m2")
     assert small.buffer_samples <= m2.buffer_samples
+
+
+def test_an_automatic_shuffle_window_is_sized_for_shuffling_not_to_fill_the_budget():
+    from pipeline.planning import memory
+
+    roomy = load_config(None, ["resources.memory_per_module=64"], None)  # 16 GiB would fit in a quarter of it
+    wide = 2 * 49 * 256 * 16 * 16  # the GIM recipe's m1 row in float16: 6.4 MB
+    rows = memory.buffer_samples(roomy, wide, batch_size=32)
+    assert rows == 2 * 32  # 256 MiB holds 20 such rows and their partners: two batches, 410 MB, not 2,600 rows
+    m3_row = 2 * 49 * 1024 * 4 * 4  # m2's float16 row: 1.6 MB
+    assert rows * wide > memory.AUTO_BUFFER_BYTES >= memory.buffer_samples(roomy, m3_row, 32) * m3_row
+    assert memory.buffer_samples(roomy, 4096, batch_size=32) == memory.MAX_AUTO_BUFFER  # small rows: many rows
+    tight = load_config(None, ["resources.memory_per_module=0.25"], None)  # a quarter of it is 64 MiB
+    assert memory.buffer_samples(tight, 16384, 32) == 2**26 // (2 * 16384)  # 2,048 rows and partners, not 8,192
+    chosen = load_config(None, ["resources.memory_per_module=64", "feed.buffer_samples=5000"], None)
+    assert memory.buffer_samples(chosen, wide, 32) == 5000

@@ -1,0 +1,144 @@
+"""Module actors sharing a node's cores take turns: one compute turn at a time, node-local, freed on death."""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from pipeline.planning.config import load_config
+from tests.conftest import TINY_NORB
+from workers.runtime import CoreTurns, node_cores
+
+TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
+
+
+def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None) -> None:
+    turns = CoreTurns(key, shared)
+    if barrier is not None:
+        barrier.wait(60)  # both processes start together, whatever their import times
+    with open(out, "a") as f:
+        for _ in range(n):
+            with turns.turn():
+                start = time.monotonic()
+                time.sleep(TURN)
+                f.write(f"{os.getpid()} {start} {time.monotonic()}\n")
+                f.flush()
+
+
+def _intervals(path) -> list[tuple[int, float, float]]:
+    with open(path) as f:
+        return sorted(((int(p), float(a), float(b)) for p, a, b in (line.split() for line in f)), key=lambda s: s[1])
+
+
+def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2):
+    out = str(tmp_path / f"turns-{shared}.txt")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out, barrier)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(60)
+        assert p.exitcode == 0
+    return _intervals(out)
+
+
+def test_shared_turns_never_overlap_and_alternate(tmp_path):
+    spans = _run(f"test-{tmp_path}", True, tmp_path)
+    assert len(spans) == 8
+    for (_, _, end), (_, start, _) in zip(spans, spans[1:]):
+        assert start >= end - 1e-3  # one turn at a time across the processes
+    # the holder yields after a long turn: the other process gets the next one (not all four in a row)
+    owners = [pid for pid, _, _ in spans]
+    assert sum(a != b for a, b in zip(owners, owners[1:])) >= 3
+
+
+def test_unshared_turns_do_not_wait(tmp_path):
+    spans = _run(f"test-{tmp_path}", False, tmp_path)
+    assert any(start < end for (_, _, end), (_, start, _) in zip(spans, spans[1:]))  # the two ran at once
+
+
+def _hold_forever(key: str, ready) -> None:
+    turns = CoreTurns(key, True)
+    with turns.turn():
+        ready.set()
+        time.sleep(600)
+
+
+def test_a_dead_holder_frees_the_turn(tmp_path):
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    key = f"test-dead-{tmp_path}"
+    holder = ctx.Process(target=_hold_forever, args=(key, ready))
+    holder.start()
+    assert ready.wait(60)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    t0 = time.monotonic()
+    with CoreTurns(key, True).turn():
+        pass
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("cpus, shared", [(1, None), (64, True)])
+def test_turns_are_shared_only_when_the_modules_threads_exceed_the_cores(cpus, shared):
+    cfg = load_config(None, TINY_NORB + [f"resources.cpus_per_module={cpus}"])
+    expect = cpus * len(cfg.stack) > node_cores() if shared is None else shared
+    assert CoreTurns.for_module(cfg, "k", torch.device("cpu")).shared is expect
+    assert CoreTurns.for_module(cfg, "k", torch.device("meta")).shared is False  # an accelerator: no CPU turns
+
+
+def test_a_lone_actor_does_not_yield(tmp_path):
+    turns = CoreTurns(f"test-lone-{tmp_path}", True)
+    t0 = time.monotonic()
+    for _ in range(3):
+        with turns.turn():
+            time.sleep(0.06)  # a long turn, but nobody waits: no yield after it
+    assert time.monotonic() - t0 < 3 * 0.06 + 0.03
+    turns.close()
+
+
+def test_a_turn_inside_a_turn_keeps_the_outer_one(tmp_path):
+    key = f"test-nested-{tmp_path}"
+    outer, other = CoreTurns(key, True), CoreTurns(key, True)
+    with outer.turn():
+        with outer.turn():
+            pass
+        # the inner exit must not have released the node's turn: another actor still cannot take it
+        other._fd = os.open(other.path, os.O_RDWR | os.O_CREAT, 0o600)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after the outer turn
+    other.close()
+
+
+def _short_turns_in_a_series(key: str, n: int, out: str) -> None:
+    turns = CoreTurns(key, True)
+    with open(out, "a") as f, turns.series(seconds=30):
+        for _ in range(n):
+            with turns.turn():
+                f.write(f"{os.getpid()} {time.monotonic()} {time.monotonic()}\n")
+                f.flush()
+                time.sleep(0.06)
+
+
+def test_a_series_of_short_turns_keeps_the_cores_between_them(tmp_path):
+    key, out = f"test-series-{tmp_path}", str(tmp_path / "series.txt")
+    ctx = mp.get_context("spawn")
+    long = ctx.Process(target=_take_turns, args=(key, True, 4, out))
+    short = ctx.Process(target=_short_turns_in_a_series, args=(key, 6, out))
+    long.start()
+    short.start()
+    for p in (long, short):
+        p.join(60)
+        assert p.exitcode == 0
+    owners = [pid for pid, _, _ in _intervals(out)]
+    # the six short turns come in one run (the series keeps the turn), not one between each long turn
+    runs = [owners[0]] + [b for a, b in zip(owners, owners[1:]) if a != b]
+    assert runs.count(short.pid) == 1 and owners.count(short.pid) == 6
