@@ -121,8 +121,7 @@ def throughput(store: Store, cfg: dict, steps: int, rounds: int = 3) -> dict:
                                     max_steps=steps)
         else:
             src = open_source(store, "m1", version, cfg, torch.device("cpu"))
-            ep = plan_epoch({k: getattr(src, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")},
-                            src.train_rows(), src.unit, pairing="same_instance", batch_size=BATCH,
+            ep = plan_epoch(src.pairing_meta(), src.train_rows(), src.unit, pairing="same_instance", batch_size=BATCH,
                             buffer=mp.buffer_samples, rng=rng, max_steps=steps)
             batches = StreamingBatches(src, ep, device=torch.device("cpu"), pairing="same_instance",
                                        readahead=rc.feed.readahead)

@@ -18,7 +18,6 @@ from pipeline.nn.objectives import local_loss
 from pipeline.nn.pairing import augment_views
 
 HELDOUT_BATCHES = 1
-META = ("label", "instance", "azimuth", "elevation", "lighting")
 
 
 def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Module, *, pairing: str | None,
@@ -30,7 +29,7 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
     if len(rows) < 2:
         return None
     rng = np.random.default_rng(seed)
-    plan = plan_epoch({k: getattr(src, k) for k in META}, rows, src.unit, pairing=pairing,
+    plan = plan_epoch(src.pairing_meta(), rows, src.unit, pairing=pairing,
                       batch_size=min(batch_size, len(rows)), buffer=max(buffer, batch_size), rng=rng,
                       max_steps=HELDOUT_BATCHES)
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
@@ -40,12 +39,17 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
     try:
         with torch.no_grad():
             for batch in StreamingBatches(src, plan, device=device, pairing=pairing, readahead=0):
-                x, x_pos = batch.x, batch.x_pos
-                if pairing == "augment":
-                    x, x_pos = augment_views(x, gen)
-                loss, _ = local_loss(objective, module, x, x_pos, batch.labels, batch.groups)
-                losses.append(float(loss))
+                losses.append(float(batch_loss(objective, module, batch, pairing, gen)))
     finally:
         module.train(modes[0]), objective.train(modes[1])
     mean = float(np.mean(losses)) if losses else float("nan")
     return mean if np.isfinite(mean) else None
+
+
+def batch_loss(objective: torch.nn.Module, module: torch.nn.Module, batch, pairing: str | None,
+               gen: torch.Generator) -> torch.Tensor:
+    """The objective on one batch of float32 features (two augmented views first, under ``augment``)."""
+    x, x_pos = batch.x, batch.x_pos
+    if pairing == "augment":
+        x, x_pos = augment_views(x, gen)
+    return local_loss(objective, module, x, x_pos, batch.labels, batch.groups)[0]

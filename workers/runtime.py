@@ -4,10 +4,7 @@ how module actors that share a node's cores take turns on them (``CoreTurns``)."
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
-import functools
 import hashlib
 import os
 import resource
@@ -16,6 +13,8 @@ import tempfile
 import time
 
 import torch
+
+from pipeline.feed.heap import release_free_memory
 
 YIELD_SECONDS = 0.02  # after a long turn, time for a waiting actor to take the cores (a blocked flock wakes in <1 ms)
 LONG_TURN = 0.05  # turns shorter than this do not yield (tiny test modules step thousands of times)
@@ -159,20 +158,3 @@ class CoreTurns:
 
 
 NO_TURNS = CoreTurns("", shared=False)
-
-
-@functools.cache
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name and "libc" in name else None
-    except OSError:
-        return None
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the OS (glibc keeps freed small blocks of a finished step's
-    activations in its arenas, counted in the process's RSS until reused: ~0.4 GB after a stl10-gim m3 step)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)

@@ -24,8 +24,7 @@ from pipeline.errors import TrainingError
 from pipeline.feed import Source, StreamingBatches, open_source, plan_epoch
 from pipeline.feed.window import ChunkWindow
 from pipeline.nn.modules import build_module
-from pipeline.nn.objectives import build_objective, local_loss
-from pipeline.nn.pairing import augment_views
+from pipeline.nn.objectives import build_objective
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store, checkpoint
 from pipeline.store.runs import now_iso
@@ -34,7 +33,7 @@ from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
 from workers.epochs import Boundary, Step, next_step, publishes_after
-from workers.heldout import heldout_loss
+from workers.heldout import batch_loss, heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
 from workers.runtime import CoreTurns, device_text, node_name, peak_memory
@@ -208,8 +207,7 @@ class ModuleTrainer:
     def _epoch_batches(self, pairing: str | None, rng: np.random.Generator) -> StreamingBatches:
         """This epoch's batches: order, windows and partners from (seed, module, generation, epoch)."""
         up, tc, feed = self._upstream, self.train_cfg, self.cfg.feed
-        plan = plan_epoch({k: getattr(up, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")},
-                          up.train_rows(), up.unit, pairing=pairing, batch_size=tc.batch_size,
+        plan = plan_epoch(up.pairing_meta(), up.train_rows(), up.unit, pairing=pairing, batch_size=tc.batch_size,
                           buffer=self.plan.buffer_samples, rng=rng, max_steps=tc.max_steps_per_epoch)
         start, self._resume = (self._resume or {}).get("step", 0), None
         return StreamingBatches(up, plan, device=self.device, pairing=pairing, start_step=start,
@@ -241,10 +239,7 @@ class ModuleTrainer:
         """One optimizer step on one batch (as stored; ``features`` makes it float32); the loss."""
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
             batch = features(batch)  # float32 only now: a module waiting for its turn holds stored rows
-            x, x_pos = batch.x, batch.x_pos
-            if pairing == "augment":
-                x, x_pos = augment_views(x, gen)
-            loss, _stats = local_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups)
+            loss = batch_loss(self.objective, self.module, batch, pairing, gen)
             if faults.armed("nan_loss", self.name, self.epoch + 1):
                 loss = loss * float("nan")
             if not torch.isfinite(loss):

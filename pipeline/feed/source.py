@@ -83,6 +83,10 @@ class Source:
     def train_rows(self) -> np.ndarray:
         return np.flatnonzero(self.split == "train")
 
+    def pairing_meta(self) -> dict[str, np.ndarray]:
+        """The (N,) metadata arrays ``plan_epoch`` draws partners from."""
+        return {k: getattr(self, k) for k in ("label", "instance", "azimuth", "elevation", "lighting")}
+
     def features(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         return stored_features(x, self.recompute, device)
 

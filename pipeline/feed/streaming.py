@@ -12,10 +12,6 @@ shorter than a batch and the prefetched batches. ``max_rows_held`` records the p
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
-import ctypes.util
-import functools
-import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -24,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.feed.epoch import EpochPlan
+from pipeline.feed.heap import keep_freed_batches
 from pipeline.feed.source import Source
 
 
@@ -228,33 +225,6 @@ def _positions(rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """Where each of ``wanted`` sits in ``rows`` (every wanted row is in rows)."""
     sorter = np.argsort(rows, kind="stable")
     return sorter[np.searchsorted(rows, wanted, sorter=sorter)].astype(np.int64)
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-@functools.cache
-def keep_freed_batches() -> bool:
-    """Let glibc reuse freed batch memory instead of returning it to the kernel after every batch.
-
-    A feed allocates each batch (``x`` and ``x_pos``, float16 gathered then float32: megabytes) on its
-    thread and the trainer frees it on another. With glibc's defaults the arena's top is trimmed back to
-    the kernel (or the block was an mmap of its own) at every free, so the next batch page-faults its
-    memory in again and the kernel zeroes it: on the out-of-core benchmark that was ~300 faults a
-    sample, about half the trainer process's CPU time in the kernel. Blocks under 32 MiB now come from
-    the heap, and up to 64 MiB free at its top is kept for the next batch (peak RSS measured on the
-    benchmark did not move). Process-wide, once; left alone when the user tunes malloc through the
-    environment or libc is not glibc. Returns whether it was applied.
-    """
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-            k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 64 << 20))
 
 
 def background(items, depth: int, name: str):
