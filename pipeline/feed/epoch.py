@@ -1,16 +1,23 @@
-"""One epoch's order, windows and partners, decided from metadata alone before any tensor is read.
+"""One epoch's order and partners, decided from metadata alone before any tensor is read.
 
-Pure numpy. The units (row groups) holding training rows are permuted with the epoch's generator
-and packed into *windows* of at most ``buffer`` rows (a unit larger than the buffer is a window of
-its own); rows are shuffled inside their window (WebDataset's shard shuffle + shuffle buffer,
-MosaicML Streaming's seeded per-epoch order). The epoch's order is the windows one after another,
-so it is a function of (seed, epoch) and a resumed trainer skips to batch ``k`` without reading
-the windows before it.
+Pure numpy. The units (row groups) holding training rows are permuted with the epoch's generator, and
+the epoch reads them through a *sliding* window of ``K`` units (as many as ``buffer`` rows hold): unit
+``i`` of the permutation joins the window when unit ``i - K`` leaves it, and its rows are spread at
+random over the stretch of the epoch where it is in the window. Formally each unit gets a key span
+``[start, end)`` (``start = max(0, i + 1 - K)``; ``end = i + 1``, and ``n`` for the last ``K`` units so
+the epoch closes on a full window), each of its rows a key drawn uniformly in that span, and the
+epoch's order is the rows sorted by key. Exactly ``K`` units span every unit-length stretch of keys,
+so a batch mixes rows of ``K`` units (all of them, in one full shuffle, when the version fits the
+buffer), a unit is read once and released after its last row, and no point of the epoch waits for a
+whole window to be read (WebDataset's and MosaicML Streaming's shard shuffle + shuffle buffer,
+without the refill stalls of disjoint windows). The order is a function of (seed, epoch), so a
+resumed trainer skips to batch ``k`` without reading the units before it.
 
-Partners (``same_instance``, ``neighbor_pose``) are drawn inside the row's window with the same
-rule as in memory (``pairing.partner_index``). A row whose window holds no partner of the right
-kind gets the partner a draw over all training rows gives, and the feed fetches that row from its
-unit: every row gets a partner of its kind; ``fetched`` counts these fallbacks.
+Partners (``same_instance``, ``neighbor_pose``) of the rows keyed in ``[j, j + 1)`` are drawn among
+the rows of the ``K`` units spanning that stretch, with the same rule as in memory
+(``pairing.partner_index``). A row with no partner of the right kind there gets the partner a draw over
+all training rows gives, and the feed fetches that row from its unit (``fetched``, ``outside``): every
+row gets a partner of its kind.
 """
 
 from __future__ import annotations
@@ -27,18 +34,22 @@ METADATA_PAIRINGS = ("same_instance", "neighbor_pose")
 @dataclass
 class EpochPlan:
     order: np.ndarray            # (M,) global rows in the epoch's order
-    bounds: np.ndarray           # (W+1,) positions in ``order`` where each window starts, then M
     partner: np.ndarray | None   # (M,) the partner row of order[i], or None (pairing needs none)
-    fetched: int                 # partners outside their row's window (read from their unit)
+    outside: np.ndarray | None   # (M,) bool: partner[i] lies outside the window (fetched from its unit)
+    units: np.ndarray            # (U,) units the epoch reads, in the order it first needs them
+    first_use: np.ndarray        # (U,) position in ``order`` of the first batch row (or partner) in that unit
+    last_use: np.ndarray         # (U,) position of the last
+    window_units: int            # K: units in the sliding window
     batch_size: int
     n_batches: int
 
     @property
+    def fetched(self) -> int:
+        return int(self.outside.sum()) if self.outside is not None else 0
+
+    @property
     def fetch_rate(self) -> float:
         return self.fetched / len(self.order) if len(self.order) else 0.0
-
-    def window_of(self, position: int) -> int:
-        return int(np.searchsorted(self.bounds, position, side="right") - 1)
 
 
 def plan_epoch(meta: dict[str, np.ndarray], rows: np.ndarray, unit: np.ndarray, *, pairing: str | None,
@@ -49,27 +60,66 @@ def plan_epoch(meta: dict[str, np.ndarray], rows: np.ndarray, unit: np.ndarray, 
     rows = np.asarray(rows, dtype=np.int64)
     units = np.unique(unit[rows])
     units = units[rng.permutation(len(units))]
-    per_unit = {int(u): rows[unit[rows] == u] for u in units}
-    windows, current, held = [], [], 0
-    for u in units:
-        n = len(per_unit[int(u)])
-        if current and held + n > buffer:
-            windows.append(np.concatenate(current))
-            current, held = [], 0
-        current.append(per_unit[int(u)])
-        held += n
-    if current:
-        windows.append(np.concatenate(current))
-    windows = [w[rng.permutation(len(w))] for w in windows]
-    order = np.concatenate(windows) if windows else np.zeros(0, np.int64)
-    bounds = np.cumsum([0] + [len(w) for w in windows])
-    partner, fetched = None, 0
-    if pairing in METADATA_PAIRINGS:
-        partner, fetched = _partners(pairing, meta, rows, windows, rng)
+    index = np.full(int(unit.max()) + 1 if len(unit) else 0, -1, dtype=np.int64)
+    index[units] = np.arange(len(units))
+    slot = index[unit[rows]]                         # (M,) each row's unit's place in the permutation
+    k = window_units(np.bincount(unit)[units], buffer)  # rows a unit holds in memory, test rows too
+    start, end = key_spans(len(units), k)
+    key = start[slot] + (end[slot] - start[slot]) * rng.random(len(rows))
+    order = rows[np.argsort(key, kind="stable")]
+    partner = outside = None
+    if pairing in METADATA_PAIRINGS and len(order):
+        partner, outside = _partners(pairing, meta, order, np.floor(np.sort(key)).astype(np.int64),
+                                     index[unit[order]], start, end, rng)
     n_batches = len(order) // batch_size if len(order) >= batch_size else 1
     if max_steps is not None:
         n_batches = min(n_batches, max_steps)
-    return EpochPlan(order, bounds, partner, fetched, batch_size, n_batches)
+    used = min(len(order), n_batches * batch_size)
+    first, last = _uses(index, unit, order[:used], None if partner is None else
+                        np.where(outside[:used], -1, partner[:used]), len(units))
+    need = np.flatnonzero(last >= 0)
+    by_first = need[np.argsort(first[need], kind="stable")]
+    return EpochPlan(order, partner, outside, units[by_first], first[by_first], last[by_first], k, batch_size,
+                     n_batches)
+
+
+def window_units(counts: np.ndarray, buffer: int) -> int:
+    """The most consecutive units (of the permutation) whose rows (``counts``) fit ``buffer``; at least one."""
+    n = len(counts)
+    csum = np.concatenate([[0], np.cumsum(counts)])
+    lo, hi = 1, max(1, n)
+    while lo < hi:  # the largest k whose heaviest run of k units fits (monotone in k)
+        mid = (lo + hi + 1) // 2
+        if (csum[mid:] - csum[:-mid]).max() <= buffer:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def key_spans(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of each unit's key span: ``K`` units span every [j, j + 1) (all ``n`` when ``n <= K``)."""
+    i = np.arange(n)
+    start = np.maximum(0, i + 1 - k)
+    end = np.where(i < n - k, i + 1, n)
+    return start.astype(np.float64), end.astype(np.float64)
+
+
+def _uses(index, unit, order, partner, n_units) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) position in ``order`` at which each unit's rows (or in-window partners: ``partner`` >= 0)
+    are needed; -1 for a unit never needed."""
+    pos = np.arange(len(order))
+    slots, at = [index[unit[order]]], [pos]
+    if partner is not None:
+        ok = partner >= 0
+        slots.append(index[unit[partner[ok]]])
+        at.append(pos[ok])
+    slots, at = np.concatenate(slots), np.concatenate(at)
+    first = np.full(n_units, np.iinfo(np.int64).max, dtype=np.int64)
+    last = np.full(n_units, -1, dtype=np.int64)
+    np.minimum.at(first, slots, at)
+    np.maximum.at(last, slots, at)
+    return first, last
 
 
 def _pick(kind: str, meta: dict[str, np.ndarray], rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -79,18 +129,30 @@ def _pick(kind: str, meta: dict[str, np.ndarray], rows: np.ndarray, rng: np.rand
     return rows[local]
 
 
-def _partners(kind, meta, rows, windows, rng) -> tuple[np.ndarray, int]:
-    anywhere = np.empty(int(rows.max()) + 1 if len(rows) else 0, dtype=np.int64)
-    anywhere[rows] = _pick(kind, meta, rows, rng)  # partners over every training row: the fallback
-    good = _right_kind(kind, meta, rows)
-    out, fetched = [], 0
-    for w in windows:
-        near = _pick(kind, meta, w, rng)
-        ok = good(w, near) | ~good(w, anywhere[w])  # a window partner is kept unless a better one exists outside
-        choice = np.where(ok, near, anywhere[w])
-        fetched += int((~np.isin(choice, w)).sum())
-        out.append(choice)
-    return (np.concatenate(out) if out else np.zeros(0, np.int64)), fetched
+def _partners(kind, meta, order, slab, slot, start, end, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(partner of each row of ``order``, whether it lies outside the window): drawn per unit-length stretch of
+    keys (``slab``) among the rows of the units spanning it, else over every training row."""
+    anywhere = np.empty(int(order.max()) + 1, dtype=np.int64)
+    anywhere[order] = _pick(kind, meta, order, rng)  # partners over every training row: the fallback
+    good = _right_kind(kind, meta, order)
+    partner = np.empty(len(order), dtype=np.int64)
+    outside = np.zeros(len(order), dtype=bool)
+    by_slot = np.argsort(slot, kind="stable")
+    slot_starts = np.searchsorted(slot[by_slot], np.arange(len(start) + 1))
+    bounds = np.searchsorted(slab, np.arange(int(slab.max()) + 2))
+    for j in range(len(bounds) - 1):
+        lo, hi = bounds[j], bounds[j + 1]
+        if lo == hi:
+            continue
+        live = np.flatnonzero((start <= j) & (end >= j + 1))  # the K units spanning [j, j + 1)
+        pool = order[np.concatenate([by_slot[slot_starts[s]:slot_starts[s + 1]] for s in live])]
+        sorter = np.argsort(pool)
+        mine = order[lo:hi]
+        got = _pick(kind, meta, pool, rng)[sorter[np.searchsorted(pool, mine, sorter=sorter)]]
+        ok = good(mine, got) | ~good(mine, anywhere[mine])  # a window partner is kept unless a better one exists
+        partner[lo:hi] = choice = np.where(ok, got, anywhere[mine])
+        outside[lo:hi] = ~np.isin(choice, pool)
+    return partner, outside
 
 
 def _right_kind(kind: str, meta: dict[str, np.ndarray], rows: np.ndarray):

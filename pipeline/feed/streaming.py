@@ -11,6 +11,7 @@ shorter than a batch and the prefetched batches. ``max_rows_held`` records the p
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import queue
 import threading
@@ -59,61 +60,10 @@ class StreamingBatches:
 
     # ------------------------------------------------------------ reading
 
-    def _units_in_order(self, first_window: int):
-        """(window, unit) in plan order from ``first_window`` on: the order the reader reads units."""
-        for w in range(first_window, len(self.plan.bounds) - 1):
-            rows = self.plan.order[self.plan.bounds[w]:self.plan.bounds[w + 1]]
-            for u in np.unique(self.src.unit[rows]):  # a window is whole units, read in stored order
-                yield w, int(u)
-
     def _read(self, u: int):
         rows, x = self.src.read_unit(u)
         self._hold(len(rows))
         return rows, x
-
-    def _windows(self, first_window: int):
-        """``(window, rows in window order, their positions, partners' positions or None, parts, part starts)``.
-
-        A window is held as the unit tensors read (zero-copy views of what Parquet decoded) followed by
-        the partners the window lacks (fetched from their units): positions index their concatenation,
-        which is never made. Batches gather by position straight from the parts (``_gather``), as from a
-        version held in memory, so the window costs no copy and no window-sized allocation.
-        """
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-readahead") as pool:
-            todo = iter(self._units_in_order(first_window))
-            ahead: queue.SimpleQueue = queue.SimpleQueue()
-            queued = 0
-
-            def top_up():  # keep the current unit and ``readahead`` more in flight
-                nonlocal queued
-                while queued < self.readahead + 1 and (nxt := next(todo, None)) is not None:
-                    ahead.put(pool.submit(self._read, nxt[1]))
-                    queued += 1
-
-            top_up()
-            for w in range(first_window, len(self.plan.bounds) - 1):
-                lo, hi = self.plan.bounds[w], self.plan.bounds[w + 1]
-                want = self.plan.order[lo:hi]
-                partner = self.plan.partner[lo:hi] if self.plan.partner is not None else None
-                got = []
-                for _ in range(len(np.unique(self.src.unit[want]))):
-                    got.append(ahead.get().result())
-                    queued -= 1
-                    top_up()
-                stored, parts = [rows for rows, _ in got], [x for _, x in got]
-                del got  # the window's list is now the only holder of its units
-                if partner is not None:  # partners of a kind the window lacks: read from their units
-                    outside = np.unique(partner[~np.isin(partner, want)])
-                    if len(outside):
-                        parts.append(self.src.fetch(outside).to(parts[0].dtype))
-                        stored.append(outside)
-                        self._hold(len(outside))
-                starts = np.cumsum([0] + [len(r) for r in stored])
-                stored = np.concatenate(stored)
-                p_at = _positions(stored, partner) if partner is not None else None
-                yield w, want, _positions(stored, want), p_at, parts, starts
-                del parts
-                self._hold(-len(stored))
 
     # ------------------------------------------------------------ batches
 
@@ -138,58 +88,69 @@ class StreamingBatches:
     def _produce(self):
         """The batches, in order, built on the reader side of the prefetch queue.
 
-        Each batch is gathered (a fresh tensor) from the window's parts, so they are released as soon as
-        the last batch of the window is out; rows left over at a window's end (fewer than a batch) are
-        gathered into a small carried tail.
+        Units are read in the order the plan first needs them, ``readahead`` more in flight on one thread (a
+        bounded queue: a slow trainer holds the reader back). Each batch is gathered (a fresh tensor) from the
+        units it touches, and a unit is dropped as soon as the plan's last use of it is out.
         """
-        b, order = self.plan.batch_size, self.plan.order
-        stop = self.plan.n_batches * b if len(order) >= b else len(order)  # the only batch may be short
+        plan, b = self.plan, self.plan.batch_size
+        stop = plan.n_batches * b if len(plan.order) >= b else len(plan.order)  # the only batch may be short
         pos = self.start_step * b  # position in the epoch's order of the next row to batch
-        if pos >= stop:
-            return
-        tail = None  # (rows, x, x_pos) of the previous windows not yet in a batch (fewer than a batch)
-        for w, want, at, p_at, parts, starts in self._windows(self.plan.window_of(pos)):
-            i = max(0, pos - int(self.plan.bounds[w])) if tail is None else 0  # resuming inside this window
-            carried = 0 if tail is None else len(tail[0])
-            while pos < stop and carried + len(want) - i >= (n := min(b, stop - pos)):
-                take = n - carried
-                rows, x, x_pos = _gather(want, at, p_at, parts, starts, i, i + take)
-                if tail is not None:
-                    self._hold(-carried)
-                    rows, x = np.concatenate([tail[0], rows]), torch.cat([tail[1], x])
-                    x_pos = torch.cat([tail[2], x_pos]) if x_pos is not None else None
-                    tail, carried = None, 0
-                yield self._batch(rows, x, x_pos)
-                i, pos = i + take, pos + n
-            if pos >= stop:
-                return
-            rest = _gather(want, at, p_at, parts, starts, i, len(want))
-            self._hold(len(rest[0]))
-            if tail is not None:
-                rest = (np.concatenate([tail[0], rest[0]]), torch.cat([tail[1], rest[1]]),
-                        torch.cat([tail[2], rest[2]]) if rest[2] is not None else None)
-            tail = rest
-            # Drop this window's units before the next is read: the loop variables would otherwise keep
-            # them alive while ``_windows`` reads the next window, holding two windows at once.
-            del parts, at, p_at, rest
+        keep = plan.last_use >= pos  # resuming: units whose rows are all behind are never read
+        units, first = plan.units[keep].tolist(), plan.first_use[keep]
+        last_of = dict(zip(units, plan.last_use[keep].tolist()))
+        live: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-readahead") as pool:
+            ahead: collections.deque = collections.deque()
+            submitted = loaded = 0
+            while pos < stop:
+                end = min(pos + b, stop)
+                while loaded < len(units) and first[loaded] < end:  # this batch's units, in first-use order
+                    while submitted < len(units) and submitted - loaded < self.readahead + 1:
+                        ahead.append(pool.submit(self._read, units[submitted]))
+                        submitted += 1
+                    live[units[loaded]] = ahead.popleft().result()
+                    loaded += 1
+                while submitted < len(units) and submitted - loaded < self.readahead:  # read on while it trains
+                    ahead.append(pool.submit(self._read, units[submitted]))
+                    submitted += 1
+                yield self._batch(*self._gather(pos, end, live))
+                for u in [u for u in live if last_of[u] < end]:  # that batch was its last use
+                    self._hold(-len(live.pop(u)[0]))
+                pos = end
+
+    def _gather(self, lo: int, hi: int, live: dict):
+        """(rows, x, x_pos) of epoch positions ``lo:hi``, gathered from the loaded units into fresh tensors.
+
+        A batch is a set (no loss depends on the order of its rows), so its rows come grouped by the unit that
+        holds them: ``x`` is gathered unit by unit straight into its slices of the output, one copy. A partner
+        outside the window is read from its unit (``Source.fetch``) as one more part.
+        """
+        want = self.plan.order[lo:hi]
+        partner = self.plan.partner[lo:hi] if self.plan.partner is not None else None
+        touched = np.unique(self.src.unit[want if partner is None else
+                                          np.concatenate([want, partner[~self.plan.outside[lo:hi]]])])
+        stored, parts = [live[int(u)][0] for u in touched], [live[int(u)][1] for u in touched]
+        fetched = 0
+        if partner is not None and self.plan.outside[lo:hi].any():
+            extra = np.unique(partner[self.plan.outside[lo:hi]])
+            parts.append(self.src.fetch(extra).to(parts[0].dtype))
+            stored.append(extra)
+            fetched = len(extra)
+            self._hold(fetched)
+        starts = np.cumsum([0] + [len(r) for r in stored])
+        stored = np.concatenate(stored)
+        at = _positions(stored, want)
+        sel = np.argsort(_part_of(starts, at), kind="stable")
+        x = _take(parts, starts, at[sel])
+        x_pos = _take(parts, starts, _positions(stored, partner[sel])) if partner is not None else None
+        self._hold(-fetched)
+        return want[sel], x, x_pos
 
     def __iter__(self):
         # Prefetched batches wait in their stored dtype (float16: half the bytes of float32) and become float32
         # features only when the trainer takes them: a wide module held ~4 float32 batches (1.6 GB at the
         # stl10-gim m2's 410 MB each) in the queue and the producer.
         return (self.features(b) for b in self.stored())
-
-
-def _gather(want, at, p_at, parts, starts, lo: int, hi: int):
-    """(rows, x, x_pos) of window positions ``lo:hi``, gathered from the window's parts into fresh tensors.
-
-    A batch is a set (no loss depends on the order of its rows), so its rows come grouped by the part that
-    holds them: ``x`` is then gathered part by part straight into its slices of the output, one copy.
-    ``x_pos`` follows that row order (its rows lie in other parts, hence ``_take``'s reordering).
-    """
-    sel = np.arange(lo, hi)[np.argsort(_part_of(starts, at[lo:hi]), kind="stable")]
-    x = _take(parts, starts, at[sel])
-    return want[sel], x, _take(parts, starts, p_at[sel]) if p_at is not None else None
 
 
 def _part_of(starts: np.ndarray, positions: np.ndarray) -> np.ndarray:

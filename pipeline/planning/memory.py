@@ -1,10 +1,10 @@
 """Host memory of one module actor, predicted before launch.
 
 A trainer streams its upstream (``pipeline.feed``), so its memory does not grow with the samples:
-it holds a shuffle window of ``feed.buffer_samples`` stored rows (at least one row group; when unset, at most
-256 MiB of rows and their partners, at least two batches), the
-partners the window lacks (at most one a row, planned as one a row), ``feed.readahead`` row groups
-read ahead, the metadata index (a few dozen bytes a sample: the one term that grows with the
+it holds a sliding shuffle window of ``feed.buffer_samples`` stored rows (at least one row group; when
+unset, at most 256 MiB of rows and their partners, at least two batches) and one row group more where a
+batch straddles two of its stretches, the partners a batch fetches from outside the window (at most a
+batch), ``feed.readahead`` row groups read ahead, the metadata index (a few dozen bytes a sample: the one term that grows with the
 dataset), the model with its gradients and Adam state, one batch's activations, and, while publishing,
 one row group and two inference chunks (one computed while the one before it is written;
 ``publish_chunk`` sizes them from the budget).
@@ -80,7 +80,8 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
     chunk = publish_chunk(cfg, in_values, out_values)
     parts = {
         "process": PROCESS_BASE,
-        "window": window * stored * (2 if paired else 1),
+        # the window, one row group more where a batch straddles two stretches, a batch of fetched partners
+        "window": (window + min(unit, rows or unit) + (batch_size if paired else 0)) * stored,
         "readahead": (cfg.feed.readahead + 1) * min(unit, rows or unit) * stored,
         "index": (rows or 0) * INDEX_BYTES_PER_ROW,
         "model": params * 4 * 4,  # weights, gradients, Adam's two moments (float32)

@@ -104,9 +104,9 @@ def test_a_tiny_buffer_bounds_the_rows_held(tmp_path):
     make_version(store, objects=12, rows_per_shard=8)  # 144 rows in 18 row groups of 8
     src = open_versions(store, [store.newest("m1")])
     plan, feed, batches = _epoch(src, "same_instance", buffer=8, readahead=1)
-    assert len(plan.bounds) - 1 >= 14  # one unit per window
-    # window (8) + its partners (8) + one unit read ahead (8) + a tail shorter than a batch (7)
-    assert 0 < feed.max_rows_held <= 8 + 8 + 8 + 7, feed.max_rows_held
+    assert plan.window_units == 1  # one unit in the sliding window
+    # window (8) + one more where a batch straddles two units (8) + one unit read ahead (8) + partners fetched (8)
+    assert 0 < feed.max_rows_held <= 8 + 8 + 8 + 8, feed.max_rows_held
     assert feed.max_rows_held < len(src) // 3
     whole = _epoch(src, "same_instance", buffer=1000)[1]
     assert whole.max_rows_held >= len(src.train_rows())  # the count is real: a big buffer holds everything
@@ -145,7 +145,7 @@ def test_feed_keeps_freed_batch_memory_unless_malloc_is_tuned_by_the_user(monkey
         assert keep_freed_batches() is True
 
 
-def test_units_are_released_when_their_window_ends(tmp_path, monkeypatch):
+def test_units_are_released_after_their_last_batch(tmp_path, monkeypatch):
     """The unit tensors alive at any read (not the feed's own count): one window's units plus those in flight."""
     store = Store(str(tmp_path), "r")
     make_version(store, objects=12, rows_per_shard=8)
@@ -161,6 +161,24 @@ def test_units_are_released_when_their_window_ends(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Source, "read_unit", watched)
     plan, feed, batches = _epoch(src, "same_instance", buffer=32, readahead=1)
-    per_window = max(len(np.unique(src.unit[plan.order[a:b]])) for a, b in zip(plan.bounds[:-1], plan.bounds[1:]))
-    assert len(plan.bounds) - 1 >= 3 and len(batches) == plan.n_batches
-    assert peak[0] <= per_window + 1 + 1, (peak[0], per_window)  # the window, the unit in flight, one ahead
+    k = plan.window_units
+    assert 1 < k < len(plan.units) // 3 and len(batches) == plan.n_batches
+    # the window, one more where a batch straddles, the unit in flight and one ahead
+    assert peak[0] <= k + 1 + 1 + 1, (peak[0], k)
+
+
+def test_the_window_slides_a_unit_at_a_time(tmp_path):
+    """No batch after the first waits for a whole window: each needs at most a couple of units not read before,
+    while every batch mixes rows of several units (disjoint windows needed K new units at each boundary)."""
+    store = Store(str(tmp_path), "r")
+    make_version(store, objects=24, rows_per_shard=8, test_every=1000)  # 288 train rows in 36 units of 8
+    src = open_versions(store, [store.newest("m1")])
+    plan, feed, batches = _epoch(src, "same_instance", buffer=48, readahead=1)
+    k = plan.window_units
+    assert k == 6 and len(batches) == plan.n_batches == 36
+    new_per_batch = np.bincount(plan.first_use // BATCH, minlength=plan.n_batches)
+    assert new_per_batch[0] <= k and new_per_batch[1:].max() <= 3, new_per_batch
+    mixed = [len(np.unique(src.unit[_ids(b)])) for b in batches[k:-k]]
+    assert np.mean(mixed) >= 3, mixed  # rows of several units in a batch, not one unit after another
+    live = [int(((plan.first_use < (t + 1) * BATCH) & (plan.last_use >= t * BATCH)).sum()) for t in range(36)]
+    assert max(live) <= k + 1, live  # the window's units, one more where a batch straddles two stretches
