@@ -169,7 +169,8 @@ class ScheduleConfig(Strict):
     mode: Literal["async", "sequential"] = Field("async", description="async: all modules at once; sequential: greedy, one after another.")
     publish_every: int | None = Field(
         None, ge=1, description="Commit a new version of a module's activations every N epochs. null: every epoch, or "
-        "for a wide module (a version over 512 MiB) about 10 times over its epochs; a number set here wins.")
+        "for a wide module (a version over 512 MiB) about 10 times over its epochs, and for the top module (no module "
+        "trains on it) only its final version; a number set here wins.")
     publish_fraction: float | None = Field(
         None, gt=0, le=1, description="Intermediate versions cover this random fraction of the train samples (they "
         "never hold the test split; final versions cover all samples). null: 1.0, or for a wide module (a version "

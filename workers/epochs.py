@@ -55,6 +55,6 @@ def next_step(b: Boundary) -> Step:
 
 
 def publishes_after(epoch: int, budget: int, publish_every: int, upstream_final: bool) -> bool:
-    """Whether an intermediate version is committed after ``epoch``: every ``publish_every`` epochs, but not
-    after the last one on a final upstream (the final version follows at once)."""
-    return epoch % publish_every == 0 and not (epoch >= budget and upstream_final)
+    """Whether an intermediate version is committed after ``epoch``: every ``publish_every`` epochs (0: never, the
+    final version only), but not after the last one on a final upstream (the final version follows at once)."""
+    return publish_every > 0 and epoch % publish_every == 0 and not (epoch >= budget and upstream_final)

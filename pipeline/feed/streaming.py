@@ -203,6 +203,7 @@ def background(items, depth: int, name: str):
                 if stop.is_set():
                     return
                 q.put(item)
+                item = None  # the consumer's now: not held here while the next one is built
             q.put(done)
         except BaseException as exc:  # surfaced in the consumer
             q.put(exc)
@@ -216,7 +217,8 @@ def background(items, depth: int, name: str):
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            box, item = [item], None
+            yield box.pop()  # no local of this frame keeps the batch alive while the consumer steps on it
     finally:
         stop.set()
         while thread.is_alive():

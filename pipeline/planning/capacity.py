@@ -183,7 +183,7 @@ def describe(plan: RunPlan, cfg: RunConfig) -> str:
     lines = [f"dataset {plan.dataset}: input {shape_text(plan.input_shape)}, "
              f"{plan.rows if plan.rows is not None else 'unknown'} samples, {plan.num_classes or '?'} classes",
              f"schedule {cfg.schedule.mode}, publish every "
-             f"{'/'.join(str(m.publish_every) for m in plan.modules)} epoch(s) "
+             f"{'/'.join(str(m.publish_every or 'final') for m in plan.modules)} epoch(s) "
              f"(fraction {'/'.join(f'{m.publish_fraction:g}' for m in plan.modules)}), "
              f"store {cfg.store.uri} ({cfg.store.codec})",
              f"{'module':<10}{'reads':<10}{'in':<18}{'out':<18}{'params':>10}  {'objective':<26}{'epochs':>7}{'batch':>7}"

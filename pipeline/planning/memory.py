@@ -122,15 +122,18 @@ def publish_shard_rows(cfg: RunConfig, out_row_bytes: int) -> int:
     return max(1, min(cfg.store.rows_per_shard, PUBLISH_SHARD_BYTES // max(1, out_row_bytes)))
 
 
-def publish_policy(cfg: RunConfig, *, epochs: int, version_bytes: int | None) -> tuple[int, float]:
+def publish_policy(cfg: RunConfig, *, epochs: int, version_bytes: int | None,
+                   read_above: bool = True) -> tuple[int, float]:
     """(publish_every, publish_fraction) of one module: ``schedule.publish_every`` / ``publish_fraction`` where
-    the user set them; else, for a module whose version would exceed ``THIN_BYTES``, a sample of
-    ``THIN_BYTES`` worth of rows (at least a tenth) about ``THIN_VERSIONS`` times over its epochs, and every
-    epoch over every train sample otherwise. Final versions always cover every sample."""
+    the user set them; else none for the top module (``read_above`` false: no module trains on its
+    intermediate versions, so they would be inference and bytes for nobody; ``publish_every`` 0 = the final
+    version only), for a module whose version would exceed ``THIN_BYTES`` a sample of ``THIN_BYTES`` worth
+    of rows (at least a tenth) about ``THIN_VERSIONS`` times over its epochs, and every epoch over every
+    train sample otherwise. Final versions always cover every sample."""
     sch = cfg.schedule
     wide = version_bytes is not None and version_bytes > THIN_BYTES
     every = sch.publish_every if sch.publish_every is not None else \
-        (max(1, epochs // THIN_VERSIONS) if wide else 1)
+        (0 if not read_above else max(1, epochs // THIN_VERSIONS) if wide else 1)
     if sch.publish_fraction is not None:
         fraction = sch.publish_fraction
     else:

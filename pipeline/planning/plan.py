@@ -47,7 +47,7 @@ class ModulePlan(BaseModel):
                                         "by part (pipeline/planning/memory.py).")
     publish_chunk: int = Field(1, description="Rows run through the module at once while publishing (sized from memory).")
     publish_every: int = Field(1, description="Epochs between intermediate versions (schedule.publish_every, or chosen "
-                               "from the version's bytes).")
+                               "from the version's bytes; 0 = the final version only, the top module's default).")
     publish_fraction: float = Field(1.0, description="Share of the train rows an intermediate version covers "
                                     "(schedule.publish_fraction, or chosen from the version's bytes).")
 
@@ -221,7 +221,9 @@ def _memory_problems(cfg: RunConfig, modules: list[ModulePlan], rows: int | None
                                            buffer=m.buffer_samples, row_bytes=row_bytes,
                                            out_codec=cfg.module_codec(m.name))
         m.publish_chunk = memory.publish_chunk(cfg, math.prod(stored_shape), math.prod(m.out_shape))
-        m.publish_every, m.publish_fraction = memory.publish_policy(cfg, epochs=m.epochs, version_bytes=m.bytes_per_version)
+        m.publish_every, m.publish_fraction = memory.publish_policy(
+            cfg, epochs=m.epochs, version_bytes=m.bytes_per_version,
+            read_above=any(p.upstream == m.name or p.source == m.name for p in modules))
         problem = memory.memory_problem(cfg, m.name, m.host_memory)
         if problem:
             out.append(problem)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -22,11 +24,11 @@ class Recording(ModuleTrainer):
         self.seen: list[np.ndarray] = []
         self.stop_after = stop_after
 
-    def _step(self, batch, pairing, gen, step, features):
-        self.seen.append(features(batch).x.flatten(1).sum(1).numpy().round(3))
+    def _step(self, held, pairing, gen, step, features):
+        self.seen.append(features(held[0]).x.flatten(1).sum(1).numpy().round(3))
         if self.stop_after is not None and len(self.seen) >= self.stop_after:
             self._stop.set()  # a kill after this step: nothing after the last mid-epoch checkpoint is kept
-        return super()._step(batch, pairing, gen, step, features)
+        return super()._step(held, pairing, gen, step, features)
 
 
 def _run(tmp_path, name="m1"):
@@ -77,3 +79,28 @@ def test_the_trainer_holds_the_window_its_plan_gives(tmp_path):
     # + a carried tail shorter than a batch (7)
     assert 0 < held <= 16 + 16 + 2 * 16 + 7, held
     assert held < train_rows / 4, (held, train_rows)
+
+
+def test_a_step_holds_no_stored_copy_of_its_batch(tmp_path):
+    """While the module steps on a batch's float32 features, nothing keeps the stored (pre-cast) batch alive."""
+    torch.set_num_threads(1)
+    store, config = _run(tmp_path)
+    trainer = ModuleTrainer(store.uri, "r", "m1", config)
+    trainer.setup()
+    stored, alive_at_forward = [], []
+
+    def features(batch):  # the feed's features(), watching the stored tensor it is given
+        stored.append(weakref.ref(batch.x))
+        return trainer._upstream_features(batch)
+
+    trainer._upstream_features = None
+    original = ModuleTrainer._step
+
+    def step(self, held, pairing, gen, step_no, feed_features):
+        self._upstream_features = feed_features
+        return original(self, held, pairing, gen, step_no, features)
+
+    trainer._step = step.__get__(trainer)
+    trainer.module.register_forward_pre_hook(lambda *_: alive_at_forward.append(stored[-1]() is not None))
+    trainer.train_until(1)
+    assert len(alive_at_forward) >= 4 and not any(alive_at_forward), alive_at_forward
