@@ -10,9 +10,10 @@ import torch
 from pipeline.feed import open_versions
 from pipeline.planning import memory
 from pipeline.planning.config import load_config
-from pipeline.planning.plan import ModulePlan
+from pipeline.planning.plan import ModulePlan, build_plan
 from pipeline.store import Store
 from tests.conftest import TINY_NORB
+from workers.epochs import publishes_after
 from workers.publisher import publish_version
 
 D_IN, D_OUT = 6, 4
@@ -126,6 +127,17 @@ def test_wide_modules_are_thinned_unless_the_user_chose():
     assert memory.publish_policy(cfg, epochs=300, version_bytes=100 * 2**30) == (30, memory.MIN_FRACTION)
     chosen = load_config(None, TINY_NORB + ["schedule.publish_every=1", "schedule.publish_fraction=1.0"])
     assert memory.publish_policy(chosen, epochs=300, version_bytes=100 * 2**30) == (1, 1.0)
+
+
+def test_the_top_module_publishes_only_its_final_version_unless_the_user_chose(tmp_path):
+    plan = build_plan(load_config(None, TINY_NORB), check_paths=False, local_cluster=False)
+    every = {m.name: m.publish_every for m in plan.modules}
+    top = plan.modules[-1].name
+    assert every[top] == 0 and all(v >= 1 for k, v in every.items() if k != top), every
+    chosen = build_plan(load_config(None, TINY_NORB + ["schedule.publish_every=2"]), check_paths=False,
+                        local_cluster=False)
+    assert all(m.publish_every == 2 for m in chosen.modules)
+    assert not publishes_after(1, budget=3, publish_every=0, upstream_final=False)
 
 
 def test_the_planned_memory_holds_two_publishing_chunks_whatever_the_rows():
