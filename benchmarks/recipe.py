@@ -228,15 +228,15 @@ def isostack_side(mode: str, sets: list[str], store: str, log: str, *, timeout: 
 
 
 def reference_side(sets: list[str], store: str, run_id: str, workdir: str, log: str, *, timeout: float,
-                   interval: float) -> dict:
+                   interval: float, retain: bool = False) -> dict:
     from pipeline.planning.config import load_config
 
     cfg = load_config("stl10-gim", sets)
     path = os.path.join(workdir, "reference-config.json")
     with open(path, "w") as f:
         json.dump(cfg.model_dump(mode="json"), f)
-    res = measured([python(), "-m", "benchmarks.reference_gim", path, store, run_id, str(cpu_threads())], log,
-                   timeout, interval)
+    res = measured([python(), "-m", "benchmarks.reference_gim", path, store, run_id, str(cpu_threads()),
+                    *(["retain"] if retain else [])], log, timeout, interval)
     if res["rc"] != 0:
         res["cause"] = f"exit {res['rc']}; see {log}"
         return res
@@ -248,14 +248,18 @@ def reference_side(sets: list[str], store: str, run_id: str, workdir: str, log: 
 
 
 def measure(n: int, epochs: int, workdir: str, *, batch_size: int = 32, cpus: int | None = None,
-            modes=MODES, timeout: float = 6 * 3600, interval: float = 0.5) -> dict:
-    """Both isostack modes and the loop on the same files; returns the raw measurements."""
+            modes=MODES, timeout: float = 6 * 3600, interval: float = 0.5, loop_retained: bool = False) -> dict:
+    """Both isostack modes and the loop on the same files (and, ``loop_retained``, the loop again with the module
+    actors' heap policy, for context); returns the raw measurements."""
     cpus = cpus or cpu_threads()
     data, store, log = (os.path.join(workdir, p) for p in ("norb", "store", "runs.log"))
     write_norb(data, n, max(n // 4, 4))
     sets = overrides(data, epochs=epochs, batch_size=batch_size, cpus=cpus)
     sides = {mode: isostack_side(mode, sets, store, log, timeout=timeout, interval=interval) for mode in modes}
     sides["loop"] = reference_side(sets, store, f"recipe-{modes[0]}", workdir, log, timeout=timeout, interval=interval)
+    if loop_retained:
+        sides["loop_retained"] = reference_side(sets, store, f"recipe-{modes[0]}", workdir, log, timeout=timeout,
+                                                interval=interval, retain=True)
     for name, side in sides.items():
         seconds = side.get("train_span_s", side.get("seconds"))
         side["img_per_s"] = n * epochs / seconds if seconds else None
@@ -289,6 +293,13 @@ def rows(m: dict) -> list[Row]:
         out.append(Row("recipe", f"{tag}: parameters per module, {mode} = loop", None, None, None, "equal", same,
                        " / ".join(f"{n} {side['params'][n]:,}" + ("" if same else f" vs {loop.get('params', {}).get(n)}")
                                   for n in side["params"])))
+    kept = m["sides"].get("loop_retained")
+    if kept and kept.get("img_per_s") and m["sides"].get("async", {}).get("img_per_s"):
+        a = m["sides"]["async"]
+        out.append(goal_row("recipe", f"{tag}: img/s, async vs the loop with the actors' heap policy (context)",
+                            a["img_per_s"], kept["img_per_s"],
+                            note=f"loop {kept['seconds']:.0f} s, peak PSS {kept['peak_pss_bytes'] / gib:.2f} GiB; the "
+                                 "official code has glibc's default heap, as the loop above"))
     a, s = m["sides"].get("async", {}), m["sides"].get("sequential", {})
     if a.get("train_span_s") and s.get("train_span_s"):
         out.append(goal_row("recipe", f"{tag}: train span s, async vs sequential", a["train_span_s"], s["train_span_s"],
@@ -326,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-module", type=int, default=None, help="resources.cpus_per_module (default: all cores)")
     p.add_argument("--modes", default=",".join(MODES), help="isostack schedule modes to run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--loop-retained", action="store_true",
+                   help="also run the loop with the module actors' heap policy (context: what that policy alone buys)")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="work in DIR and keep it (data, stores with each run's metrics and summary, runs.log)")
     args = p.parse_args(argv)
@@ -335,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="isostack-recipe-")) \
             as workdir:
         m = measure(size["n"], size["epochs"], workdir, batch_size=size["batch_size"], cpus=args.cpus_per_module,
-                    modes=tuple(x for x in args.modes.split(",") if x))
+                    modes=tuple(x for x in args.modes.split(",") if x), loop_retained=args.loop_retained)
         result = {"rows": [r.as_dict() for r in rows(m)], "details": m,
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(os.path.join(workdir, "runs.log")) as f:

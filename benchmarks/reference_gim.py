@@ -7,8 +7,9 @@ batch for ``train.epochs`` epochs. Same config, data (the run's ingested ``input
 modules, objectives, optimiser and seeds as the isostack trainer; no store, no Ray, no checkpoints.
 As in the official code, each module's input is the module below's output on the same batch (computed once,
 in training mode, then detached), and nothing is written between modules. ``python -m
-benchmarks.reference_gim CONFIG_JSON STORE RUN_ID THREADS`` runs it alone in a fresh process (the recipe
-benchmark measures that process's memory) and prints the result as JSON.
+benchmarks.reference_gim CONFIG_JSON STORE RUN_ID THREADS [retain]`` runs it alone in a fresh process (the
+recipe benchmark measures that process's memory) and prints the result as JSON; ``retain`` gives it the
+module actors' C heap policy (``pipeline.feed.heap.retain_freed_memory``), which the official code does not have.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from pipeline.final.evaluation import classify
 from pipeline.feed import PairedBatches, load_upstream, to_float
+from pipeline.feed.heap import retain_freed_memory
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective
 from pipeline.nn.pairing import augment_views
@@ -103,6 +105,8 @@ if __name__ == "__main__":
     import sys
 
     config_json, store_uri, run_id, n_threads = sys.argv[1:5]
+    if sys.argv[5:] == ["retain"]:  # the module actors' heap policy, to show what it alone is worth to this loop
+        retain_freed_memory()
     with open(config_json) as f:
         run_cfg = RunConfig.model_validate(json.load(f))
     print(json.dumps(train_reference(run_cfg, Store(store_uri, run_id, create=False), threads=int(n_threads),

@@ -10,6 +10,7 @@ import os
 import resource
 import socket
 import tempfile
+import threading
 import time
 
 import torch
@@ -18,7 +19,9 @@ from pipeline.feed.heap import release_free_memory
 
 YIELD_SECONDS = 0.02  # after a long turn, time for a waiting actor to take the cores (a blocked flock wakes in <1 ms)
 LONG_TURN = 0.05  # turns shorter than this do not yield (tiny test modules step thousands of times)
-SERIES_SECONDS = 5.0  # a series of short turns (publishing chunks) keeps the cores about as long as a training step
+HOLD_SECONDS = 20.0  # a holder keeps the node's turn across consecutive steps this long before it yields
+IDLE_SECONDS = 0.5  # a kept turn that no step takes up again within this is handed back (its actor went idle)
+SERIES_SECONDS = 5.0  # a series of short turns (publishing chunks) keeps the cores at least this long
 
 
 def device_text(device: torch.device) -> str:
@@ -66,20 +69,27 @@ class CoreTurns:
     their activations at the same time: taking turns gives each step every thread it was given and keeps
     one step's activations alive on the node instead of one per module, at the same total work. The turn
     is an exclusive ``flock`` on a file in the node's temp directory named by the run, so it is node-local
-    (actors on other nodes never wait for each other) and the kernel frees it when its holder dies. A
-    holder yields briefly after a long turn when another actor waits, so that it gets the next turn (flock is
-    not FIFO),
-    and first hands its freed heap back to the OS (an actor waiting for its turn holds no dead step).
+    (actors on other nodes never wait for each other) and the kernel frees it when its holder dies.
+
+    A holder keeps the turn across its consecutive steps for ``hold`` seconds (its C heap, kept by
+    ``pipeline.feed.heap.retain_freed_memory``, is then reused step after step instead of page-faulted in
+    again), then, when another actor waits, hands its freed heap back to the OS and yields briefly so that
+    the waiter gets the next turn (flock is not FIFO): an actor waiting for its turn holds no dead step. A
+    kept turn that no step takes up within ``idle`` seconds (the actor is waiting for its upstream,
+    checkpointing, publishing its last chunk) is handed back by a timer.
     """
 
-    def __init__(self, key: str, shared: bool) -> None:
-        self.shared, self.waited = shared, 0.0
+    def __init__(self, key: str, shared: bool, *, hold: float = HOLD_SECONDS, idle: float = IDLE_SECONDS) -> None:
+        self.shared, self.waited, self.hold, self.idle = shared, 0.0, hold, idle
         self.path = os.path.join(tempfile.gettempdir(), f"isostack-turns-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
         self._fd: int | None = None  # the turn: exclusive
         self._queue: int | None = None  # shared by the actors waiting for a turn, so a holder knows to yield
         self._depth = 0
         self._held_since: float | None = None  # when this actor took the node's turn, while it holds it
-        self._keep = 0.0  # inside series(): seconds a turn is kept across consecutive turns
+        self._keep = hold  # seconds the turn is kept across consecutive turns (longer inside series())
+        self._state = threading.Lock()  # the turn's state, shared with the idle timer's thread
+        self._idle_timer: threading.Timer | None = None
+        self._idle_arms = 0  # a timer set before the newest arming does nothing
 
     @classmethod
     def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
@@ -96,28 +106,30 @@ class CoreTurns:
             finally:
                 self._depth -= 1
             return
-        if self._held_since is None:
-            self._acquire()
+        with self._state:
+            self._disarm_idle()
+            if self._held_since is None:
+                self._acquire()
         self._depth = 1
         try:
             yield
         finally:
             self._depth = 0
-            if time.perf_counter() - self._held_since >= self._keep:
-                self._release()
+            with self._state:
+                if time.perf_counter() - self._held_since >= self._keep and self._others_waiting():
+                    self._release()
+                else:
+                    self._arm_idle()
 
     @contextlib.contextmanager
     def series(self, seconds: float = SERIES_SECONDS):
-        """Many short turns in a row (a publish's chunks): the node's turn is kept from one to the next until it
-        has been held ``seconds``, so that short turns do not each wait behind another actor's whole training
-        step (a publish of 134 one-second chunks then took as long as 134 steps of the module above)."""
-        self._keep = seconds
+        """Many short turns in a row (a publish's chunks): the node's turn is kept from one to the next for at
+        least ``seconds``, so that short turns do not each wait behind another actor's whole turn."""
+        self._keep = max(self.hold, seconds)
         try:
             yield
         finally:
-            self._keep = 0.0
-            if self._held_since is not None and not self._depth:
-                self._release()
+            self._keep = self.hold
 
     def _acquire(self) -> None:
         if self._fd is None:
@@ -139,6 +151,23 @@ class CoreTurns:
         if long and self._others_waiting():
             time.sleep(YIELD_SECONDS)
 
+    def _arm_idle(self) -> None:
+        self._idle_arms += 1
+        self._idle_timer = threading.Timer(self.idle, self._release_if_idle, args=(self._idle_arms,))
+        self._idle_timer.daemon = True
+        self._idle_timer.start()
+
+    def _disarm_idle(self) -> None:
+        self._idle_arms += 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _release_if_idle(self, armed: int) -> None:
+        with self._state:
+            if armed == self._idle_arms and self._held_since is not None and not self._depth:
+                self._release()
+
     def _others_waiting(self) -> bool:
         try:
             fcntl.flock(self._queue, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,13 +177,21 @@ class CoreTurns:
         return False
 
     def close(self) -> None:
-        for fd in (self._fd, self._queue):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._queue = None
+        with self._state:
+            self._disarm_idle()
+            if self._held_since is not None:
+                self._release()
+            for fd in (self._fd, self._queue):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._queue = None
 
-    def __getstate__(self) -> dict:  # the descriptor stays in its process
-        return {**self.__dict__, "_fd": None, "_queue": None, "_held_since": None, "_depth": 0}
+    def __getstate__(self) -> dict:  # the descriptors, lock and timer stay in their process
+        return {**self.__dict__, "_fd": None, "_queue": None, "_held_since": None, "_depth": 0, "_state": None,
+                "_idle_timer": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _state=threading.Lock())
 
 
 NO_TURNS = CoreTurns("", shared=False)

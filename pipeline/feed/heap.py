@@ -1,5 +1,6 @@
-"""The C heap of a worker process (glibc): keep freed batch memory for reuse while streaming, and hand free
-pages back to the OS when an actor goes idle. Both are no-ops where libc is not glibc."""
+"""The C heap of a worker process (glibc): keep freed memory for reuse (a feed's batches; a module actor's
+whole training step), and hand free pages back to the OS when an actor goes idle. All are no-ops where libc
+is not glibc, and the first two leave a user's own malloc tuning (environment) alone."""
 
 from __future__ import annotations
 
@@ -27,7 +28,34 @@ def release_free_memory() -> None:
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_NEVER_TRIM = 2**31 - 1  # mallopt takes an int: free memory at the heap's top is kept up to 2 GiB
+_retaining = False
+
+
+def _user_tuned() -> bool:
+    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
+        k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_"))
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Serve every allocation from the heap and keep what is freed there, for a module actor training on CPU.
+
+    torch's CPU tensors come from malloc, and glibc gives each block over 32 MiB its own ``mmap``, returned to
+    the kernel on free: a training step's activations were page-faulted in (and zeroed by the kernel) anew at
+    every step. Measured on one stl10-gim m2 step (batch 32, 2 threads): 4.06 million minor faults and 6.2 s of
+    its 16.1 s CPU in the kernel; with every block on the heap and freed memory kept, 0.2-0.4 million faults
+    and 10.0 s of CPU (-38%), at a peak RSS of 4.67 GB instead of 3.60 (the heap keeps the step's high-water
+    mark, with some fragmentation). Module actors that share a node's cores hand their free pages back when
+    they yield (``workers.runtime.CoreTurns``), so only the stepping actor holds a step's heap. Process-wide,
+    once; returns whether it was applied."""
+    global _retaining
+    libc = _libc()
+    if _user_tuned() or libc is None or not hasattr(libc, "mallopt"):
+        return False
+    _retaining = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
+    return _retaining
 
 
 @functools.cache
@@ -43,10 +71,9 @@ def keep_freed_batches() -> bool:
     benchmark did not move). Process-wide, once; left alone when the user tunes malloc through the
     environment or libc is not glibc. Returns whether it was applied.
     """
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-            k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
-        return False
     libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
+    if _user_tuned() or libc is None or not hasattr(libc, "mallopt"):
         return False
+    if _retaining:
+        return True  # the whole heap is kept already (retain_freed_memory): do not lower its trim threshold
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20))

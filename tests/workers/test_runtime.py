@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -18,8 +19,8 @@ from workers.runtime import CoreTurns, node_cores
 TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
 
 
-def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None) -> None:
-    turns = CoreTurns(key, shared)
+def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None, hold: float = 0.0) -> None:
+    turns = CoreTurns(key, shared, hold=hold)
     if barrier is not None:
         barrier.wait(60)  # both processes start together, whatever their import times
     with open(out, "a") as f:
@@ -36,11 +37,11 @@ def _intervals(path) -> list[tuple[int, float, float]]:
         return sorted(((int(p), float(a), float(b)) for p, a, b in (line.split() for line in f)), key=lambda s: s[1])
 
 
-def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2):
-    out = str(tmp_path / f"turns-{shared}.txt")
+def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2, hold: float = 0.0):
+    out = str(tmp_path / f"turns-{shared}-{hold}.txt")
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
-    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out, barrier)) for _ in range(procs)]
+    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out, barrier, hold)) for _ in range(procs)]
     for p in ps:
         p.start()
     for p in ps:
@@ -57,6 +58,42 @@ def test_shared_turns_never_overlap_and_alternate(tmp_path):
     # the holder yields after a long turn: the other process gets the next one (not all four in a row)
     owners = [pid for pid, _, _ in spans]
     assert sum(a != b for a, b in zip(owners, owners[1:])) >= 3
+
+
+def test_a_holder_keeps_the_turn_for_its_hold_then_yields(tmp_path):
+    """Consecutive steps keep the node's turn for ``hold`` seconds (the heap is reused), then the waiter gets it."""
+    spans = _run(f"test-hold-{tmp_path}", True, tmp_path, n=6, hold=0.5)
+    assert len(spans) == 12
+    for (_, _, end), (_, start, _) in zip(spans, spans[1:]):
+        assert start >= end - 1e-3
+    owners = [pid for pid, _, _ in spans]
+    runs = [len(list(group)) for _, group in itertools.groupby(owners)]
+    assert len(runs) >= 2 and max(runs) >= 3, runs  # runs of several steps, and both processes got the cores
+
+
+def _one_turn_then_idle(key: str, took, seconds: float) -> None:
+    turns = CoreTurns(key, True, hold=60.0, idle=0.3)
+    with turns.turn():
+        pass
+    took.set()
+    time.sleep(seconds)  # idle (waiting for an upstream, say) with the turn kept by its hold
+
+
+def test_an_idle_holder_hands_the_turn_back(tmp_path):
+    key = f"test-idle-{tmp_path}"
+    ctx = mp.get_context("spawn")
+    took = ctx.Event()
+    holder = ctx.Process(target=_one_turn_then_idle, args=(key, took, 30.0))
+    holder.start()
+    try:
+        assert took.wait(60)
+        t0 = time.monotonic()
+        with CoreTurns(key, True).turn():
+            waited = time.monotonic() - t0
+        assert waited < 10, waited  # the idle timer released it long before the holder's 30 s sleep ended
+    finally:
+        holder.kill()
+        holder.join(10)
 
 
 def test_unshared_turns_do_not_wait(tmp_path):
@@ -112,7 +149,7 @@ def test_a_lone_actor_does_not_yield(tmp_path):
 
 def test_a_turn_inside_a_turn_keeps_the_outer_one(tmp_path):
     key = f"test-nested-{tmp_path}"
-    outer, other = CoreTurns(key, True), CoreTurns(key, True)
+    outer, other = CoreTurns(key, True, hold=0.0, idle=0.2), CoreTurns(key, True)
     with outer.turn():
         with outer.turn():
             pass
@@ -120,12 +157,19 @@ def test_a_turn_inside_a_turn_keeps_the_outer_one(tmp_path):
         other._fd = os.open(other.path, os.O_RDWR | os.O_CREAT, 0o600)
         with pytest.raises(BlockingIOError):
             fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free after the outer turn
+    deadline = time.monotonic() + 10
+    while True:  # free once the outer turn has stayed unused for its idle time
+        try:
+            fcntl.flock(other._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the idle turn was never handed back"
+            time.sleep(0.05)
     other.close()
 
 
 def _short_turns_in_a_series(key: str, n: int, out: str) -> None:
-    turns = CoreTurns(key, True)
+    turns = CoreTurns(key, True, hold=0.0)
     with open(out, "a") as f, turns.series(seconds=30):
         for _ in range(n):
             with turns.turn():
