@@ -14,6 +14,8 @@ import concurrent.futures
 import multiprocessing
 import sys
 
+from pipeline.errors import RunError
+
 
 class ModuleTrainer:
     """The Ray actor of one module: ``workers.trainer.ModuleTrainer``, built in the actor's own process.
@@ -41,13 +43,23 @@ def in_child(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` in a fresh process on this machine: its result, or its exception raised here.
 
     The child is spawned (not forked: the driver may hold Ray's and the leases' threads) and exits when
-    ``fn`` returns, taking torch's memory with it. A process that has torch loaded already (a test, a
-    benchmark, a notebook) has nothing to keep free of it, so there ``fn`` runs in place.
+    ``fn`` returns, taking torch's memory with it. As with any spawned process, the child imports the
+    parent's ``__main__`` script, so a script calling the driver needs an ``if __name__ == "__main__":``
+    guard. A process that has torch loaded already (a test, a benchmark, a notebook) has nothing to keep
+    free of it, so there ``fn`` runs in place.
     """
     if "torch" in sys.modules:
         return fn(*args, **kwargs)
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
+        try:
+            return pool.submit(fn, *args, **kwargs).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise RunError(f"the child process running {fn.__module__}.{fn.__name__} died before it answered: "
+                           "killed (the out-of-memory killer prints nothing here), or it could not start (its "
+                           "traceback is printed above)",
+                           "a script that calls the driver must guard its top level with `if __name__ == "
+                           "'__main__':` (the child imports it); after a kill, free memory and run the command again "
+                           "(`isostack resume RUN` continues a run whose modules have trained)") from None
 
 
 # ---------------------------------------------------------------- what in_child runs
