@@ -1,11 +1,11 @@
 """The driver's torch-heavy work, run in other processes: each module in its Ray actor, the steps before and
 after training in a child process on this machine.
 
-The driver watches the actors for the whole training, so its memory should be a Ray driver's (~0.15 GiB),
+The driver watches the actors for the whole training, so its memory should be a Ray driver's (~0.1 GiB PSS),
 not a trainer's: importing torch alone costs ~0.5 GiB of RSS that a process never gives back. The driver
 imports this module and never the torch-importing code itself. Each function here imports our own code
-inside itself, so that the import runs in the process doing the work: this file is, with the CLI, the
-one exemption from tests/test_layout.py's "imports at the top" rule, and the only one the driver uses.
+inside itself, so that the import runs in the process doing the work; for that this file is exempt,
+like the CLI, from tests/test_layout.py's "imports at the top" rule (the one-way order still applies).
 """
 
 from __future__ import annotations
