@@ -3,22 +3,23 @@
 The driver owns ``run.json`` and ``summary.json``; the module actors own their
 checkpoints, versions, metrics and ``status/<module>.json``. Everything the
 driver needs to continue lives in the store, so a killed driver loses nothing.
+
+The driver itself never imports torch: planning, ingest and the final stage run in a
+child process and each module in its actor (``pipeline.run.offload``), so while the
+modules train this process holds only Ray, pyarrow and the store's bookkeeping.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from pipeline.planning.config import overridden_config
 from pipeline.errors import ConfigError, RunError
-from pipeline.data import load_dataset
-from pipeline.run.final_stage import final_stage as run_final_stage
+from pipeline.run import offload
 from pipeline.run.ingest import ingest, is_ingested
 from pipeline.run.lease import live_leases, module_lease, module_leases
 from pipeline.run.scheduler import train_modules
-from pipeline.planning.plan import build_plan
-from pipeline.store.runs import abs_uri, check_run_id, new_run_id, now_iso, open_run, run_config
+from pipeline.store.runs import now_iso, open_run, run_config
 from pipeline.store import Store
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
@@ -27,34 +28,14 @@ from schemas.status import ModuleState, ModuleStatus
 GC_GRACE_S = 600.0  # `gc` never deletes an uncommitted directory modified more recently than this
 
 
-def _local_cluster(cfg: RunConfig, address: str | None) -> bool:
-    """True when this run starts its own Ray instance, so local GPUs are what it will get."""
-    return not (address or cfg.resources.address or os.environ.get("RAY_ADDRESS"))
-
-
 def prepare_run(cfg: RunConfig, run_id: str | None = None, address: str | None = None):
     """Plan, load the dataset, then create the run folder (run.json) and ingest. Returns (store, info, input manifest).
 
     Everything that can fail on bad input (config, plan, data files) happens before
-    the first byte is written, so a refused run leaves the store as it was.
+    the first byte is written, so a refused run leaves the store as it was. Runs in a
+    child process (``pipeline.run.prepare`` imports torch).
     """
-    plan = build_plan(cfg, local_cluster=_local_cluster(cfg, address))
-    run_id = check_run_id(run_id or new_run_id(cfg.name))
-    uri = abs_uri(cfg.store.uri)
-    probe = Store(uri, run_id, create=False)
-    info = probe.read_json("run.json")
-    if info is not None and info.get("config") != cfg.model_dump(mode="json"):
-        raise RunError(f"run {run_id!r} already exists in {cfg.store.uri} with a different config",
-                       f"continue it with `isostack resume {run_id} --store {cfg.store.uri}`, or pick another --run-id")
-    dataset = None if info is not None and is_ingested(probe, cfg.dataset) else load_dataset(cfg.dataset)
-    store = Store(uri, run_id)
-    if info is None:
-        info = {"run_id": run_id, "name": cfg.name, "created_at": now_iso(), "status": "created",
-                "config": cfg.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
-                "generations": {}, "retrains": []}
-        store.write_json("run.json", info)
-    manifest = ingest(store, cfg.dataset, rows_per_shard=cfg.store.rows_per_shard, dataset=dataset)
-    return store, info, manifest
+    return offload.in_child(offload.prepare_run, cfg, run_id, address)
 
 
 def _set_status(store: Store, info: dict, status: str, **extra) -> dict:
@@ -90,7 +71,7 @@ def _finish(store: Store, info: dict, cfg: RunConfig, final_stage: bool) -> int:
               f"{store.root_uri}; fix the cause and continue with `isostack resume {info['run_id']}`", file=sys.stderr)
         return 1
     if final_stage:
-        run_final_stage(store, info, cfg)
+        offload.in_child(offload.final_stage, store, info, cfg)
         info = store.read_json("run.json")
     info = _set_status(store, info, "finished")
     write_summary(store, info)
@@ -109,7 +90,8 @@ def resume(run_ref: str, *, store_uri: str | None = None, address: str | None = 
     """Continue a run: modules without a final version restart from their newest checkpoint."""
     store, info = open_run(run_ref, store_uri)
     cfg = run_config(info)
-    ingest(store, cfg.dataset, rows_per_shard=cfg.store.rows_per_shard)
+    if not is_ingested(store, cfg.dataset):  # loading and writing the images imports torch
+        offload.in_child(ingest, store, cfg.dataset, rows_per_shard=cfg.store.rows_per_shard)
     report = status_report(store, info)
     todo = [n for n, m in report["modules"].items() if m["final_version"] is None]
     if todo:
@@ -133,7 +115,7 @@ def retrain(run_ref: str, module: str, *, store_uri: str | None = None, override
         raise RunError(f"{upstream} has no final version in {store.root_uri}, so {module} has nothing final to train on",
                        f"finish the run first with `isostack resume {info['run_id']}`")
     new_cfg = retrain_config(cfg, module, overrides)
-    build_plan(new_cfg, check_paths=False, local_cluster=_local_cluster(new_cfg, address))
+    offload.in_child(offload.check_plan, new_cfg, address)
     with module_lease(store, module):
         generations = dict(info.get("generations", {}))
         generations[module] = int(generations.get(module, 0)) + 1

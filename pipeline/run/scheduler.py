@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pipeline.errors import TrainingError
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
-from workers.trainer import ModuleTrainer
+from pipeline.run.offload import ModuleTrainer  # the actor class; workers.trainer (torch) loads in the actor
 
 
 # ---------------------------------------------------------------- decisions (pure)

@@ -11,6 +11,10 @@ shard's schema (the reader rebuilds the codec shard by shard). A codec may also
 offer ``stats() -> dict`` (clipping, error); the writer sums it into the
 manifest's ``codec_stats``. To add one: write a class with the ``Codec``
 members and ``register_codec`` it.
+
+torch is imported by the functions that touch tensors, not when this module loads: the run driver
+imports the store for its bookkeeping (manifests, JSON files, leases) and stays free of torch while
+the module actors train (its memory is a Ray driver's, not a trainer's).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.errors import StoreError
 
@@ -50,6 +53,8 @@ class Codec(Protocol):
 
 def as_tensor(data: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A torch view of ``data`` (numpy arrays are wrapped, not copied)."""
+    import torch
+
     if isinstance(data, torch.Tensor):
         return data.detach()
     if isinstance(data, np.ndarray):
@@ -64,6 +69,8 @@ def view_readonly(buffer: pa.Buffer | np.ndarray, np_dtype: np.dtype, count: int
     callers never write through the view (they copy out of it), so the
     warning is noise here.
     """
+    import torch
+
     arr = np.frombuffer(buffer, dtype=np_dtype, count=count)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -80,10 +87,13 @@ class PlainCodec:
     dtypes numpy lacks (bfloat16) work the same way.
     """
 
-    def __init__(self, name: str, shape: tuple[int, ...], torch_dtype: torch.dtype,
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str,
                  check: Callable[[torch.Tensor], None] | None = None) -> None:
+        import torch
+
+        torch_dtype = getattr(torch, dtype)  # "float16" -> torch.float16
         self.name = name
-        self.dtype = str(torch_dtype).removeprefix("torch.")
+        self.dtype = dtype
         self.shape = tuple(int(s) for s in shape)
         self.params: dict[str, Any] = {}
         self._torch_dtype = torch_dtype
@@ -93,6 +103,8 @@ class PlainCodec:
         self.row_bytes = self._numel * self._itemsize
 
     def encode(self, tensor: torch.Tensor) -> pa.FixedSizeBinaryArray:
+        import torch
+
         src = tensor
         if self._check is not None:
             self._check(src)
@@ -110,6 +122,8 @@ class PlainCodec:
 
 def _check_float16(src: torch.Tensor) -> None:
     """float16 tops out at 65504: larger finite activations would silently become inf."""
+    import torch
+
     if src.dtype in (torch.float16, torch.uint8, torch.int8, torch.bool) or src.numel() == 0:
         return  # nothing these hold overflows float16
     big = src.abs().amax()
@@ -121,6 +135,8 @@ def _check_float16(src: torch.Tensor) -> None:
 
 
 def _check_uint8(src: torch.Tensor) -> None:
+    import torch
+
     if src.dtype != torch.uint8:
         raise StoreError(f"codec 'uint8' stores uint8 pixels, got a {src.dtype} tensor",
                          "convert the images to uint8 (0..255) first, or use codec float16/float32")
@@ -173,6 +189,8 @@ class Int8Codec:
         return {"values": self._values, "clipped": self._clipped, "max_abs_error": self._max_error}
 
     def encode(self, tensor: torch.Tensor) -> pa.FixedSizeBinaryArray:
+        import torch
+
         x = tensor.detach().to(torch.float32)  # on the source device: only uint8 crosses to the CPU
         n = x.shape[0]
         # One reduction finds NaN/inf (they poison the sum); the elementwise look only when it is not finite.
@@ -212,6 +230,8 @@ class Int8Codec:
         return pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.row_bytes), n, [None, pa.py_buffer(data)])
 
     def decode(self, buffer: pa.Buffer, n: int) -> torch.Tensor:
+        import torch
+
         if self._scale is None:
             raise StoreError("codec 'int8' has no scale/offset to decode with",
                              "the shard's schema metadata lacks codec_params; re-create the version")
@@ -230,6 +250,8 @@ class Int8Codec:
     def _calibrate(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
             raise StoreError("codec 'int8' cannot calibrate on an empty batch", "write at least one row")
+        import torch
+
         dims = tuple(d for d in range(x.dim()) if self.axis is None or d != 1 + self.axis)
         lo, hi = x.amin(dim=dims), x.amax(dim=dims)
         scale = (hi - lo) / 255
@@ -241,6 +263,8 @@ class Int8Codec:
                           "offset": lo.cpu().reshape(-1).tolist()})
 
     def _set_params(self, params: dict[str, Any]) -> None:
+        import torch
+
         scale = torch.tensor(params.get("scale", []), dtype=torch.float32)
         offset = torch.tensor(params.get("offset", []), dtype=torch.float32)
         if params.get("axis") != self.axis or scale.numel() != self.channels or offset.numel() != self.channels:
@@ -254,10 +278,10 @@ class Int8Codec:
 
 
 _CODECS: dict[str, Callable[[tuple[int, ...], dict[str, Any]], Codec]] = {
-    "float16": lambda shape, params: PlainCodec("float16", shape, torch.float16, _check_float16),
-    "bfloat16": lambda shape, params: PlainCodec("bfloat16", shape, torch.bfloat16),
-    "float32": lambda shape, params: PlainCodec("float32", shape, torch.float32),
-    "uint8": lambda shape, params: PlainCodec("uint8", shape, torch.uint8, _check_uint8),
+    "float16": lambda shape, params: PlainCodec("float16", shape, "float16", _check_float16),
+    "bfloat16": lambda shape, params: PlainCodec("bfloat16", shape, "bfloat16"),
+    "float32": lambda shape, params: PlainCodec("float32", shape, "float32"),
+    "uint8": lambda shape, params: PlainCodec("uint8", shape, "uint8", _check_uint8),
     "int8": Int8Codec,
 }
 

@@ -5,6 +5,9 @@ a page is an IntegrityError at read time, not a silently wrong activation (``ver
 manifest's sha256 over whole shards). Row groups are the streaming unit: ``row_groups`` lists them
 from the shard footers and ``read_row_group`` decodes one, so a feed never holds more than the row
 groups it asked for.
+
+torch is imported where tensors are made, not when this module loads, so the run driver's bookkeeping
+through the store (manifests, JSON) never loads it (see codec.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from pipeline.errors import IntegrityError, StoreError
 from pipeline.store.codec import Codec, get_codec
@@ -48,6 +50,8 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         """The tensors moved to ``device`` (split stays a numpy array)."""
+        import torch
+
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):
@@ -105,9 +109,11 @@ class VersionReader:
             self._meta = pa.concat_tables(tables).combine_chunks() if tables else pa.table({})
         return self._meta
 
-    def tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole version as one ``(N, *shape)`` tensor of ``dtype``."""
-        out = torch.empty((self.manifest.rows, *self.shape), dtype=dtype)
+    def tensor(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole version as one ``(N, *shape)`` tensor of ``dtype`` (default float32)."""
+        import torch
+
+        out = torch.empty((self.manifest.rows, *self.shape), dtype=dtype or torch.float32)
         # The next shard is read (pyarrow, GIL released) while this one is copied out.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-read") as pool:
             ahead = pool.submit(self._read_shard, 0, [TENSOR_COLUMN]) if self._rels else None
@@ -123,7 +129,7 @@ class VersionReader:
         return out
 
     def batches(self, batch_size: int, *, split: str | None = None, sample_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
-                shuffle: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+                shuffle: bool = False, seed: int = 0, dtype: torch.dtype | None = None,
                 drop_last: bool = False) -> Iterator[Batch]:
         """Batches of the selected rows.
 
@@ -131,8 +137,12 @@ class VersionReader:
         order given; ``shuffle`` permutes the selection with ``seed``. Without
         shuffling a row order that only moves forward is streamed shard by
         shard (memory: about two shards); otherwise the shards the selection
-        touches are held for the whole pass and each batch is gathered from them.
+        touches are held for the whole pass and each batch is gathered from them. ``dtype``: of the
+        batches' ``x`` (default float32).
         """
+        import torch
+
+        dtype = dtype or torch.float32
         if batch_size < 1:
             raise StoreError(f"batch_size={batch_size}", "pass batch_size >= 1")
         order = self._select(split, sample_ids)
@@ -227,6 +237,8 @@ class VersionReader:
 
     def read_row_group(self, shard: int, group: int) -> torch.Tensor:
         """One row group's rows, ``(rows, *shape)`` in the codec's storage dtype (uint8, float16, ...)."""
+        import torch
+
         pf = self._open(shard)
         with self._read_errors(self._rels[shard]):
             # Decoded on the calling (readahead) thread: Arrow's pool costs the same CPU in more threads
@@ -254,6 +266,8 @@ class VersionReader:
 
     def _shard_storage(self, i: int) -> torch.Tensor:
         """Shard ``i``'s rows in the codec's dtype, as one tensor (a view when the shard is one chunk)."""
+        import torch
+
         parts = list(self._shard_tensors(i))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -285,6 +299,8 @@ class VersionReader:
         """Global row indices of the selection, in row order (or in ``sample_ids`` order)."""
         cols = self._meta_columns()
         if sample_ids is not None:
+            import torch
+
             wanted = np.asarray(sample_ids.cpu() if isinstance(sample_ids, torch.Tensor) else sample_ids, dtype=np.int64).reshape(-1)
             ids = cols["sample_id"]
             sorter = np.argsort(ids, kind="stable")
