@@ -61,8 +61,8 @@ def node_cores() -> int:
 
 
 class CoreTurns:
-    """One compute turn at a time (a training step, a publishing chunk) among the module actors of one run
-    that share a node's cores.
+    """Compute turns (a training step, a publishing chunk) among the module actors of one run that share a
+    node's cores: ``slots`` at a time (the node's cores over ``resources.cpus_per_module``), each a slot file.
 
     When ``resources.cpus_per_module`` x modules exceeds the node's cores (a laptop, this project's 2-core
     machine), concurrent actors only oversubscribe the cores (each with its own torch threads) and hold
@@ -79,10 +79,12 @@ class CoreTurns:
     checkpointing, publishing its last chunk) is handed back by a timer.
     """
 
-    def __init__(self, key: str, shared: bool, *, hold: float = HOLD_SECONDS, idle: float = IDLE_SECONDS) -> None:
-        self.shared, self.waited, self.hold, self.idle = shared, 0.0, hold, idle
+    def __init__(self, key: str, shared: bool, *, slots: int = 1, hold: float = HOLD_SECONDS,
+                 idle: float = IDLE_SECONDS) -> None:
+        self.shared, self.waited, self.hold, self.idle, self.slots = shared, 0.0, hold, idle, max(1, slots)
         self.path = os.path.join(tempfile.gettempdir(), f"isostack-turns-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
-        self._fd: int | None = None  # the turn: exclusive
+        self._fd: int | None = None  # the turn held: one slot's file, exclusive
+        self._slots: list[int] = []
         self._queue: int | None = None  # shared by the actors waiting for a turn, so a holder knows to yield
         self._depth = 0
         self._held_since: float | None = None  # when this actor took the node's turn, while it holds it
@@ -93,9 +95,11 @@ class CoreTurns:
 
     @classmethod
     def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
-        """Turns for a module actor of ``cfg``: shared when its modules' threads exceed this node's cores on CPU."""
-        shared = device.type == "cpu" and cfg.resources.cpus_per_module * len(cfg.stack) > node_cores()
-        return cls(key, shared)
+        """Turns for a module actor of ``cfg``: shared when its modules' threads exceed this node's cores on CPU,
+        with as many at once as the cores hold actors of ``resources.cpus_per_module`` threads."""
+        per = cfg.resources.cpus_per_module
+        shared = device.type == "cpu" and per * len(cfg.stack) > node_cores()
+        return cls(key, shared, slots=max(1, node_cores() // per))
 
     @contextlib.contextmanager
     def turn(self):
@@ -132,12 +136,25 @@ class CoreTurns:
             self._keep = self.hold
 
     def _acquire(self) -> None:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if not self._slots:
+            self._slots = [os.open(self.path + (f".{i}" if i else ""), os.O_RDWR | os.O_CREAT, 0o600)
+                           for i in range(self.slots)]
             self._queue = os.open(self.path + ".queue", os.O_RDWR | os.O_CREAT, 0o600)
         t0 = time.perf_counter()
         fcntl.flock(self._queue, fcntl.LOCK_SH)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self.slots == 1:
+            fcntl.flock(self._slots[0], fcntl.LOCK_EX)
+            self._fd = self._slots[0]
+        while self._fd is None:  # several slots: the first free one (flock cannot wait on any of several files)
+            for fd in self._slots:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._fd = fd
+                    break
+                except BlockingIOError:
+                    continue
+            else:
+                time.sleep(0.002)
         fcntl.flock(self._queue, fcntl.LOCK_UN)
         self._held_since = time.perf_counter()
         self.waited += self._held_since - t0
@@ -148,6 +165,7 @@ class CoreTurns:
         if long:
             release_free_memory()  # before the next actor's turn allocates its own step
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._fd = None
         if long and self._others_waiting():
             time.sleep(YIELD_SECONDS)
 
@@ -181,13 +199,14 @@ class CoreTurns:
             self._disarm_idle()
             if self._held_since is not None:
                 self._release()
-            for fd in (self._fd, self._queue):
+            for fd in (*self._slots, self._queue):
                 if fd is not None:
                     os.close(fd)
-            self._fd = self._queue = None
+            self._slots, self._fd, self._queue = [], None, None
 
     def __getstate__(self) -> dict:  # the descriptors, lock and timer stay in their process
-        return {**self.__dict__, "_fd": None, "_queue": None, "_held_since": None, "_depth": 0, "_state": None,
+        return {**self.__dict__, "_fd": None, "_slots": [], "_queue": None, "_held_since": None, "_depth": 0,
+                "_state": None,
                 "_idle_timer": None}
 
     def __setstate__(self, state: dict) -> None:

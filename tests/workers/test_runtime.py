@@ -19,8 +19,8 @@ from workers.runtime import CoreTurns, node_cores
 TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
 
 
-def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None, hold: float = 0.0) -> None:
-    turns = CoreTurns(key, shared, hold=hold)
+def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None, hold: float = 0.0, slots: int = 1) -> None:
+    turns = CoreTurns(key, shared, hold=hold, slots=slots)
     if barrier is not None:
         barrier.wait(60)  # both processes start together, whatever their import times
     with open(out, "a") as f:
@@ -37,11 +37,11 @@ def _intervals(path) -> list[tuple[int, float, float]]:
         return sorted(((int(p), float(a), float(b)) for p, a, b in (line.split() for line in f)), key=lambda s: s[1])
 
 
-def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2, hold: float = 0.0):
-    out = str(tmp_path / f"turns-{shared}-{hold}.txt")
+def _run(key: str, shared: bool, tmp_path, n: int = 4, procs: int = 2, hold: float = 0.0, slots: int = 1):
+    out = str(tmp_path / f"turns-{shared}-{hold}-{slots}.txt")
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
-    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out, barrier, hold)) for _ in range(procs)]
+    ps = [ctx.Process(target=_take_turns, args=(key, shared, n, out, barrier, hold, slots)) for _ in range(procs)]
     for p in ps:
         p.start()
     for p in ps:
@@ -96,6 +96,18 @@ def test_an_idle_holder_hands_the_turn_back(tmp_path):
         holder.join(10)
 
 
+def test_two_slots_let_two_actors_step_at_once_never_three(tmp_path):
+    """A node with cores for two actors' threads (``slots=2``): two turns overlap, a third waits."""
+    spans = _run(f"test-slots-{tmp_path}", True, tmp_path, n=4, procs=3, slots=2)
+    assert len(spans) == 12
+    events = sorted([(a, 1) for _, a, _ in spans] + [(b, -1) for _, _, b in spans], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2, peak
+
+
 def test_unshared_turns_do_not_wait(tmp_path):
     spans = _run(f"test-{tmp_path}", False, tmp_path)
     assert any(start < end for (_, _, end), (_, start, _) in zip(spans, spans[1:]))  # the two ran at once
@@ -127,7 +139,8 @@ def test_a_dead_holder_frees_the_turn(tmp_path):
 def test_turns_are_shared_only_when_the_modules_threads_exceed_the_cores(cpus, shared):
     cfg = load_config(None, TINY_NORB + [f"resources.cpus_per_module={cpus}"])
     expect = cpus * len(cfg.stack) > node_cores() if shared is None else shared
-    assert CoreTurns.for_module(cfg, "k", torch.device("cpu")).shared is expect
+    turns = CoreTurns.for_module(cfg, "k", torch.device("cpu"))
+    assert turns.shared is expect and turns.slots == max(1, node_cores() // cpus)
     assert CoreTurns.for_module(cfg, "k", torch.device("meta")).shared is False  # an accelerator: no CPU turns
 
 
