@@ -1,4 +1,5 @@
-"""The quality harness learns: on digits, one epoch of the single-process reference beats the untrained stack."""
+"""The quality harness: on digits the single-process reference beats the untrained stack; the sequential reference
+is the training of a sequential isostack run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from tests.conftest import TINY_NORB
 
 
 def test_reference_beats_untrained_on_digits():
-    rows = evaluate_preset("digits", [], epochs=1, rows=("untrained", "reference"))
+    # The preset's own 16 epochs (~30 s): after one or a few epochs the 128-wide m2's kNN is still at the
+    # untrained stack's (94.1-95.7 vs 94.2), which says nothing about the harness.
+    rows = evaluate_preset("digits", [], rows=("untrained", "reference"))
     untrained, reference = rows["untrained"], rows["reference"]
     for scorer in ("nc", "knn"):
         assert reference[scorer] > untrained[scorer], (scorer, rows)
