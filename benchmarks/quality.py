@@ -7,12 +7,14 @@
 
 Rows per preset: ``raw`` (the input flattened, pixels in [0, 1]), ``untrained`` (the stack with its initial
 weights), ``reference`` (``benchmarks.quality_reference``: the same modules, objectives, pairings, epochs and
-seeds trained in one plain loop), and with --isostack ``isostack`` (the final stage's own numbers from the run's
-summary.json). Every row is scored by the final stage's functions on the top module's pooled output
-(``pipeline.final.evaluation.classify``: nearest centroid, linear probe, kNN on the test split, with the
-config's ``evaluate.standardize``) and, where the data have a pose, ``pipeline.final.pose.pose_metrics`` plus
-``ring``: the fraction of azimuth centroids (mean test embedding per azimuth) whose two nearest other
-centroids are its two azimuth neighbours (1.0 = a closed ring ordered by azimuth).
+seeds trained in one process; ``--loop sequential``, the default, is the same training as an isostack run with
+``schedule.mode: sequential``, ``--loop simultaneous`` GIM's lock-step loop), and with --isostack ``isostack``
+(the final stage's own numbers from the run's summary.json). Every row is scored by the final stage's
+functions on the top module's pooled output (``pipeline.final.evaluation.classify``: nearest centroid, linear
+probe, kNN on the test split, with the config's ``evaluate.standardize``) and, where the data have a pose,
+``pipeline.final.pose.pose_metrics`` plus ``ring``: the fraction of azimuth centroids (mean test embedding per
+azimuth) whose two nearest other centroids are its two azimuth neighbours (1.0 = a closed ring ordered by
+azimuth).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.quality_reference import as_float, build_stack, embed, meta_columns, train_reference
+from benchmarks.quality_reference import LOOPS, as_float, build_stack, embed, meta_columns, train_reference
 from pipeline.data import load_dataset
 from pipeline.final.evaluation import classify, standardize
 from pipeline.final.pose import pose_metrics
@@ -92,7 +94,7 @@ def isostack_row(preset: str, overrides: list[str]) -> dict:
 
 def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False, epochs: int | None = None,
                     max_steps: int | None = None, rows=("raw", "untrained", "reference"),
-                    per_module: bool = False) -> dict[str, dict]:
+                    per_module: bool = False, loop: str = "sequential") -> dict[str, dict]:
     """{row name: scores} for one preset (see the module docstring for the rows)."""
     cfg = load_config(preset, overrides)
     torch.set_num_threads(1)
@@ -105,7 +107,7 @@ def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False
         out["untrained"] = score(cfg, embed(build_stack(cfg)[1], x)[-1], cols)
     if "reference" in rows:
         t0 = time.perf_counter()
-        modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps)
+        modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps, loop=loop)
         seconds = time.perf_counter() - t0
         feats = embed(modules, x)
         out["reference"] = {**score(cfg, feats[-1], cols), "seconds": seconds}
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override for every preset (as `isostack run --set`)")
     p.add_argument("--isostack", action="store_true", help="also run each preset with `isostack run` (slow)")
     p.add_argument("--epochs", type=int, default=None, help="reference epochs (default: the config's train.epochs)")
+    p.add_argument("--loop", choices=LOOPS, default="sequential",
+                   help="reference loop: sequential (greedy, as `schedule.mode: sequential`) or simultaneous (GIM's)")
     p.add_argument("--quick", action="store_true", help="digits only, 1 reference epoch: the smoke test")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = 1 if args.quick else args.epochs
     results = {}
     for preset in presets:
-        results[preset] = evaluate_preset(preset, args.overrides, isostack=args.isostack, epochs=epochs)
+        results[preset] = evaluate_preset(preset, args.overrides, isostack=args.isostack, epochs=epochs,
+                                           loop=args.loop)
         print(f"{preset}: " + json.dumps({k: {m: round(v, 4) for m, v in s.items()} for k, s in results[preset].items()}),
               file=sys.stderr, flush=True)
     print(table(results))

@@ -1,16 +1,21 @@
-"""The single-process reference for the quality harness: the stack a config describes, trained in one loop.
+"""The single-process reference for the quality harness: the stack a config describes, trained in one process.
 
-Every batch goes up the whole stack; each module takes one optimizer step on its own loss, and its output
-is ``detach()``-ed before the next module (no gradient crosses a module boundary, as GIM's loop). Same
-modules (``pipeline.nn.modules``), objectives and optimizer (``pipeline.nn.objectives``), pairings
-(``pipeline.nn.pairing``) and per-module weight seeds as the isostack trainer; the data come straight from
-``pipeline.data.load_dataset`` (no store, no Ray). What each module sees mirrors the trainer:
+Same modules (``pipeline.nn.modules``), objectives and optimizer (``pipeline.nn.objectives``), pairings
+(``pipeline.nn.pairing``, ``pipeline.feed.plan_epoch``'s partner rule) and per-module weight seeds as the
+isostack trainer; the data come straight from ``pipeline.data.load_dataset`` (no store, no Ray, float32
+throughout). Two loops:
 
-- a metadata pairing (same_instance, neighbor_pose): the batch rows and their partner rows, both through
-  the modules below (the trainer reads both from the stored activations of the module below);
-- augment (first module only): two random views of the batch images; the module above sees the clean
-  images' activations, as the trainer publishes activations of the un-augmented images;
-- patch_grid / temporal: the batch alone; the objective pairs positions inside each sample.
+- ``sequential`` (the default): greedy, module by module, the same training as an isostack run with
+  ``schedule.mode: sequential``. Module i trains all its epochs on module i-1's final output; each epoch's
+  order, partners and augmentation generator come from ``(train.seed, module index, 0, epoch)`` as in the
+  trainer. The gap between this and an isostack run is what the store, the codec and the schedule cost.
+- ``simultaneous``: GIM's own loop. Every batch goes up the whole stack; each module takes one optimizer
+  step on its own loss and its output is ``detach()``-ed before the next module, so the modules above train
+  on a moving input from the first step (closer to ``schedule.mode: async``, but in lock step).
+
+What each module sees mirrors the trainer: a metadata pairing (same_instance, neighbor_pose): the batch
+rows and their partner rows, both through the modules below; augment (first module only): two random views
+of the batch; the module above reads the clean images' activations; patch_grid / temporal: the batch alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.data import Dataset
+from pipeline.feed import plan_epoch
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective, local_loss
 from pipeline.nn.pairing import augment_views, partner_index
@@ -57,9 +63,17 @@ def meta_columns(ds: Dataset) -> dict[str, np.ndarray]:
     return out
 
 
-def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None,
-                    max_steps: int | None = None) -> list[torch.nn.Module]:
-    """Train the stack of ``cfg`` on ``ds`` in one loop; returns the trained modules (eval mode)."""
+LOOPS = ("sequential", "simultaneous")
+
+
+def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, max_steps: int | None = None,
+                    loop: str = "sequential") -> list[torch.nn.Module]:
+    """Train the stack of ``cfg`` on ``ds`` in one process (``loop``: see the module docstring); returns the
+    trained modules (eval mode)."""
+    if loop not in LOOPS:
+        raise ValueError(f"reference loop {loop!r}: expected one of {LOOPS}")
+    if loop == "sequential":
+        return _train_sequential(cfg, ds, epochs=epochs, max_steps=max_steps)
     names, modules, objectives = build_stack(cfg)
     optimizers = [build_optimizer_for(cfg, n, m, o) for n, m, o in zip(names, modules, objectives)]
     pairings = [getattr(cfg.stack[n].objective, "pairing", None) for n in names]
@@ -74,10 +88,54 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None,
         partners = _partners(pairings, cols, rows, rng)
         order = rows[rng.permutation(len(rows))]
         n_batches = max(1, len(order) // tc.batch_size)
-        for b in range(min(n_batches, max_steps or n_batches)):
+        for b in range(min(n_batches, max_steps or tc.max_steps_per_epoch or n_batches)):
             idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
             _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen)
     return [m.eval() for m in modules]
+
+
+def _train_sequential(cfg: RunConfig, ds: Dataset, *, epochs: int | None,
+                      max_steps: int | None) -> list[torch.nn.Module]:
+    """Greedy: module i trains every epoch on module i-1's final output (train rows only, float32)."""
+    names, modules, objectives = build_stack(cfg)
+    x_all, cols = as_float(ds), meta_columns(ds)
+    rows = np.flatnonzero(cols["split"] == "train")
+    meta = {k: cols[k][rows] for k in ("label", "instance", "azimuth", "elevation", "lighting")}
+    h = x_all[rows]  # (n, *in_shape of module i): what the module being trained reads
+    for i, name in enumerate(names):
+        _train_one(cfg, name, i, modules[i], objectives[i], h, meta, epochs=epochs, max_steps=max_steps)
+        h = embed([modules[i].eval()], h, pooled=False)[0]
+    return [m.eval() for m in modules]
+
+
+def _train_one(cfg: RunConfig, name: str, index: int, module, objective, h: torch.Tensor,
+               meta: dict[str, np.ndarray], *, epochs: int | None, max_steps: int | None) -> None:
+    """One module's epochs on its fixed input ``h``, batched as the trainer batches (``plan_epoch``, one window)."""
+    tc = cfg.module_train(name)
+    opt = build_optimizer_for(cfg, name, module, objective)
+    pairing = getattr(cfg.stack[name].objective, "pairing", None)
+    local, unit = np.arange(len(h)), np.zeros(len(h), dtype=np.int64)
+    labels = torch.from_numpy(meta["label"])
+    groups = torch.from_numpy(meta["label"] * 100_003 + meta["instance"]) if pairing == "same_instance" else None
+    module.train()
+    for epoch in range(epochs or tc.epochs):
+        rng = np.random.default_rng([tc.seed, index, 0, epoch])  # the trainer's (seed, module, generation, epoch)
+        plan = plan_epoch(meta, local, unit, pairing=pairing, batch_size=tc.batch_size, buffer=len(local), rng=rng,
+                          max_steps=max_steps or tc.max_steps_per_epoch)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        for b in range(plan.n_batches):
+            idx = plan.order[b * tc.batch_size:(b + 1) * tc.batch_size]
+            x = h[idx]
+            x_pos = h[plan.partner[b * tc.batch_size:(b + 1) * tc.batch_size]] if plan.partner is not None else None
+            if pairing == "augment":
+                x, x_pos = augment_views(x, gen)
+            loss, _ = local_loss(objective, module, x, x_pos, labels[idx], groups[idx] if groups is not None else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            after = getattr(objective, "after_step", None)
+            if after is not None:
+                after(module)
 
 
 def build_optimizer_for(cfg: RunConfig, name: str, module, objective) -> torch.optim.Optimizer:
@@ -135,12 +193,13 @@ def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, label
 
 
 @torch.no_grad()
-def embed(modules: list[torch.nn.Module], x: torch.Tensor, *, chunk: int = 512) -> list[np.ndarray]:
-    """Every module's pooled output for every sample: one (N, D_i) float32 array per module, bottom to top."""
-    outs: list[list[np.ndarray]] = [[] for _ in modules]
+def embed(modules: list[torch.nn.Module], x: torch.Tensor, *, chunk: int = 512, pooled: bool = True) -> list:
+    """Every module's output for every sample, bottom to top: pooled, one (N, D_i) float32 array per module
+    (what the final stage scores); else the tensors themselves, (N, *out_shape_i)."""
+    outs: list[list] = [[] for _ in modules]
     for start in range(0, len(x), chunk):
         h = x[start:start + chunk]
         for i, m in enumerate(modules):
             h = m(h)
-            outs[i].append(pool_to_vector(h).numpy().astype(np.float32))
-    return [np.concatenate(o) for o in outs]
+            outs[i].append(pool_to_vector(h).numpy().astype(np.float32) if pooled else h)
+    return [np.concatenate(o) if pooled else torch.cat(o) for o in outs]

@@ -21,7 +21,7 @@ from tests.conftest import TINY_NORB
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 TINY = TINY_NORB + ["train.epochs=2", "train.batch_size=32", "schedule.poll_seconds=0.1",
-                    "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16", "stack.m3.layers.0.channels=16", "stack.m4.layers.2.features=16"]
+                    "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16", "stack.m3.layers.0.channels=16", "stack.m4.layers.1.features=16"]
 
 
 def isostack(*args, timeout=420, check=True) -> subprocess.CompletedProcess:
