@@ -70,7 +70,7 @@ except ConfigError as e:
 def test_a_real_run_trains_and_evaluates_without_torch_in_the_driver(tmp_path):
     overrides = TINY_NORB + ["train.epochs=1", "train.batch_size=32", "schedule.poll_seconds=0.1",
                              "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16",
-                             "stack.m3.layers.0.channels=16", "stack.m4.layers.2.features=16"]
+                             "stack.m3.layers.0.channels=16", "stack.m4.layers.1.features=16"]
     seen = _python(_HEADER + """
 from pipeline.planning.config import load_config
 from pipeline.run import driver
