@@ -130,12 +130,17 @@ def _train_one(cfg: RunConfig, name: str, index: int, module, objective, h: torc
             if pairing == "augment":
                 x, x_pos = augment_views(x, gen)
             loss, _ = local_loss(objective, module, x, x_pos, labels[idx], groups[idx] if groups is not None else None)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            after = getattr(objective, "after_step", None)
-            if after is not None:
-                after(module)
+            _optimize(loss, opt, objective, module)
+
+
+def _optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, objective, module) -> None:
+    """One optimizer step on ``loss``, then the objective's own update (MoCo's momentum encoder), as the trainer."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    after = getattr(objective, "after_step", None)
+    if after is not None:
+        after(module)
 
 
 def build_optimizer_for(cfg: RunConfig, name: str, module, objective) -> torch.optim.Optimizer:
@@ -178,12 +183,7 @@ def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, label
         else:
             a, a_pos = h, None
         loss, _ = local_loss(o, m, a, a_pos, labels, groups)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        after = getattr(o, "after_step", None)
-        if after is not None:
-            after(m)
+        _optimize(loss, opt, o, m)
         with torch.no_grad():  # the GIM boundary: the next module sees values, not a graph
             if pairing == "augment" or pairing not in METADATA_PAIRINGS:
                 h, h_pos, pos_kind = m(h), None, None
