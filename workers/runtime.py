@@ -90,8 +90,8 @@ class CoreTurns:
         self._held_since: float | None = None  # when this actor took the node's turn, while it holds it
         self._keep = hold  # seconds the turn is kept across consecutive turns (longer inside series())
         self._state = threading.Lock()  # the turn's state, shared with the idle timer's thread
-        self._idle_timer: threading.Timer | None = None
-        self._idle_arms = 0  # a timer set before the newest arming does nothing
+        self._idle_timer: threading.Timer | None = None  # one at a time, re-armed while turns keep coming
+        self._last_turn = 0.0  # when the last turn ended
 
     @classmethod
     def for_module(cls, cfg, key: str, device: torch.device) -> "CoreTurns":
@@ -111,7 +111,6 @@ class CoreTurns:
                 self._depth -= 1
             return
         with self._state:
-            self._disarm_idle()
             if self._held_since is None:
                 self._acquire()
         self._depth = 1
@@ -169,22 +168,32 @@ class CoreTurns:
         if long and self._others_waiting():
             time.sleep(YIELD_SECONDS)
 
-    def _arm_idle(self) -> None:
-        self._idle_arms += 1
-        self._idle_timer = threading.Timer(self.idle, self._release_if_idle, args=(self._idle_arms,))
-        self._idle_timer.daemon = True
-        self._idle_timer.start()
+    def _arm_idle(self, delay: float | None = None) -> None:
+        """Watch for idleness after a turn: one timer thread at a time, not one per step (tiny steps come by
+        the thousand); it re-arms itself while turns keep coming."""
+        self._last_turn = time.perf_counter()
+        if self._idle_timer is None:
+            self._idle_timer = threading.Timer(self.idle if delay is None else delay, self._release_if_idle)
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
 
     def _disarm_idle(self) -> None:
-        self._idle_arms += 1
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
 
-    def _release_if_idle(self, armed: int) -> None:
+    def _release_if_idle(self) -> None:
         with self._state:
-            if armed == self._idle_arms and self._held_since is not None and not self._depth:
-                self._release()
+            self._idle_timer = None
+            if self._held_since is None:
+                return
+            quiet = time.perf_counter() - self._last_turn
+            if self._depth or quiet < self.idle:  # a turn is running or ended lately: look again later
+                last = self._last_turn
+                self._arm_idle(self.idle - quiet if not self._depth else self.idle)
+                self._last_turn = last
+                return
+            self._release()
 
     def _others_waiting(self) -> bool:
         try:
