@@ -127,6 +127,11 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
     seed: int = Field(0, description="Seed of weights, pairing and shuffling.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimizer steps per epoch (null = a full pass).")
+    micro_batch: int | None = Field(
+        None, ge=1, description="Run the module's forward and backward on at most this many samples at a time (pairs "
+        "count as two); the loss still sees the whole batch and the gradients are the whole batch's (pipeline/nn/step.py: "
+        "one more forward a step, one micro-batch of activations held). null: the whole batch, or on CPU, where a "
+        "batch's step would exceed a quarter of the module's memory budget, the largest micro-batch under it.")
 
 
 class TrainOverrides(Strict):
@@ -136,6 +141,7 @@ class TrainOverrides(Strict):
     weight_decay: float | None = Field(None, ge=0, description="Overrides train.weight_decay for this module.")
     seed: int | None = Field(None, description="Overrides train.seed for this module.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Overrides train.max_steps_per_epoch for this module.")
+    micro_batch: int | None = Field(None, ge=1, description="Overrides train.micro_batch for this module.")
 
 
 class PatchConfig(Strict):

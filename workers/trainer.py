@@ -26,6 +26,8 @@ from pipeline.feed.heap import retain_freed_memory
 from pipeline.feed.window import ChunkWindow
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
+from pipeline.nn.pairing import augment_views
+from pipeline.nn.step import step_loss
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store, checkpoint
 from pipeline.store.runs import now_iso
@@ -34,7 +36,7 @@ from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
 from workers.epochs import Boundary, Step, next_step, publishes_after
-from workers.heldout import batch_loss, heldout_loss
+from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
 from workers.runtime import CoreTurns, device_text, node_name, peak_memory
@@ -247,7 +249,10 @@ class ModuleTrainer:
         """One optimizer step on the batch in ``held`` (as stored; ``features`` makes it float32); the loss."""
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
             batch = features(held.pop())  # float32 only now: a module waiting for its turn holds stored rows
-            loss = batch_loss(self.objective, self.module, batch, pairing, gen)
+            x, x_pos = augment_views(batch.x, gen) if pairing == "augment" else (batch.x, batch.x_pos)
+            loss, backward = step_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups,
+                                       micro_batch=self.plan.micro_batch or None)
+            del batch, x, x_pos  # a micro-batched step holds its inputs through `backward` only
             if faults.armed("nan_loss", self.name, self.epoch + 1):
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -257,7 +262,7 @@ class ModuleTrainer:
                     f"lower stack.{self.name}.train.lr (now {self.train_cfg.lr}) or check the upstream activations; "
                     f"the last good checkpoint ({self.ckpt_dir}/{self.epoch:04d}) and versions are kept")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            backward()
             self.optimizer.step()
             after_step = getattr(self.objective, "after_step", None)
             if after_step is not None:

@@ -28,6 +28,7 @@ AUTO_BUFFER_BYTES = 256 * 2**20  # an automatic shuffle window (and its partners
 AUTO_BUFFER_SHARE = 0.25  # ... and at most this share of the budget
 MIN_AUTO_BATCHES = 2  # ... but at least this many batches of rows (a batch mixes rows of a few row groups)
 MAX_AUTO_BUFFER = 8192
+STEP_SHARE = 0.25  # on CPU, a training step's activations keep within this share of the actor's budget
 PUBLISH_CHUNK_BYTES = 128 * 2**20  # inference activations of one publishing chunk, at most
 PUBLISH_CHUNK_SHARE = 0.1  # ... and at most this share of the actor's budget
 PUBLISH_SHARD_BYTES = 4 * ROW_GROUP_BYTES  # a writer buffers one shard before writing it: published shards stay this small
@@ -68,10 +69,45 @@ def buffer_samples(cfg: RunConfig, in_row_bytes: int, batch_size: int) -> int:
     return max(MIN_AUTO_BATCHES * batch_size, min(MAX_AUTO_BUFFER, cap // max(1, 2 * in_row_bytes)))
 
 
+def forward_samples(batch_size: int, pairing) -> int:
+    """Samples one step runs through the module: the batch, and with a partner per sample (metadata pairs, or
+    two augmented views), twice the batch."""
+    return 2 * batch_size if pairing in ("same_instance", "neighbor_pose", "augment") else batch_size
+
+
+def step_bytes(*, samples: int, micro_batch: int, in_values: int, out_values: int, saved: int) -> int:
+    """Float32 bytes a training step holds at its peak (pipeline/nn/step.py): the input batch, the outputs and
+    their gradient for every sample, and for one micro-batch what autograd saves plus about two more maps of
+    the output's width alive during the backward (measured on stl10-gim's m1 on CPU: 3.0 GB at batch 32, 1.5 GB
+    with micro-batches of 8)."""
+    return 4 * samples * (in_values + 2 * out_values) + min(micro_batch, samples) * (saved + 2 * 4 * out_values)
+
+
+def micro_batch(cfg: RunConfig, name: str, *, samples: int, in_values: int, out_values: int, saved: int,
+                on_cpu: bool) -> int:
+    """Samples per forward of a step: ``train.micro_batch`` where set; else, on CPU, the largest micro-batch
+    whose step keeps within ``STEP_SHARE`` of the actor's budget (at least 1), or the whole step where it fits.
+
+    On CPU the step's activations are most of an actor's memory, and the modules that share a node hold
+    theirs side by side; one more forward a step is the price (pipeline/nn/step.py). On a GPU the
+    activations are in device memory and the whole batch runs at once unless the user sets the key."""
+    chosen = cfg.module_train(name).micro_batch
+    if chosen is not None:
+        return min(chosen, samples)
+    have, _ = budget(cfg)
+    if not on_cpu or have is None:
+        return samples
+    cap = int(STEP_SHARE * have)
+    fixed = step_bytes(samples=samples, micro_batch=0, in_values=in_values, out_values=out_values, saved=saved)
+    per_sample = saved + 2 * 4 * out_values
+    return samples if fixed + samples * per_sample <= cap else max(1, min(samples, (cap - fixed) // per_sample))
+
+
 def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: int, batch_size: int, pairing,
-                rows: int | None, buffer: int, row_bytes,
-                out_codec: str = "float32") -> dict[str, int]:
-    """Predicted peak bytes by part (``row_bytes(codec, shape)`` gives a stored row's width)."""
+                rows: int | None, buffer: int, row_bytes, out_codec: str = "float32", saved: int = 0,
+                micro: int | None = None) -> dict[str, int]:
+    """Predicted peak bytes by part (``row_bytes(codec, shape)`` gives a stored row's width; ``saved``: what
+    autograd keeps for one sample, ``micro``: samples per forward, see ``step_bytes``)."""
     stored = row_bytes(in_codec, tuple(in_shape))
     in_values, out_values = math.prod(in_shape), math.prod(out_shape or [0])
     unit = max(1, min(cfg.store.rows_per_shard, ROW_GROUP_BYTES // max(1, stored)))  # rows of one row group
@@ -85,8 +121,8 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
         "readahead": (cfg.feed.readahead + 1) * min(unit, rows or unit) * stored,
         "index": (rows or 0) * INDEX_BYTES_PER_ROW,
         "model": params * 4 * 4,  # weights, gradients, Adam's two moments (float32)
-        # a batch of pairs in float32, and the activations autograd keeps (input and output of each side)
-        "batch": 2 * batch_size * (in_values + out_values) * 4 * 2,
+        "batch": step_bytes(samples=(fwd := forward_samples(batch_size, pairing)), micro_batch=micro or fwd,
+                            in_values=in_values, out_values=out_values, saved=saved),
     }
     # one row group read, the chunk being computed (float32 activations), the one being written (stored)
     # and the shard the writer fills
@@ -97,7 +133,7 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
     return parts
 
 
-KNOBS = {"window": "feed.buffer_samples", "readahead": "feed.readahead", "batch": "train.batch_size",
+KNOBS = {"window": "feed.buffer_samples", "readahead": "feed.readahead", "batch": "train.micro_batch or train.batch_size",
          "publish": "resources.memory_per_module (publishing chunks are a tenth of it, at most 128 MiB) or "
                     "store.rows_per_shard",
          "index": "dataset size (max_per_split)", "model": "the module's width", "process": "-"}

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from pipeline.data import capabilities
 from pipeline.data.base import LIGHTING_TRAIN, N_LIGHTINGS, NORB_TEST_INSTANCES, NORB_TRAIN_INSTANCES
 from pipeline.errors import ConfigError
+from pipeline.nn.footprint import saved_bytes
 from pipeline.nn.modules import ShapeError, infer_shape, shape_text
 from pipeline.nn.objectives import ModuleFacts, objective_problems
 from pipeline.nn.pairing import PAIRING_NEEDS
@@ -45,6 +46,8 @@ class ModulePlan(BaseModel):
     buffer_samples: int = Field(0, description="Rows of its shuffle window (feed.buffer_samples, or the automatic size).")
     host_memory: dict[str, int] = Field(default_factory=dict, description="Predicted peak host bytes of its actor, "
                                         "by part (pipeline/planning/memory.py).")
+    micro_batch: int = Field(0, description="Samples per forward of a training step (train.micro_batch, or chosen from "
+                             "memory on CPU; pipeline/nn/step.py); 0 = not planned.")
     publish_chunk: int = Field(1, description="Rows run through the module at once while publishing (sized from memory).")
     publish_every: int = Field(1, description="Epochs between intermediate versions (schedule.publish_every, or chosen "
                                "from the version's bytes; 0 = the final version only, the top module's default).")
@@ -216,10 +219,14 @@ def _memory_problems(cfg: RunConfig, modules: list[ModulePlan], rows: int | None
         codec = "uint8" if (m.source or m.upstream) == "input" else cfg.module_codec(m.source or m.upstream)
         row_bytes = lambda c, shape: get_codec(c, shape).row_bytes  # noqa: E731
         m.buffer_samples = memory.buffer_samples(cfg, row_bytes(codec, stored_shape), m.batch_size)
+        saved = saved_bytes(cfg.stack[m.name], tuple(m.in_shape))
+        samples = memory.forward_samples(m.batch_size, m.pairing)
+        m.micro_batch = memory.micro_batch(cfg, m.name, samples=samples, in_values=math.prod(m.in_shape),
+                                           out_values=math.prod(m.out_shape), saved=saved, on_cpu=_on_cpu(cfg))
         m.host_memory = memory.host_memory(cfg, in_shape=list(stored_shape), out_shape=m.out_shape, in_codec=codec,
                                            params=m.params, batch_size=m.batch_size, pairing=m.pairing, rows=rows,
                                            buffer=m.buffer_samples, row_bytes=row_bytes,
-                                           out_codec=cfg.module_codec(m.name))
+                                           out_codec=cfg.module_codec(m.name), saved=saved, micro=m.micro_batch)
         m.publish_chunk = memory.publish_chunk(cfg, math.prod(stored_shape), math.prod(m.out_shape))
         m.publish_every, m.publish_fraction = memory.publish_policy(
             cfg, epochs=m.epochs, version_bytes=m.bytes_per_version,
@@ -238,6 +245,16 @@ def recompute_bytes(cfg: RunConfig, modules: list[ModulePlan], m: ModulePlan) ->
     weights = sum(p.params for p in chain) * 4
     widest = max([math.prod(chain[0].in_shape)] + [math.prod(p.out_shape) for p in chain if p.out_shape])
     return int(weights + 2 * (2 * m.batch_size) * widest * 4)
+
+
+def _on_cpu(cfg: RunConfig) -> bool:
+    """Whether the module actors train on CPU: no GPU asked for, or 'auto' on a machine without one."""
+    gpus = cfg.resources.gpus_per_module
+    if gpus == 0:
+        return True
+    import torch
+
+    return gpus == "auto" and not torch.cuda.is_available()
 
 
 def _device_bytes(cfg: RunConfig) -> tuple[int | None, str]:

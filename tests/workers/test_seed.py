@@ -12,6 +12,7 @@ import hashlib
 import threading
 
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 
 from pipeline.planning.config import load_config
@@ -68,3 +69,26 @@ def test_an_async_run_records_the_upstream_version_of_every_epoch(tmp_path):
     rows = pq.read_table(pa.BufferReader(store.read_bytes("metrics/m2.parquet"))).to_pylist()
     loaded = {int(r["value"]) for r in rows if r["name"] == "m2/upstream/version"}
     assert {v for _, v in used} <= loaded  # the metrics name every version an epoch trained on
+
+
+def test_a_micro_batched_trainer_learns_the_whole_batch_weights(tmp_path):
+    """train.micro_batch changes how a step is computed, not what it computes: the same final weights (up to float
+    summation order) as whole-batch steps, in the real trainer (pairs: 2 x 16 samples a step, micro-batches of 5)."""
+    from pipeline.store.checkpoint import load_tensors, module_weights
+
+    def final_weights(root, extra: list[str]) -> dict:
+        cfg = load_config(None, TINY_NORB + [
+            "train.epochs=1", "train.batch_size=16", "train.max_steps_per_epoch=3", "schedule.poll_seconds=0.02",
+            "schedule.mode=sequential", "train.seed=5"] + extra, str(root))
+        cfg = cfg.model_copy(update={"stack": {"m1": cfg.stack["m1"]}})
+        store, _, _ = prepare_run(cfg, "r")
+        trainer = ModuleTrainer(store.uri, "r", "m1", cfg.model_dump(mode="json"))
+        trainer.run()
+        assert trainer.plan.micro_batch == (5 if extra else 32)
+        return module_weights(load_tensors(store, store.final("m1").producer["checkpoint"]))
+
+    whole = final_weights(tmp_path / "whole", [])
+    micro = final_weights(tmp_path / "micro", ["train.micro_batch=5"])
+    assert whole.keys() == micro.keys()
+    for name, w in whole.items():
+        assert torch.allclose(micro[name], w, rtol=1e-3, atol=1e-5), name
