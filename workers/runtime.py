@@ -71,9 +71,9 @@ class CoreTurns:
     is an exclusive ``flock`` on a file in the node's temp directory named by the run, so it is node-local
     (actors on other nodes never wait for each other) and the kernel frees it when its holder dies.
 
-    A holder keeps the turn across its consecutive steps for ``hold`` seconds (its C heap, kept by
-    ``pipeline.feed.heap.retain_freed_memory``, is then reused step after step instead of page-faulted in
-    again), then, when another actor waits, hands its freed heap back to the OS and yields briefly so that
+    A holder keeps the turn across its consecutive steps for ``hold`` seconds (what its C heap kept of the
+    last step is reused by the next instead of faulted in again), then, when another actor waits, hands
+    its freed heap back to the OS and yields briefly so that
     the waiter gets the next turn (flock is not FIFO): an actor waiting for its turn holds no dead step. A
     kept turn that no step takes up within ``idle`` seconds (the actor is waiting for its upstream,
     checkpointing, publishing its last chunk) is handed back by a timer.

@@ -22,7 +22,6 @@ import torch
 from pipeline import faults
 from pipeline.errors import TrainingError
 from pipeline.feed import Source, StreamingBatches, open_source, plan_epoch
-from pipeline.feed.heap import retain_freed_memory
 from pipeline.feed.window import ChunkWindow
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
@@ -69,8 +68,6 @@ class ModuleTrainer:
         self.mcfg = self.cfg.stack[self.name]
         self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
         self.turns = CoreTurns.for_module(self.cfg, f"{self.store_uri}|{self.run_id}", self.device)
-        if self.device.type == "cpu":
-            retain_freed_memory()  # steps reuse the heap instead of page-faulting their activations in anew
         torch.manual_seed(self.train_cfg.seed + 1000 * self.plan.index + 7919 * self.generation)
         self.module = build_module(self.mcfg, tuple(self.plan.in_shape)).to(self.device)
         self.objective = build_objective(self.mcfg.objective, tuple(self.plan.out_shape), plan.num_classes,

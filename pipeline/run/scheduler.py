@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 
 from pipeline.errors import TrainingError
+from pipeline.feed.heap import huge_pages_env
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
 from pipeline.run.offload import ModuleTrainer  # the actor class; workers.trainer (torch) loads in the actor
@@ -78,18 +78,6 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
     return True
 
 
-def retain_env() -> dict[str, str]:
-    """The environment that gives a CPU module actor ``pipeline.feed.heap.retain_freed_memory``'s heap from its
-    first allocation, every thread included: the actor runs its methods on pool threads (``max_concurrency``),
-    and a pool thread's own malloc arena gives each large block an ``mmap`` whatever ``M_MMAP_MAX`` says (a
-    stl10-gim m1 step: 8.1 s in the actor, 4.2 s with one arena). Empty when the driver's user tunes malloc
-    (their settings reach the actors unchanged). Set here, not imported: the driver stays free of torch."""
-    if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or \
-            any(k.startswith("MALLOC_") for k in os.environ):
-        return {}
-    return {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
 def _drop_auth_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
@@ -106,9 +94,8 @@ def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generati
                                                                        placement_group_bundle_index=bundle)
     elif res.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"  # best effort: Ray spreads the actors over the nodes that fit them
-    if not gpus and (env := retain_env()):
-        # a CPU actor keeps its C heap from its first allocation on (pipeline.feed.heap.retain_freed_memory)
-        opts["runtime_env"] = {"env_vars": env}
+    if not gpus and (env := huge_pages_env()):
+        opts["runtime_env"] = {"env_vars": env}  # a CPU actor's steps fault their activations in by huge pages
     return opts
 
 
