@@ -1,7 +1,7 @@
-"""The C heap of a worker process (glibc): huge pages for a module actor's large blocks, freed memory kept for
-reuse (a feed's batches; a training step in the single-process loop's ``retain`` option), and free pages
-handed back to the OS when an actor goes idle. All are no-ops where libc is not glibc, and leave a user's own
-malloc tuning (environment) alone."""
+"""The C heap of a worker process (glibc): freed memory kept for reuse (a feed's batches; a training step in
+the single-process loop's ``retain`` option), and free pages handed back to the OS when an actor goes idle.
+All are no-ops where libc is not glibc, and leave a user's own malloc tuning (environment) alone. A CPU module
+actor's huge pages are set from its environment at start-up (``pipeline.run.scheduler.huge_pages_env``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import ctypes
 import ctypes.util
 import functools
 import os
-import platform
 
 
 @functools.cache
@@ -33,31 +32,6 @@ def release_free_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 _KEEP_TOP = 1 << 30  # free memory at the heap's top kept up to 1 GiB (2 GiB: a higher step peak, 5.2 vs 4.7 GB)
 _retaining = False
-
-
-THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def huge_pages_env(thp_enabled: str = THP_ENABLED) -> dict[str, str]:
-    """The environment that backs a CPU module actor's heap with transparent huge pages (glibc >= 2.35's
-    ``glibc.malloc.hugetlb=1``: malloc ``madvise``s its heap and its mmapped blocks), or {} where the kernel
-    has them off, libc is not glibc, or the user tunes malloc (their settings reach the actors unchanged).
-
-    A training step allocates its activations anew (torch's CPU tensors come from malloc; glibc gives each
-    block over 32 MiB its own ``mmap``, returned on free), and with 4 KiB pages the kernel faults and zeroes
-    them page by page: one stl10-gim m2 step (batch 32, 2 threads) took 4.1 million minor faults and 20 s,
-    with huge pages 75 thousand faults and 13 s, at the same 3.8 GB peak. Keeping the freed heap instead
-    (``retain_freed_memory``) was faster still (9-11 s) but held each actor's high-water mark plus a
-    fragmentation that grew step after step (a micro-batched m1: 3.9, 4.6, 5.0 GB over three steps).
-    Read by the dynamic loader at start-up, so it is given to the actor's process as it starts."""
-    if platform.libc_ver()[0] != "glibc" or _user_tuned():
-        return {}
-    try:
-        with open(thp_enabled) as f:
-            mode = f.read()
-    except OSError:
-        return {}
-    return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if "[never]" not in mode else {}
 
 
 def _user_tuned() -> bool:

@@ -1,4 +1,4 @@
-"""The C heap policy of a module actor: freed step memory is reused, not page-faulted in again (glibc)."""
+"""The kept C heap (the single-process loop's `retain` option): freed step memory is reused, not page-faulted in again (glibc)."""
 
 from __future__ import annotations
 
@@ -51,20 +51,3 @@ def test_retained_heap_reuses_freed_step_memory_and_trim_hands_it_back(monkeypat
     _, default, _ = _run(retain=False)
     assert all(f > pages // 2 for f in default), default  # glibc's default: every allocation faults in anew
 
-
-def test_module_actors_get_huge_pages_unless_the_kernel_or_the_user_says_otherwise(tmp_path, monkeypatch):
-    from pipeline.feed.heap import huge_pages_env
-
-    for var in ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
-                "MALLOC_MMAP_MAX_"):
-        monkeypatch.delenv(var, raising=False)
-    modes = {"madvise": "always [madvise] never\n", "always": "[always] madvise never\n",
-             "never": "always madvise [never]\n"}
-    for name, text in modes.items():
-        (tmp_path / name).write_text(text)
-    assert huge_pages_env(str(tmp_path / "madvise")) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert huge_pages_env(str(tmp_path / "always")) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert huge_pages_env(str(tmp_path / "never")) == {}
-    assert huge_pages_env(str(tmp_path / "absent")) == {}  # no THP in this kernel
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own malloc settings reach the actors unchanged
-    assert huge_pages_env(str(tmp_path / "madvise")) == {}
