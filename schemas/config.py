@@ -131,7 +131,7 @@ class TrainConfig(Strict):
         None, ge=1, description="Run the module's forward and backward on at most this many samples at a time (pairs "
         "count as two); the loss still sees the whole batch and the gradients are the whole batch's (pipeline/nn/step.py: "
         "one more forward a step, one micro-batch of activations held). null: the whole batch, or on CPU, where a "
-        "batch's step would exceed a quarter of the module's memory budget, the largest micro-batch under it.")
+        "batch's step would exceed half of the module's memory budget, the largest micro-batch under it.")
 
 
 class TrainOverrides(Strict):
