@@ -244,7 +244,7 @@ class VersionWriter:
                 group = max(1, min(rows, ROW_GROUP_BYTES // max(1, self._codec.row_bytes)))
                 if self._split_row_groups:
                     with pq.ParquetWriter(f.sink, shard.schema, **self._options) as pw:
-                        for part in _split_parts(shard):  # one split's rows at a time: at most one copy held
+                        for part in _split_parts(shard):  # a split at a time (copied only where its rows are not one run)
                             pw.write_table(part, row_group_size=group)
                 else:
                     pq.write_table(shard, f.sink, row_group_size=group, **self._options)
