@@ -49,14 +49,14 @@ def config(samples: int, buffer: int | None, readahead: int | None = None) -> di
     return cfg.model_dump(mode="json")
 
 
-def write_m1(store: Store, samples: int, chunk: int = 256) -> int:
+def write_m1(store: Store, samples: int, chunk: int = 256, split_row_groups: bool = False) -> int:
     """m1's final version: NORB-like metadata (5 classes x 10 instances x 18 azimuths), random activations.
 
     One chunk of random rows is drawn and written rotated at every offset: drawing 10 GB of normals on
     a shared 2-core machine takes longer than the training measured, and m2's cost does not depend on
     the values (the tensor column is stored uncompressed, so the bytes on disk are the same).
     """
-    writer = store.begin_version("m1", codec="float16", final=True, rows_per_shard=512,
+    writer = store.begin_version("m1", codec="float16", final=True, rows_per_shard=512, split_row_groups=split_row_groups,
                                  producer={"module": "m1", "epoch": 1, "generation": 0})
     pool = torch.randn((chunk, *M1_SHAPE), generator=torch.Generator().manual_seed(0)).half()
     for lo in range(0, samples, chunk):
@@ -147,7 +147,7 @@ def throughput(store: Store, cfg: dict, steps: int, rounds: int = 3) -> dict:
 
 
 def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, compare: bool = True,
-        readahead: int | None = None) -> dict:
+        readahead: int | None = None, split_row_groups: bool = False) -> dict:
     per_sample = math.prod(M1_SHAPE) * 2
     base = max(4 * BATCH, int(gb * 1e9 / per_sample))
     rows, tp = [], {}
@@ -155,7 +155,7 @@ def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, c
         n = base * s
         store = Store(workdir, f"ooc{n}")
         t0 = time.perf_counter()
-        disk = write_m1(store, n)
+        disk = write_m1(store, n, split_row_groups=split_row_groups)
         write_s = time.perf_counter() - t0
         m2 = train_m2(workdir, n, buffer, readahead)
         rows.append({"scale": s, "samples": n, "version_bytes": disk, "write_seconds": write_s, **m2})
@@ -163,7 +163,7 @@ def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, c
             tp = throughput(store, config(n, buffer, readahead), steps=max(4, (n * 4 // 5) // BATCH))
         store.delete("store")  # the next scale's version is written fresh; free the disk
     first = rows[0]["rss"]
-    return {"rows": rows, "throughput": tp,
+    return {"rows": rows, "throughput": tp, "split_row_groups": split_row_groups, "load_average": os.getloadavg(),
             "goals": {"version_over_rss_at_1x": rows[0]["version_bytes"] / first,
                       "rss_spread_vs_1x": max(abs(r["rss"] - first) / first for r in rows),
                       "streamed_over_memory_at_1x": tp["streamed"] / tp["memory"] if tp else None}}
@@ -197,11 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readahead", type=int, default=None, help="feed.readahead (default: the config default)")
     ap.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
     ap.add_argument("--no-compare", action="store_true", help="skip the streamed vs in-memory throughput comparison")
+    ap.add_argument("--split-row-groups", action="store_true",
+                    help="write m1 with no row group mixing splits (a streamed train epoch then reads no test row)")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     scales = [int(s) for s in args.scales.split(",")]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare, readahead=args.readahead)
+        result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare, readahead=args.readahead,
+                     split_row_groups=args.split_row_groups)
     print(table(result))
     if args.json:
         with open(args.json, "w") as fh:

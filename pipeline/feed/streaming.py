@@ -147,10 +147,15 @@ class StreamingBatches:
         return want[sel], x, x_pos
 
     def __iter__(self):
-        # Prefetched batches wait in their stored dtype (float16: half the bytes of float32) and become float32
-        # features only when the trainer takes them: a wide module held ~4 float32 batches (1.6 GB at the
-        # stl10-gim m2's 410 MB each) in the queue and the producer.
-        return (self.features(b) for b in self.stored())
+        # float32 features made on the feed thread, as the in-memory feed (``PairedBatches``) makes them: the
+        # consumer's thread only steps. A consumer that waits between steps and wants its queued batches at the
+        # stored dtype's bytes (the module trainer: ``stored()`` + ``features`` inside its turn) uses ``stored()``.
+        return background(self._features_of(self._produce()), self.prefetch, "isostack-feed")
+
+    def _features_of(self, batches):
+        for b in batches:
+            out, b = [self.features(b)], None  # the stored copy is not held while the next batch is gathered
+            yield out.pop()
 
 
 def _part_of(starts: np.ndarray, positions: np.ndarray) -> np.ndarray:

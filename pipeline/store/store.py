@@ -91,10 +91,11 @@ class Store:
     def begin_version(self, stage: str, *, codec: str = "float16", final: bool = False,
                       producer: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
                       sample_fraction: float = 1.0, rows_per_shard: int = 4096,
-                      zstd_level: int | None = None) -> VersionWriter:
+                      zstd_level: int | None = None, split_row_groups: bool = False) -> VersionWriter:
         """A writer for the next version of ``stage`` (never a number a dead writer used).
 
-        ``codec``: how tensors become bytes (``codec_names()``); ``zstd_level``: compress the tensor column.
+        ``codec``: how tensors become bytes (``codec_names()``); ``zstd_level``: compress the tensor column;
+        ``split_row_groups``: no row group mixes splits (see ``VersionWriter``).
         """
         _check_stage(stage)
         # A number is never handed out twice, even after gc or retention removed
@@ -107,7 +108,8 @@ class Store:
             version += 1
         self.write_json(counter, {"last": version})
         return VersionWriter(self._fs, stage, version, codec=codec, final=final, producer=producer, upstream=upstream,
-                             sample_fraction=sample_fraction, rows_per_shard=rows_per_shard, zstd_level=zstd_level)
+                             sample_fraction=sample_fraction, rows_per_shard=rows_per_shard, zstd_level=zstd_level,
+                             split_row_groups=split_row_groups)
 
     def commit_weights(self, stage: str, weights: bytes, *, shape: list[int], final: bool = False,
                        producer: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None) -> Manifest:

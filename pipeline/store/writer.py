@@ -59,11 +59,19 @@ class VersionWriter:
 
     Nothing is visible to readers until ``commit`` writes the manifest. A
     writer that dies leaves only shard files nobody lists (``Store.orphans``).
+
+    ``split_row_groups``: no row group mixes splits. Each shard's rows are stored one split after the
+    other (each split's rows in the order written; the splits in the order they first appear in the
+    shard), each split in row groups of its own, so a reader that wants the train rows (a trainer's
+    streamed epoch reads whole row groups) never reads a test row. Only the order of rows inside a shard
+    changes: readers identify rows by ``sample_id``, as for any version. Off by default: the version's
+    row order is then exactly the order written.
     """
 
     def __init__(self, fs: RunFS, stage: str, version: int, *, codec: str, final: bool,
                  producer: dict[str, Any] | None, upstream: dict[str, Any] | None,
-                 sample_fraction: float, rows_per_shard: int, zstd_level: int | None = None) -> None:
+                 sample_fraction: float, rows_per_shard: int, zstd_level: int | None = None,
+                 split_row_groups: bool = False) -> None:
         if rows_per_shard < 1:
             raise StoreError(f"rows_per_shard={rows_per_shard} for stage {stage!r}", "pass rows_per_shard >= 1")
         if not 0 < sample_fraction <= 1:
@@ -79,6 +87,7 @@ class VersionWriter:
         self._upstream = dict(upstream) if upstream is not None else None
         self._sample_fraction = sample_fraction
         self._rows_per_shard = rows_per_shard
+        self._split_row_groups = split_row_groups
         self._codec: Codec | None = None  # the open shard's codec: a fresh one per shard (per-shard params)
         self._shard_schema: pa.Schema | None = None  # the open shard's schema (its codec params)
         self._schema: pa.Schema | None = None  # the version's schema as the manifest records it
@@ -233,7 +242,12 @@ class VersionWriter:
                 faults.maybe_raise("enospc_shard", self.stage)
                 # Row groups are what a streaming reader holds at once: at most ROW_GROUP_BYTES of tensors each.
                 group = max(1, min(rows, ROW_GROUP_BYTES // max(1, self._codec.row_bytes)))
-                pq.write_table(shard, f.sink, row_group_size=group, **self._options)
+                if self._split_row_groups:
+                    with pq.ParquetWriter(f.sink, shard.schema, **self._options) as pw:
+                        for part in _split_parts(shard):  # a split at a time (copied only where its rows are not one run)
+                            pw.write_table(part, row_group_size=group)
+                else:
+                    pq.write_table(shard, f.sink, row_group_size=group, **self._options)
         except BaseException:
             self._state = "failed"
             raise
@@ -271,6 +285,24 @@ def _owned(table: pa.Table) -> pa.Table:
     data = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * width, offset=col.offset * width).copy()
     x = pa.FixedSizeBinaryArray.from_buffers(col.type, len(col), [None, pa.py_buffer(data)])
     return table.set_column(table.schema.get_field_index(TENSOR_COLUMN), table.schema.field(TENSOR_COLUMN), x)
+
+
+def _split_parts(shard: pa.Table):
+    """The rows of ``shard`` one split at a time (in the order each split first appears; rows in written order).
+
+    A split whose rows are one run already is a zero-copy slice; otherwise its rows are taken (copied).
+    """
+    rows: dict[Any, list[int]] = {}
+    for i, value in enumerate(shard.column("split").to_pylist()):
+        rows.setdefault(value, []).append(i)
+    if len(rows) <= 1:
+        yield shard
+        return
+    for at in rows.values():
+        if at[-1] - at[0] + 1 == len(at):
+            yield shard.slice(at[0], len(at))
+        else:
+            yield shard.take(pa.array(at, pa.int64()))
 
 
 def _value_counts(col: pa.ChunkedArray) -> list[tuple[str, int]]:

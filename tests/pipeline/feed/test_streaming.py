@@ -18,7 +18,7 @@ BATCH = 8
 
 
 def make_version(store: Store, *, objects: int = 6, poses: int = 6, lightings: int = 2, rows_per_shard: int = 16,
-                 test_every: int = 5, stage: str = "m1"):
+                 test_every: int = 5, stage: str = "m1", split_row_groups: bool = False):
     """A version whose row i holds the value sample_id in every cell; objects x azimuth poses x lightings rows,
     stored grouped by object (as ingest writes them), every ``test_every``-th row in the test split."""
     ids, label, inst, az, el, light = [], [], [], [], [], []
@@ -33,7 +33,7 @@ def make_version(store: Store, *, objects: int = 6, poses: int = 6, lightings: i
                 light.append(li)
     n = len(ids)
     split = ["test" if i % test_every == test_every - 1 else "train" for i in range(n)]
-    writer = store.begin_version(stage, codec="float32", rows_per_shard=rows_per_shard)
+    writer = store.begin_version(stage, codec="float32", rows_per_shard=rows_per_shard, split_row_groups=split_row_groups)
     x = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 2, 3).contiguous()
     writer.write({"sample_id": np.asarray(ids), "split": split, "label": np.asarray(label), "instance": np.asarray(inst),
                   "azimuth": np.asarray(az), "elevation": np.asarray(el), "lighting": np.asarray(light)}, x)
@@ -182,3 +182,19 @@ def test_the_window_slides_a_unit_at_a_time(tmp_path):
     assert np.mean(mixed) >= 3, mixed  # rows of several units in a batch, not one unit after another
     live = [int(((plan.first_use < (t + 1) * BATCH) & (plan.last_use >= t * BATCH)).sum()) for t in range(36)]
     assert max(live) <= k + 1, live  # the window's units, one more where a batch straddles two stretches
+
+
+@pytest.mark.parametrize("split_row_groups", [True, False])
+def test_a_train_epoch_reads_no_test_row_group_when_the_splits_have_their_own(tmp_path, monkeypatch, split_row_groups):
+    store = Store(str(tmp_path / "runs"), "r")
+    src = open_versions(store, [make_version(store, split_row_groups=split_row_groups)])  # every 5th row a test row
+    read_units = []
+    read_unit = Source.read_unit
+    monkeypatch.setattr(Source, "read_unit", lambda self, u: (read_units.append(u), read_unit(self, u))[1])
+    plan, _, batches = _epoch(src, "same_instance")
+    test_units = set(src.unit[src.split == "test"].tolist())
+    assert test_units.isdisjoint(set(src.unit[src.split == "train"].tolist())) == split_row_groups
+    assert read_units and test_units.isdisjoint(read_units) == split_row_groups
+    got = np.concatenate([_ids(b) for b in batches])  # the same epoch either way: every train sample once
+    train_ids = src.sample_id[src.train_rows()]
+    assert len(set(got.tolist())) == len(got) == plan.n_batches * BATCH and set(got.tolist()) <= set(train_ids.tolist())

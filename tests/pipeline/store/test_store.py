@@ -111,6 +111,26 @@ def test_a_reused_tensor_buffer_does_not_change_pending_rows(store):
     assert store.read("m1", m.version).tensor()[:, 0].tolist() == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
 
 
+def test_split_row_groups_store_each_shard_one_split_after_the_other(store):
+    x = torch.randn(40, 3)
+    w = store.begin_version("m1", codec="float32", rows_per_shard=16, split_row_groups=True)
+    w.write(make_meta(40), x)  # every 3rd row (from 0) a test row
+    m = w.commit()
+    assert [s.rows for s in m.shards] == [16, 16, 8] and m.splits == {"test": 14, "train": 26}
+    r = store.read("m1", m.version)
+    r.verify()
+    ids = r.meta.column("sample_id").to_numpy()
+    split = np.array(r.meta.column("split").to_pylist())
+    assert sorted(ids.tolist()) == list(range(40)) and torch.equal(r.tensor(), x[ids])  # rows keep their tensors
+    assert ids[:16].tolist() == [0, 3, 6, 9, 12, 15] + [i for i in range(16) if i % 3]  # first split seen first
+    lo = 0
+    for _, _, n in r.row_groups():  # no row group mixes splits
+        assert len(set(split[lo:lo + n])) == 1
+        lo += n
+    (batch,) = r.batches(40, sample_ids=[5, 0, 39])
+    assert torch.equal(batch.x, x[[5, 0, 39]])
+
+
 def test_metadata_nulls_and_missing_columns_survive(store):
     m = write_version(store, "m1", torch.zeros(12, 2), rows_per_shard=5)
     meta = store.read("m1", m.version).meta
