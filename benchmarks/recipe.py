@@ -249,8 +249,8 @@ def reference_side(sets: list[str], store: str, run_id: str, workdir: str, log: 
 
 def measure(n: int, epochs: int, workdir: str, *, batch_size: int = 32, cpus: int | None = None,
             modes=MODES, timeout: float = 6 * 3600, interval: float = 0.5, loop_retained: bool = False) -> dict:
-    """Both isostack modes and the loop on the same files (and, ``loop_retained``, the loop again with the module
-    actors' heap policy, for context); returns the raw measurements."""
+    """Both isostack modes and the loop on the same files (and, ``loop_retained``, the loop again with its freed
+    heap kept, ``pipeline.feed.heap.retain_freed_memory``, for context); returns the raw measurements."""
     cpus = cpus or cpu_threads()
     data, store, log = (os.path.join(workdir, p) for p in ("norb", "store", "runs.log"))
     write_norb(data, n, max(n // 4, 4))
@@ -296,7 +296,7 @@ def rows(m: dict) -> list[Row]:
     kept = m["sides"].get("loop_retained")
     if kept and kept.get("img_per_s") and m["sides"].get("async", {}).get("img_per_s"):
         a = m["sides"]["async"]
-        out.append(goal_row("recipe", f"{tag}: img/s, async vs the loop with the actors' heap policy (context)",
+        out.append(goal_row("recipe", f"{tag}: img/s, async vs the loop with a kept heap (context)",
                             a["img_per_s"], kept["img_per_s"],
                             note=f"loop {kept['seconds']:.0f} s, peak PSS {kept['peak_pss_bytes'] / gib:.2f} GiB; the "
                                  "official code has glibc's default heap, as the loop above"))
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="isostack schedule modes to run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--loop-retained", action="store_true",
-                   help="also run the loop with the module actors' heap policy (context: what that policy alone buys)")
+                   help="also run the loop with its freed C heap kept (context: what a kept heap alone buys it)")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="work in DIR and keep it (data, stores with each run's metrics and summary, runs.log)")
     args = p.parse_args(argv)
