@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.quality_reference import LOOPS, as_float, build_stack, embed, meta_columns, train_reference
+from benchmarks.quality_reference import LOOPS, SCHEDULES, as_float, build_stack, embed, meta_columns, train_reference
 from pipeline.data import load_dataset
 from pipeline.final.evaluation import classify, standardize
 from pipeline.final.pose import pose_metrics
@@ -94,8 +94,10 @@ def isostack_row(preset: str, overrides: list[str]) -> dict:
 
 def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False, epochs: int | None = None,
                     max_steps: int | None = None, rows=("raw", "untrained", "reference"),
-                    per_module: bool = False, loop: str = "sequential") -> dict[str, dict]:
-    """{row name: scores} for one preset (see the module docstring for the rows)."""
+                    per_module: bool = False, loop: str = "sequential", schedule="pipelined",
+                    codec: bool = False) -> dict[str, dict]:
+    """{row name: scores} for one preset (see the module docstring for the rows); ``loop``, ``schedule`` and
+    ``codec`` as ``quality_reference.train_reference``'s (``codec`` also rounds what is scored)."""
     cfg = load_config(preset, overrides)
     torch.set_num_threads(1)
     ds = load_dataset(cfg.dataset)
@@ -107,9 +109,10 @@ def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False
         out["untrained"] = score(cfg, embed(build_stack(cfg)[1], x)[-1], cols)
     if "reference" in rows:
         t0 = time.perf_counter()
-        modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps, loop=loop)
+        modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps, loop=loop, schedule=schedule,
+                                  codec=codec)
         seconds = time.perf_counter() - t0
-        feats = embed(modules, x)
+        feats = embed(modules, x, cfg=cfg if codec else None)
         out["reference"] = {**score(cfg, feats[-1], cols), "seconds": seconds}
         if per_module:
             for name, f in list(zip(cfg.stack, feats))[:-1]:
@@ -143,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isostack", action="store_true", help="also run each preset with `isostack run` (slow)")
     p.add_argument("--epochs", type=int, default=None, help="reference epochs (default: the config's train.epochs)")
     p.add_argument("--loop", choices=LOOPS, default="sequential",
-                   help="reference loop: sequential (greedy, as `schedule.mode: sequential`) or simultaneous (GIM's)")
+                   help="reference loop: sequential (greedy, as `schedule.mode: sequential`), async (the epochs of "
+                   "`schedule.mode: async` replayed) or simultaneous (GIM's)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="pipelined",
+                   help="--loop async: which upstream version each early epoch reads (see quality_reference)")
+    p.add_argument("--codec", action="store_true", help="round every module's output to its store codec (float16)")
     p.add_argument("--quick", action="store_true", help="digits only, 1 reference epoch: the smoke test")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for preset in presets:
         results[preset] = evaluate_preset(preset, args.overrides, isostack=args.isostack, epochs=epochs,
-                                           loop=args.loop)
+                                           loop=args.loop, schedule=args.schedule, codec=args.codec)
         print(f"{preset}: " + json.dumps({k: {m: round(v, 4) for m, v in s.items()} for k, s in results[preset].items()}),
               file=sys.stderr, flush=True)
     print(table(results))
