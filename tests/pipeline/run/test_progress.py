@@ -26,7 +26,7 @@ def test_default_run_progress_never_passes_the_budget(tmp_path):
         "train.batch_size=16", "train.max_steps_per_epoch=1", "schedule.poll_seconds=0.02",
         "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=8", "stack.m3.layers.0.channels=8",
         "stack.m4.layers.1.features=16"], str(tmp_path))
-    assert cfg.train.epochs == 8 and cfg.schedule.settle_epochs == 4 and cfg.schedule.mode == "async"
+    assert cfg.train.epochs == 8 and cfg.schedule.settle_epochs == 2 and cfg.schedule.mode == "async"
     store, _, _ = prepare_run(cfg, "r")
     trainers = [ModuleTrainer(store.uri, "r", name, cfg.model_dump(mode="json")) for name in cfg.stack]
     threads = [threading.Thread(target=t.run, daemon=True) for t in trainers]
