@@ -4,11 +4,15 @@
     python -m benchmarks.quality --presets digits --set train.epochs=2   # one preset, config overrides
     python -m benchmarks.quality --isostack             # also `isostack run` each preset (slow) and score its summary
     python -m benchmarks.quality --quick                # digits, 1 epoch of the reference: a smoke test (< 60 s)
+    python -m benchmarks.quality --presets norb-synthetic --loop async [--schedule stale] [--codec]
+                                                        # the reference trained as an async run trains (see below)
 
 Rows per preset: ``raw`` (the input flattened, pixels in [0, 1]), ``untrained`` (the stack with its initial
 weights), ``reference`` (``benchmarks.quality_reference``: the same modules, objectives, pairings, epochs and
 seeds trained in one process; ``--loop sequential``, the default, is the same training as an isostack run with
-``schedule.mode: sequential``, ``--loop simultaneous`` GIM's lock-step loop), and with --isostack ``isostack``
+``schedule.mode: sequential``, ``--loop async`` the epochs of ``schedule.mode: async`` replayed under a
+``--schedule``, ``--loop simultaneous`` GIM's lock-step loop; ``--codec`` rounds every module's output to its
+store codec), and with --isostack ``isostack``
 (the final stage's own numbers from the run's summary.json). Every row is scored by the final stage's
 functions on the top module's pooled output (``pipeline.final.evaluation.classify``: nearest centroid, linear
 probe, kNN on the test split, with the config's ``evaluate.standardize``) and, where the data have a pose,
@@ -30,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.quality_reference import LOOPS, as_float, build_stack, embed, meta_columns, train_reference
+from benchmarks.quality_reference import (LOOPS, SCHEDULES, as_float, build_stack, embed, meta_columns,
+                                          schedule_from_run, train_reference)
 from pipeline.data import load_dataset
 from pipeline.final.evaluation import classify, standardize
 from pipeline.final.pose import pose_metrics
@@ -94,8 +99,10 @@ def isostack_row(preset: str, overrides: list[str]) -> dict:
 
 def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False, epochs: int | None = None,
                     max_steps: int | None = None, rows=("raw", "untrained", "reference"),
-                    per_module: bool = False, loop: str = "sequential") -> dict[str, dict]:
-    """{row name: scores} for one preset (see the module docstring for the rows)."""
+                    per_module: bool = False, loop: str = "sequential", schedule="pipelined",
+                    codec: bool = False) -> dict[str, dict]:
+    """{row name: scores} for one preset (see the module docstring for the rows); ``loop``, ``schedule`` and
+    ``codec`` as ``quality_reference.train_reference``'s (``codec`` also rounds what is scored)."""
     cfg = load_config(preset, overrides)
     torch.set_num_threads(1)
     ds = load_dataset(cfg.dataset)
@@ -107,9 +114,10 @@ def evaluate_preset(preset: str, overrides: list[str], *, isostack: bool = False
         out["untrained"] = score(cfg, embed(build_stack(cfg)[1], x)[-1], cols)
     if "reference" in rows:
         t0 = time.perf_counter()
-        modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps, loop=loop)
+        modules = train_reference(cfg, ds, epochs=epochs, max_steps=max_steps, loop=loop, schedule=schedule,
+                                  codec=codec)
         seconds = time.perf_counter() - t0
-        feats = embed(modules, x)
+        feats = embed(modules, x, cfg=cfg if codec else None)
         out["reference"] = {**score(cfg, feats[-1], cols), "seconds": seconds}
         if per_module:
             for name, f in list(zip(cfg.stack, feats))[:-1]:
@@ -143,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isostack", action="store_true", help="also run each preset with `isostack run` (slow)")
     p.add_argument("--epochs", type=int, default=None, help="reference epochs (default: the config's train.epochs)")
     p.add_argument("--loop", choices=LOOPS, default="sequential",
-                   help="reference loop: sequential (greedy, as `schedule.mode: sequential`) or simultaneous (GIM's)")
+                   help="reference loop: sequential (greedy, as `schedule.mode: sequential`), async (the epochs of "
+                   "`schedule.mode: async` replayed) or simultaneous (GIM's)")
+    p.add_argument("--schedule", default="pipelined", metavar="|".join(SCHEDULES) + "|RUN_DIR",
+                   help="--loop async: which upstream version each early epoch reads (see quality_reference); a "
+                   "finished run's folder (<store>/<run_id>) replays that run's own")
+    p.add_argument("--codec", action="store_true", help="round every module's output to its store codec (float16)")
     p.add_argument("--quick", action="store_true", help="digits only, 1 reference epoch: the smoke test")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -152,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for preset in presets:
         results[preset] = evaluate_preset(preset, args.overrides, isostack=args.isostack, epochs=epochs,
-                                           loop=args.loop)
+                                           loop=args.loop, codec=args.codec,
+                                           schedule=args.schedule if args.schedule in SCHEDULES else
+                                           schedule_from_run(args.schedule))
         print(f"{preset}: " + json.dumps({k: {m: round(v, 4) for m, v in s.items()} for k, s in results[preset].items()}),
               file=sys.stderr, flush=True)
     print(table(results))

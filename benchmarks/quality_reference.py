@@ -9,6 +9,15 @@ throughout). Two loops:
   ``schedule.mode: sequential``. Module i trains all its epochs on module i-1's final output; each epoch's
   order, partners and augmentation generator come from ``(train.seed, module index, 0, epoch)`` as in the
   trainer. The gap between this and an isostack run is what the store, the codec and the schedule cost.
+- ``async``: the epochs an isostack run with ``schedule.mode: async`` trains, replayed in one process. Module
+  i's epoch j trains on the version module i-1 committed after its epoch ``k = schedule[i][j]`` (its weights
+  after epoch k applied to the input *it* trained epoch k on), the last ``settle_epochs`` on its final
+  version, as ``workers.epochs`` decides; ``upstream_schedule`` builds the two bounding cases (``pipelined``:
+  every module as fast as the one below, epoch j on version j; ``stale``: a fast module above a slow one, all
+  its early epochs on version 1) and ``schedule_from_run`` reads the real one back from a run's checkpoints.
+  With every epoch on the final version this is the sequential loop, bit for bit. So asynchrony alone is
+  measured, without Ray, the store or timing noise; ``codec=True`` rounds every module's output to its
+  configured store codec (float16 by default) as the store does, so the codec alone is measured too.
 - ``simultaneous``: GIM's own loop. Every batch goes up the whole stack; each module takes one optimizer
   step on its own loss and its output is ``detach()``-ed before the next module, so the modules above train
   on a moving input from the first step (closer to ``schedule.mode: async``, but in lock step).
@@ -63,17 +72,28 @@ def meta_columns(ds: Dataset) -> dict[str, np.ndarray]:
     return out
 
 
-LOOPS = ("sequential", "simultaneous")
+LOOPS = ("sequential", "async", "simultaneous")
+SCHEDULES = ("pipelined", "stale")
 
 
 def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, max_steps: int | None = None,
-                    loop: str = "sequential") -> list[torch.nn.Module]:
+                    loop: str = "sequential", schedule: str | dict[str, list] = "pipelined",
+                    codec: bool = False) -> list[torch.nn.Module]:
     """Train the stack of ``cfg`` on ``ds`` in one process (``loop``: see the module docstring); returns the
-    trained modules (eval mode)."""
+    trained modules (eval mode). ``schedule`` (async loop): a name in ``SCHEDULES`` or {module: upstream epoch of
+    each epoch, None = final}; ``codec``: round each module's output to its store codec (sequential, async)."""
     if loop not in LOOPS:
         raise ValueError(f"reference loop {loop!r}: expected one of {LOOPS}")
-    if loop == "sequential":
-        return _train_sequential(cfg, ds, epochs=epochs, max_steps=max_steps)
+    if loop in ("sequential", "async"):
+        names = list(cfg.stack)
+        budgets = {n: epochs or cfg.module_train(n).epochs for n in names}
+        if loop == "sequential":
+            plan = {n: [None] * budgets[n] for n in names}
+        elif isinstance(schedule, str):
+            plan = {n: upstream_schedule(budgets[n], cfg.schedule.settle_epochs, schedule) for n in names}
+        else:
+            plan = schedule
+        return _train_staged(cfg, ds, plan, epochs=epochs, max_steps=max_steps, codec=codec)
     names, modules, objectives = build_stack(cfg)
     optimizers = [build_optimizer_for(cfg, n, m, o) for n, m, o in zip(names, modules, objectives)]
     pairings = [getattr(cfg.stack[n].objective, "pairing", None) for n in names]
@@ -94,31 +114,95 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
     return [m.eval() for m in modules]
 
 
-def _train_sequential(cfg: RunConfig, ds: Dataset, *, epochs: int | None,
-                      max_steps: int | None) -> list[torch.nn.Module]:
-    """Greedy: module i trains every epoch on module i-1's final output (train rows only, float32)."""
+def upstream_schedule(budget: int, settle: int, kind: str) -> list[int | None]:
+    """Which upstream version each of a module's ``budget`` epochs trains on in an async run (None: the final
+    one; k: the version committed after the upstream's epoch k): the last ``min(settle, budget)`` on the final
+    version (``workers.epochs``); before that ``pipelined``: epoch j on version j (a module as fast as the one
+    below it), ``stale``: every one on version 1 (a module much faster than the one below; track_upstream off).
+    The first module's upstream is the input (final from the start), whatever the schedule."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"async schedule {kind!r}: expected one of {SCHEDULES}")
+    early = budget - min(settle, budget)
+    return [(j if kind == "pipelined" else 1) for j in range(1, early + 1)] + [None] * (budget - early)
+
+
+def schedule_from_run(run_dir: str) -> dict[str, list[int | None]]:
+    """{module: upstream epoch of each epoch, None = final} from a finished run: each module's last checkpoint
+    lineage (``checkpoints/<m>/<epoch>.json``: ``upstream_versions`` [[epoch, version]]) and the upstream's
+    manifests (``producer.epoch``: the epoch a version was committed after; a version retention removed is taken
+    to be the one after epoch = its number, as ``publishes_after`` commits one every epoch by default)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.store import Store
+    run = Path(run_dir)
+    store = Store(str(run.parent), run.name, create=False)
+    out = {}
+    for d in sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir()):
+        meta = json.loads(max(d.glob("[0-9]*.json"), key=lambda f: int(f.stem)).read_text())
+        up = meta["upstream_stage"]
+        final = store.final(up).version
+        kept = set(store.versions(up))
+        epoch_of = lambda v: int(store.manifest(up, v).producer.get("epoch", v)) if v in kept else v  # noqa: E731
+        out[d.name] = [None if v == final else epoch_of(v) for _, v in sorted(meta["upstream_versions"])]
+    return out
+
+
+def _stored(cfg: RunConfig, name: str, h: torch.Tensor, codec: bool) -> torch.Tensor:
+    """``h`` as the module above reads it back from the store: rounded to the module's codec with ``codec``."""
+    if not codec:
+        return h
+    kind = cfg.module_codec(name)
+    if kind in ("float16", "bfloat16"):
+        return h.to(getattr(torch, kind)).float()
+    if kind != "float32":
+        raise ValueError(f"codec {kind!r} of {name} is not replayed by the reference")
+    return h
+
+
+def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]], *, epochs: int | None,
+                  max_steps: int | None, codec: bool) -> list[torch.nn.Module]:
+    """Module by module; module i's epoch j on module i-1's version ``plan[i][j]`` (train rows). All epochs on
+    the final version (None) is greedy: module i trains every epoch on module i-1's final output."""
     names, modules, objectives = build_stack(cfg)
     x_all, cols = as_float(ds), meta_columns(ds)
     rows = np.flatnonzero(cols["split"] == "train")
     meta = {k: cols[k][rows] for k in ("label", "instance", "azimuth", "elevation", "lighting")}
-    h = x_all[rows]  # (n, *in_shape of module i): what the module being trained reads
+    versions: dict = {None: x_all[rows]}  # upstream epoch (None: final) -> (n, *in_shape of module i)
     for i, name in enumerate(names):
-        _train_one(cfg, name, i, modules[i], objectives[i], h, meta, epochs=epochs, max_steps=max_steps)
-        h = embed([modules[i].eval()], h, pooled=False)[0]
+        used = list(plan[name]) if i else [None] * len(plan[name])  # the input is final from the start
+        wanted = set(plan[names[i + 1]]) if i + 1 < len(names) else set()
+        mine: dict = {}
+
+        def publish(epoch: int, h_used: torch.Tensor, _i=i, _name=name, _mine=mine, _wanted=wanted) -> None:
+            if epoch in _wanted:  # the version committed after this epoch, on the input this epoch trained on
+                _mine[epoch] = _stored(cfg, _name, embed([modules[_i].eval()], h_used, pooled=False)[0], codec)
+                modules[_i].train()
+
+        _train_one(cfg, name, i, modules[i], objectives[i], [versions[k] for k in used], meta, epochs=epochs,
+                   max_steps=max_steps, after_epoch=publish)
+        mine[None] = _stored(cfg, name, embed([modules[i].eval()], versions[None], pooled=False)[0], codec)
+        versions = mine
     return [m.eval() for m in modules]
 
 
-def _train_one(cfg: RunConfig, name: str, index: int, module, objective, h: torch.Tensor,
-               meta: dict[str, np.ndarray], *, epochs: int | None, max_steps: int | None) -> None:
-    """One module's epochs on its fixed input ``h``, batched as the trainer batches (``plan_epoch``, one window)."""
+def _train_one(cfg: RunConfig, name: str, index: int, module, objective, h: torch.Tensor | list[torch.Tensor],
+               meta: dict[str, np.ndarray], *, epochs: int | None, max_steps: int | None,
+               after_epoch=None) -> None:
+    """One module's epochs on its input ``h`` (one tensor, or one per epoch), batched as the trainer batches
+    (``plan_epoch``, one window); ``after_epoch(epoch, input of that epoch)`` after each (1-based)."""
+    inputs = h if isinstance(h, list) else None
     tc = cfg.module_train(name)
     opt = build_optimizer_for(cfg, name, module, objective)
     pairing = getattr(cfg.stack[name].objective, "pairing", None)
-    local, unit = np.arange(len(h)), np.zeros(len(h), dtype=np.int64)
+    n = len(inputs[0]) if inputs is not None else len(h)
+    local, unit = np.arange(n), np.zeros(n, dtype=np.int64)
     labels = torch.from_numpy(meta["label"])
     groups = torch.from_numpy(meta["label"] * 100_003 + meta["instance"]) if pairing == "same_instance" else None
     module.train()
     for epoch in range(epochs or tc.epochs):
+        if inputs is not None:
+            h = inputs[epoch]
         rng = np.random.default_rng([tc.seed, index, 0, epoch])  # the trainer's (seed, module, generation, epoch)
         plan = plan_epoch(meta, local, unit, pairing=pairing, batch_size=tc.batch_size, buffer=len(local), rng=rng,
                           max_steps=max_steps or tc.max_steps_per_epoch)
@@ -131,6 +215,8 @@ def _train_one(cfg: RunConfig, name: str, index: int, module, objective, h: torc
                 x, x_pos = augment_views(x, gen)
             loss, _ = local_loss(objective, module, x, x_pos, labels[idx], groups[idx] if groups is not None else None)
             _optimize(loss, opt, objective, module)
+        if after_epoch is not None:
+            after_epoch(epoch + 1, h)
 
 
 def _optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, objective, module) -> None:
@@ -193,13 +279,18 @@ def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, label
 
 
 @torch.no_grad()
-def embed(modules: list[torch.nn.Module], x: torch.Tensor, *, chunk: int = 512, pooled: bool = True) -> list:
+def embed(modules: list[torch.nn.Module], x: torch.Tensor, *, chunk: int = 512, pooled: bool = True,
+          cfg: RunConfig | None = None) -> list:
     """Every module's output for every sample, bottom to top: pooled, one (N, D_i) float32 array per module
-    (what the final stage scores); else the tensors themselves, (N, *out_shape_i)."""
+    (what the final stage scores); else the tensors themselves, (N, *out_shape_i). With ``cfg`` (the whole
+    stack's modules) each output is rounded to its store codec first, as the store hands it on."""
     outs: list[list] = [[] for _ in modules]
+    names = list(cfg.stack) if cfg is not None else []
     for start in range(0, len(x), chunk):
         h = x[start:start + chunk]
         for i, m in enumerate(modules):
             h = m(h)
+            if cfg is not None:
+                h = _stored(cfg, names[i], h, True)
             outs[i].append(pool_to_vector(h).numpy().astype(np.float32) if pooled else h)
     return [np.concatenate(o) if pooled else torch.cat(o) for o in outs]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.quality import evaluate_preset, ring_score, table
-from benchmarks.quality_reference import train_reference
+from benchmarks.quality_reference import schedule_from_run, train_reference, upstream_schedule
 from pipeline.data import load_dataset
 from pipeline.planning.config import load_config
 from pipeline.store import Store, checkpoint
@@ -81,3 +81,48 @@ def test_sequential_reference_trains_each_module_on_the_final_one_below():
     first = lambda mods: torch.cat([p.flatten() for p in mods[0].parameters()])  # noqa: E731
     assert torch.equal(first(full), first(alone))
     assert not torch.allclose(first(full), first(lockstep))  # the lock-step loop draws its own order
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_async_reference_replays_the_epochs_of_an_async_run(tmp_path):
+    """An async isostack run (float32 store) trains each module's epochs on whichever upstream versions the
+    timing gave it; the async reference, told those versions (``schedule_from_run``), ends with bit-for-bit the
+    same weights: the harness measures asynchrony alone, without Ray, the store or timing."""
+    overrides = [o.replace("schedule.mode=sequential", "schedule.mode=async") for o in TINY_SEQUENTIAL] + \
+        ["schedule.settle_epochs=1", "train.epochs=3"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", *sets, "--store", str(tmp_path), "--run-id", "a"],
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(None, overrides)
+    used = schedule_from_run(str(tmp_path / "a"))
+    assert used["m1"] == [None] * 3 and all(u[-1] is None for u in used.values())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        modules = train_reference(cfg, load_dataset(cfg.dataset), loop="async", schedule=used)
+    finally:
+        torch.set_num_threads(threads)
+    store = Store(str(tmp_path), "a")
+    for name, module in zip(cfg.stack, modules):
+        weights = checkpoint.latest(store, f"checkpoints/{name}")["weights"]
+        stored = checkpoint.module_weights(checkpoint.load_tensors(store, weights))
+        for key, value in module.state_dict().items():
+            assert torch.equal(stored[key], value), (name, key, used, float((stored[key] - value).abs().max()))
+
+
+def test_async_reference_on_final_inputs_only_is_the_sequential_reference():
+    """Every epoch on the final version below is greedy training; an early epoch on an intermediate version is
+    not; ``upstream_schedule`` reserves the last ``settle_epochs`` for the final version."""
+    cfg = load_config("digits", ["train.max_steps_per_epoch=3", "train.epochs=3", "schedule.settle_epochs=1"])
+    ds = load_dataset(cfg.dataset)
+    top = lambda mods: torch.cat([p.flatten() for p in mods[-1].parameters()])  # noqa: E731
+    sequential = top(train_reference(cfg, ds, loop="sequential"))
+    assert torch.equal(sequential, top(train_reference(cfg, ds, loop="async", schedule={"m1": [None] * 3,
+                                                                                         "m2": [None] * 3})))
+    assert not torch.equal(sequential, top(train_reference(cfg, ds, loop="async", schedule="pipelined")))
+    assert not torch.equal(sequential, top(train_reference(cfg, ds, loop="sequential", codec=True)))
+    assert upstream_schedule(8, 2, "pipelined") == [1, 2, 3, 4, 5, 6, None, None]
+    assert upstream_schedule(8, 2, "stale") == [1] * 6 + [None, None]
+    assert upstream_schedule(3, 5, "stale") == [None] * 3
