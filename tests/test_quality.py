@@ -55,19 +55,7 @@ def test_sequential_reference_is_the_training_of_a_sequential_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", *sets, "--store", str(tmp_path), "--run-id", "s"],
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = load_config(None, TINY_SEQUENTIAL)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        modules = train_reference(cfg, load_dataset(cfg.dataset), loop="sequential")
-    finally:
-        torch.set_num_threads(threads)
-    store = Store(str(tmp_path), "s")
-    for name, module in zip(cfg.stack, modules):
-        weights = checkpoint.latest(store, f"checkpoints/{name}")["weights"]
-        stored = checkpoint.module_weights(checkpoint.load_tensors(store, weights))
-        for key, value in module.state_dict().items():
-            assert torch.equal(stored[key], value), (name, key, float((stored[key] - value).abs().max()))
+    assert_reference_is_the_run(load_config(None, TINY_SEQUENTIAL), Store(str(tmp_path), "s"), loop="sequential")
 
 
 def test_sequential_reference_trains_each_module_on_the_final_one_below():
@@ -98,18 +86,7 @@ def test_async_reference_replays_the_epochs_of_an_async_run(tmp_path):
     cfg = load_config(None, overrides)
     used = schedule_from_run(str(tmp_path / "a"))
     assert used["m1"] == [None] * 3 and all(u[-1] is None for u in used.values())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        modules = train_reference(cfg, load_dataset(cfg.dataset), loop="async", schedule=used)
-    finally:
-        torch.set_num_threads(threads)
-    store = Store(str(tmp_path), "a")
-    for name, module in zip(cfg.stack, modules):
-        weights = checkpoint.latest(store, f"checkpoints/{name}")["weights"]
-        stored = checkpoint.module_weights(checkpoint.load_tensors(store, weights))
-        for key, value in module.state_dict().items():
-            assert torch.equal(stored[key], value), (name, key, used, float((stored[key] - value).abs().max()))
+    assert_reference_is_the_run(cfg, Store(str(tmp_path), "a"), loop="async", schedule=used)
 
 
 def test_async_reference_on_final_inputs_only_is_the_sequential_reference():
@@ -126,3 +103,20 @@ def test_async_reference_on_final_inputs_only_is_the_sequential_reference():
     assert upstream_schedule(8, 2, "pipelined") == [1, 2, 3, 4, 5, 6, None, None]
     assert upstream_schedule(8, 2, "stale") == [1] * 6 + [None, None]
     assert upstream_schedule(3, 5, "stale") == [None] * 3
+
+
+def assert_reference_is_the_run(cfg, store: Store, **loop) -> None:
+    """The reference loop (one torch thread, ``loop`` options) ends with bit-for-bit the weights of every
+    module's latest checkpoint in ``store``'s run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        modules = train_reference(cfg, load_dataset(cfg.dataset), **loop)
+    finally:
+        torch.set_num_threads(threads)
+    for name, module in zip(cfg.stack, modules):
+        weights = checkpoint.latest(store, f"checkpoints/{name}")["weights"]
+        stored = checkpoint.module_weights(checkpoint.load_tensors(store, weights))
+        for key, value in module.state_dict().items():
+            assert torch.equal(stored[key], value), (name, key, loop.get("schedule"),
+                                                     float((stored[key] - value).abs().max()))
