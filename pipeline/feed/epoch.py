@@ -4,11 +4,12 @@ Pure numpy. The units (row groups) holding training rows are permuted with the e
 the epoch reads them through a *sliding* window of ``K`` units (as many as ``buffer`` rows hold): unit
 ``i`` of the permutation joins the window when unit ``i - K`` leaves it, and its rows are spread at
 random over the stretch of the epoch where it is in the window. Formally each unit gets a key span
-``[start, end)`` (``start = max(0, i + 1 - K)``; ``end = i + 1``, and ``n`` for the last ``K`` units so
-the epoch closes on a full window), each of its rows a key drawn uniformly in that span, and the
-epoch's order is the rows sorted by key. Exactly ``K`` units span every unit-length stretch of keys,
-so a batch mixes rows of ``K`` units (all of them, in one full shuffle, when the version fits the
-buffer), a unit is read once and released after its last row, and no point of the epoch waits for a
+``[start, end)`` (``start = max(0, i + 1 - K, i // 2)``; ``end = i + 1``, and ``n`` for the last ``K``
+units so the epoch closes on a full window), each of its rows a key drawn uniformly in that span, and the
+epoch's order is the rows sorted by key. ``K`` units span every unit-length stretch of keys after a
+ramp-up of ``K - 2`` stretches (``j + 2`` units span stretch ``j``), so a batch mixes rows of ``K``
+units (all of them, in one full shuffle, when the version fits the buffer: no ramp-up), a unit is read
+once and released after its last row, and no point of the epoch, its first batch included, waits for a
 whole window to be read (WebDataset's and MosaicML Streaming's shard shuffle + shuffle buffer,
 without the refill stalls of disjoint windows). The order is a function of (seed, epoch), so a
 resumed trainer skips to batch ``k`` without reading the units before it.
@@ -98,9 +99,16 @@ def window_units(counts: np.ndarray, buffer: int) -> int:
 
 
 def key_spans(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) of each unit's key span: ``K`` units span every [j, j + 1) (all ``n`` when ``n <= K``)."""
+    """(start, end) of each unit's key span: ``K`` units span every [j, j + 1) (all ``n`` when ``n <= K``).
+
+    When the version is larger than the window, the window ramps up: stretch ``j`` is spanned by
+    ``min(K, j + 2)`` units (unit ``i`` starts no earlier than ``i // 2``), so the first batch waits for two
+    units, not a whole window, and from stretch ``K - 2`` on every stretch mixes ``K``. A version that fits
+    the window keeps its one full shuffle."""
     i = np.arange(n)
     start = np.maximum(0, i + 1 - k)
+    if n > k:
+        start = np.maximum(start, i // 2)
     end = np.where(i < n - k, i + 1, n)
     return start.astype(np.float64), end.astype(np.float64)
 
