@@ -18,9 +18,10 @@ BATCH = 8
 
 
 def make_version(store: Store, *, objects: int = 6, poses: int = 6, lightings: int = 2, rows_per_shard: int = 16,
-                 test_every: int = 5, stage: str = "m1", split_row_groups: bool = False):
-    """A version whose row i holds the value sample_id in every cell; objects x azimuth poses x lightings rows,
-    stored grouped by object (as ingest writes them), every ``test_every``-th row in the test split."""
+                 test_every: int = 5, stage: str = "m1", split_row_groups: bool = True):
+    """A version whose sample i holds the value i in every cell; objects x azimuth poses x lightings rows,
+    written grouped by object (as ingest writes them), every ``test_every``-th row in the test split (stored
+    in row groups of their own unless ``split_row_groups`` is False, as the writer does by default)."""
     ids, label, inst, az, el, light = [], [], [], [], [], []
     for o in range(objects):
         for p in range(poses):
