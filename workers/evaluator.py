@@ -94,9 +94,10 @@ class Evaluator:
                     parts.append(flat.numpy().astype(np.float32, copy=False))
                 order.append(rows)
         emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        emb = emb[np.argsort(np.concatenate(order), kind="stable")] if order else emb  # (N, D) in source row order
-        by_id = np.argsort(src.sample_id, kind="stable")
-        return src.meta.take(pa.array(by_id)), emb[by_id]
+        by_id = np.argsort(src.sample_id, kind="stable")  # source rows in sample_id order
+        # emb's rows come in scan order: one gather puts them in source row order, then in sample_id order.
+        at = np.argsort(np.concatenate(order), kind="stable")[by_id] if order else by_id
+        return src.meta.take(pa.array(by_id)), emb[at] if len(emb) else emb
 
     def _split(self, meta: pa.Table, emb: np.ndarray):
         split = np.asarray(meta.column("split").to_pylist())
