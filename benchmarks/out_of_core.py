@@ -49,7 +49,7 @@ def config(samples: int, buffer: int | None, readahead: int | None = None) -> di
     return cfg.model_dump(mode="json")
 
 
-def write_m1(store: Store, samples: int, chunk: int = 256, split_row_groups: bool = False) -> int:
+def write_m1(store: Store, samples: int, chunk: int = 256, split_row_groups: bool = True) -> int:
     """m1's final version: NORB-like metadata (5 classes x 10 instances x 18 azimuths), random activations.
 
     One chunk of random rows is drawn and written rotated at every offset: drawing 10 GB of normals on
@@ -147,7 +147,7 @@ def throughput(store: Store, cfg: dict, steps: int, rounds: int = 3) -> dict:
 
 
 def run(gb: float, scales: list[int], workdir: str, buffer: int | None = None, compare: bool = True,
-        readahead: int | None = None, split_row_groups: bool = False) -> dict:
+        readahead: int | None = None, split_row_groups: bool = True) -> dict:
     per_sample = math.prod(M1_SHAPE) * 2
     base = max(4 * BATCH, int(gb * 1e9 / per_sample))
     rows, tp = [], {}
@@ -197,14 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readahead", type=int, default=None, help="feed.readahead (default: the config default)")
     ap.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
     ap.add_argument("--no-compare", action="store_true", help="skip the streamed vs in-memory throughput comparison")
-    ap.add_argument("--split-row-groups", action="store_true",
-                    help="write m1 with no row group mixing splits (a streamed train epoch then reads no test row)")
+    ap.add_argument("--mixed-row-groups", action="store_true",
+                    help="write m1 in the old layout, train and test rows mixed in row groups in the order written "
+                         "(the store's default keeps each split in row groups of its own, so a streamed train "
+                         "epoch reads no test row)")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
     scales = [int(s) for s in args.scales.split(",")]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         result = run(args.gb, scales, tmp, args.buffer, compare=not args.no_compare, readahead=args.readahead,
-                     split_row_groups=args.split_row_groups)
+                     split_row_groups=not args.mixed_row_groups)
     print(table(result))
     if args.json:
         with open(args.json, "w") as fh:

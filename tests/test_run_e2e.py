@@ -85,8 +85,11 @@ def test_load_encoder_reproduces_stored_top_activations(finished_run):
     encoder = load_encoder("e2e", str(store))
     st = Store(str(store), "e2e", create=False)
     top = list(json.loads((root / "summary.json").read_text())["modules"])[-1]
-    stored = st.read(top, st.final(top).version).tensor()
-    pixels = st.read("input", st.final("input").version).tensor(dtype=torch.uint8)
+    top_reader = st.read(top, st.final(top).version)
+    stored, ids = top_reader.tensor(), top_reader.meta.column("sample_id").to_numpy()
+    # Each top row's own input image, matched by sample_id: stages store rows in different orders.
+    (batch,) = st.read("input", st.final("input").version).batches(len(ids), sample_ids=ids, dtype=torch.uint8)
+    pixels = batch.x
     with torch.inference_mode():
         again = encoder(pixels)
     # float16 storage: agreement within its rounding

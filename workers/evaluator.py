@@ -78,7 +78,10 @@ class Evaluator:
         Streamed: the version is read one row group at a time (``pipeline.feed.Source.scan``) and each
         slice pooled at once, so only the (N, D) embeddings are held, never the activations. The input
         stage is the raw baseline (uint8 pixels scaled to [0, 1], or the stored signal as it is,
-        flattened); a weights version is recomputed from the stage below.
+        flattened); a weights version is recomputed from the stage below. Rows come in ``sample_id`` order
+        whatever the stored order (a shard stores its splits one after the other), so every stage, the
+        raw baseline and the exports list the same samples in the same order, and seeded subsamples
+        (``evaluate.fit_rows``) draw the same samples at every depth.
         """
         final = self.store.final(stage)
         src = open_source(self.store, stage, final.version, self.cfg.model_dump(mode="json"), torch.device("cpu"))
@@ -91,7 +94,10 @@ class Evaluator:
                     parts.append(flat.numpy().astype(np.float32, copy=False))
                 order.append(rows)
         emb = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-        return src.meta, emb[np.argsort(np.concatenate(order), kind="stable")] if order else emb
+        by_id = np.argsort(src.sample_id, kind="stable")  # source rows in sample_id order
+        # emb's rows come in scan order: one gather puts them in source row order, then in sample_id order.
+        at = np.argsort(np.concatenate(order), kind="stable")[by_id] if order else by_id
+        return src.meta.take(pa.array(by_id)), emb[at] if len(emb) else emb
 
     def _split(self, meta: pa.Table, emb: np.ndarray):
         split = np.asarray(meta.column("split").to_pylist())

@@ -125,10 +125,11 @@ def host_memory(cfg: RunConfig, *, in_shape, out_shape, in_codec: str, params: i
                             in_values=in_values, out_values=out_values, saved=saved),
     }
     # one row group read, the chunk being computed (float32 activations), the one being written (stored)
-    # and the shard the writer fills
+    # and the shard the writer fills, twice: writing it copies the rows of a split that is not one run
+    # (a final version's splits get row groups of their own, see VersionWriter)
     out_row = row_bytes(out_codec, tuple(out_shape or [0]))
     publish = (min(unit, rows or unit) * stored + chunk * (inference_bytes(in_values, out_values) + out_row)
-               + publish_shard_rows(cfg, out_row) * out_row)
+               + 2 * publish_shard_rows(cfg, out_row) * out_row)
     parts["publish"] = max(0, publish - parts["window"] - parts["readahead"] - parts["batch"])  # not while training
     return parts
 

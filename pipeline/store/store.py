@@ -91,11 +91,12 @@ class Store:
     def begin_version(self, stage: str, *, codec: str = "float16", final: bool = False,
                       producer: dict[str, Any] | None = None, upstream: dict[str, Any] | None = None,
                       sample_fraction: float = 1.0, rows_per_shard: int = 4096,
-                      zstd_level: int | None = None, split_row_groups: bool = False) -> VersionWriter:
+                      zstd_level: int | None = None, split_row_groups: bool = True) -> VersionWriter:
         """A writer for the next version of ``stage`` (never a number a dead writer used).
 
         ``codec``: how tensors become bytes (``codec_names()``); ``zstd_level``: compress the tensor column;
-        ``split_row_groups``: no row group mixes splits (see ``VersionWriter``).
+        ``split_row_groups``: no row group mixes splits (the default; rows are then not in the order written
+        inside a shard, see ``VersionWriter``).
         """
         _check_stage(stage)
         # A number is never handed out twice, even after gc or retention removed

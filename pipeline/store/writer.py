@@ -60,18 +60,22 @@ class VersionWriter:
     Nothing is visible to readers until ``commit`` writes the manifest. A
     writer that dies leaves only shard files nobody lists (``Store.orphans``).
 
-    ``split_row_groups``: no row group mixes splits. Each shard's rows are stored one split after the
-    other (each split's rows in the order written; the splits in the order they first appear in the
-    shard), each split in row groups of its own, so a reader that wants the train rows (a trainer's
-    streamed epoch reads whole row groups) never reads a test row. Only the order of rows inside a shard
-    changes: readers identify rows by ``sample_id``, as for any version. Off by default: the version's
-    row order is then exactly the order written.
+    ``split_row_groups`` (default): no row group mixes splits. Each shard's rows are stored one split
+    after the other (each split's rows in the order written; the splits in the order they first appear
+    in the shard), each split in row groups of its own, so a reader that wants the train rows (a
+    trainer's streamed epoch reads whole row groups) never reads a test row. Which shard a row lands in
+    does not change, only its place inside the shard: a row's position in a version is not the order
+    written, nor its position in another version (shard sizes differ between stages), so readers pair
+    rows by ``sample_id`` (``Source.merge``, ``concat_upstreams``, ``batches(sample_ids=...)``), never by
+    position. ``False`` stores the rows exactly in the order written, train and test mixed in row groups
+    (the old layout): kept for ``benchmarks/out_of_core.py --mixed-row-groups``, which measures what
+    the split layout saves, and for tests that compare the two.
     """
 
     def __init__(self, fs: RunFS, stage: str, version: int, *, codec: str, final: bool,
                  producer: dict[str, Any] | None, upstream: dict[str, Any] | None,
                  sample_fraction: float, rows_per_shard: int, zstd_level: int | None = None,
-                 split_row_groups: bool = False) -> None:
+                 split_row_groups: bool = True) -> None:
         if rows_per_shard < 1:
             raise StoreError(f"rows_per_shard={rows_per_shard} for stage {stage!r}", "pass rows_per_shard >= 1")
         if not 0 < sample_fraction <= 1:

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.feed import open_versions
+from pipeline.feed import load_upstream, open_versions
 from pipeline.planning import memory
 from pipeline.planning.config import load_config
 from pipeline.planning.plan import ModulePlan, build_plan
 from pipeline.store import Store
 from tests.conftest import TINY_NORB
 from workers.epochs import publishes_after
+from workers.evaluator import Evaluator
 from workers.publisher import publish_version
 
 D_IN, D_OUT = 6, 4
@@ -70,7 +71,7 @@ def test_rows_per_forward_are_bounded_by_the_chunk_not_the_dataset(tmp_path, n):
     out = open_versions(store, [m])
     got = out.fetch(np.arange(len(out)))
     assert got.dtype == torch.float16  # cast on the device before it reached the writer
-    expect = module.lin(src.fetch(np.arange(len(src))))
+    expect = module.lin(src.fetch(np.argsort(src.sample_id)[out.sample_id]))  # the upstream rows of out's samples
     torch.testing.assert_close(got.float(), expect.detach(), atol=2e-3, rtol=2e-3)
 
 
@@ -169,3 +170,52 @@ def test_infinities_of_the_module_itself_are_stored_not_refused(tmp_path):
     m = _publish(store, cfg, plan, src, module, final=True)
     got = open_versions(store, [m]).fetch(np.arange(10))
     assert torch.isinf(got[:, 0]).all() and torch.isfinite(got[:, 1:]).all()
+
+
+def test_every_reader_keeps_each_row_with_its_own_sample_id(tmp_path):
+    """A shard stores its splits one after the other, so a row's position differs from the order written and
+    from one version to the next (other shard sizes regroup them). Every reader must hand out each row's
+    tensor with that row's own sample_id and label: one that paired rows by position fails here."""
+    cfg, plan = _setup(tmp_path, chunk=5)
+    store = Store(str(tmp_path / "store"), "r")
+    n = 60
+    written = np.random.default_rng(0).permutation(n)  # sample ids, written out of order, splits interleaved
+
+    def rows_of(ids) -> torch.Tensor:  # (len(ids), D_IN): sample i's row is i, i + 1/8, i + 2/8, ...
+        return torch.as_tensor(np.asarray(ids), dtype=torch.float32)[:, None] + torch.arange(D_IN) / 8
+
+    w = store.begin_version("up", codec="float32", final=True, rows_per_shard=9)
+    w.write({"sample_id": written, "split": np.where(written % 3 == 0, "test", "train"), "label": written % 4},
+            rows_of(written))
+    src = open_versions(store, [w.commit()])
+    module = Counting()
+    with torch.no_grad():  # the first D_OUT values of each row: a row's output still names its sample
+        module.lin.weight.copy_(torch.eye(D_OUT, D_IN))
+        module.lin.bias.zero_()
+    m = _publish(store, cfg, plan, src, module, final=True)  # float16, shards of 32 rows
+
+    def check(ids, x, labels=None):
+        assert torch.equal(x.float(), rows_of(ids)[:, :x.shape[1]])
+        if labels is not None:
+            assert np.array_equal(np.asarray(labels), np.asarray(ids) % 4)
+
+    out = open_versions(store, [m])
+    # The premise: stored positions differ from the order written and between the two versions.
+    assert not np.array_equal(src.sample_id, written) and not np.array_equal(out.sample_id, src.sample_id)
+    reader = store.read(plan.name, m.version)
+    check(reader.meta.column("sample_id").to_numpy(), reader.tensor(), reader.meta.column("label").to_numpy())
+    wanted = np.random.default_rng(1).permutation(n)
+    (batch,) = reader.batches(n, sample_ids=wanted)
+    check(wanted, batch.x, batch.label.numpy())
+    assert np.array_equal(batch.sample_id.numpy(), wanted)
+    for rows, x in out.scan():  # the streamed feed's and the publisher's path
+        check(out.sample_id[rows], x, out.label[rows])
+    check(out.sample_id[wanted[:10]], out.fetch(wanted[:10]))
+    up = load_upstream(store, plan.name, m.version)  # the in-memory feed
+    check(up.sample_id, up.x, up.label)
+    evaluator = Evaluator(store.uri, store.run_id, cfg.model_dump(mode="json"))  # the final stage and exports
+    evaluator.setup()
+    meta, emb = evaluator.embeddings(plan.name)
+    ids = meta.column("sample_id").to_numpy()
+    assert np.array_equal(ids, np.arange(n))  # in sample_id order, whatever the stored order
+    check(ids, torch.from_numpy(emb), meta.column("label").to_numpy())

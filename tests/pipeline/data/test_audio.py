@@ -114,8 +114,12 @@ def test_ingest_stores_signals_as_float16(tmp_path):
     store = Store(str(tmp_path), "r1", create=True)
     manifest = ingest(store, cfg)
     assert manifest.codec == "float16" and manifest.shape == [1, 512]
-    x = store.read("input", manifest.version).tensor()
-    np.testing.assert_allclose(x.numpy(), load_dataset(cfg).images, atol=1e-3)
+    reader = store.read("input", manifest.version)
+    ds = load_dataset(cfg)
+    ds_ids, ids = ds.meta.column("sample_id").to_numpy(), reader.meta.column("sample_id").to_numpy()
+    row_of = np.argsort(ds_ids)[np.searchsorted(ds_ids, ids, sorter=np.argsort(ds_ids))]
+    assert np.array_equal(ds_ids[row_of], ids)  # each stored row is matched with its sample by id
+    np.testing.assert_allclose(reader.tensor().numpy(), ds.images[row_of], atol=1e-3)
 
 
 # ---------------------------------------------------------------- layers and shapes

@@ -21,7 +21,7 @@ def test_streaming_from_s3_matches_local(moto_s3, tmp_path, monkeypatch):  # noq
     for store in (remote, local):
         make_version(store, rows_per_shard=8)
         src = open_versions(store, [store.newest("m1")])
-        assert len(src.units) == 9  # 72 rows in row groups of 8: the feed reads them one by one
+        assert len(src.units) == 18  # 72 rows in 9 shards of 8, each a train and a test row group: read one by one
         plan, feed, batches = _epoch(src, "neighbor_pose", buffer=16)
         orders.append(np.concatenate([_ids(b) for b in batches]))
         assert feed.max_rows_held < len(src)

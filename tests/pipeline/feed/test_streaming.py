@@ -18,9 +18,10 @@ BATCH = 8
 
 
 def make_version(store: Store, *, objects: int = 6, poses: int = 6, lightings: int = 2, rows_per_shard: int = 16,
-                 test_every: int = 5, stage: str = "m1", split_row_groups: bool = False):
-    """A version whose row i holds the value sample_id in every cell; objects x azimuth poses x lightings rows,
-    stored grouped by object (as ingest writes them), every ``test_every``-th row in the test split."""
+                 test_every: int = 5, stage: str = "m1", split_row_groups: bool = True):
+    """A version whose sample i holds the value i in every cell; objects x azimuth poses x lightings rows,
+    written grouped by object (as ingest writes them), every ``test_every``-th row in the test split (stored
+    in row groups of their own unless ``split_row_groups`` is False, as the writer does by default)."""
     ids, label, inst, az, el, light = [], [], [], [], [], []
     for o in range(objects):
         for p in range(poses):
@@ -67,10 +68,11 @@ def test_each_pairing_streamed_covers_every_train_sample_once(tmp_path, pairing)
     seen = np.concatenate([_ids(b) for b in batches])
     assert sorted(seen.tolist()) == sorted(train)  # every train sample exactly once, no test sample
     if pairing in ("same_instance", "neighbor_pose"):
-        good = _right_kind(pairing, _meta(src), src.train_rows())
+        good = _right_kind(pairing, _meta(src), src.train_rows())  # of source rows
+        row_of = np.argsort(src.sample_id)  # sample id -> source row (ids are 0..n-1; rows are not in id order)
         for b in batches:
             a, p = _ids(b), b.x_pos[:, 0, 0].round().long().numpy()
-            assert good(a, p).all(), f"{pairing}: a partner of the wrong kind in {list(zip(a, p))}"
+            assert good(row_of[a], row_of[p]).all(), f"{pairing}: a partner of the wrong kind in {list(zip(a, p))}"
             assert set(p.tolist()) <= train  # partners come from training rows only
         assert 0.0 <= plan.fetch_rate <= 1.0
     else:
@@ -101,7 +103,7 @@ def test_resuming_mid_epoch_continues_the_same_order(tmp_path):
 
 def test_a_tiny_buffer_bounds_the_rows_held(tmp_path):
     store = Store(str(tmp_path), "r")
-    make_version(store, objects=12, rows_per_shard=8)  # 144 rows in 18 row groups of 8
+    make_version(store, objects=12, rows_per_shard=8)  # 144 rows in 18 shards of 8, a train and a test row group each
     src = open_versions(store, [store.newest("m1")])
     plan, feed, batches = _epoch(src, "same_instance", buffer=8, readahead=1)
     assert plan.window_units == 1  # one unit in the sliding window

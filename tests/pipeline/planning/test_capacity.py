@@ -34,7 +34,10 @@ def test_planned_bytes_per_version_match_the_manifests_of_a_real_run(tmp_path):
         final = store.final(stage)
         written = sum(s.bytes for s in final.shards)
         assert final.codec == codec and planned[stage].codec == codec
-        assert len(final.shards) == math.ceil(rows / 200)
+        # Full shards of 200 rows, or (a zero-copy codec written a unit at a time, units being one split's
+        # rows of a shard) short ones of at least half that, as VersionWriter promises; the last may be shorter.
+        assert sum(s.rows for s in final.shards) == rows and len(final.shards) >= math.ceil(rows / 200)
+        assert all(100 <= s.rows <= 200 for s in final.shards[:-1]), [s.rows for s in final.shards]
         assert planned[stage].bytes_per_version == pytest.approx(written, rel=0.10), stage
     # Each stage is read by the one above at the given throughput (the top by the final stage).
     assert planned["m1"].read_by == ("m2",) and planned["m2"].read_by == ("final",)

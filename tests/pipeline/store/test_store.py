@@ -34,6 +34,17 @@ def make_meta(n: int, start: int = 0, *, test_every: int = 3) -> pa.Table:
     })
 
 
+def by_sample_id(reader, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The version's rows as one tensor whose row i is sample i (the tests' ids are 0..N-1), matched by ``sample_id``.
+
+    Not the stored order: a shard stores its rows one split after the other.
+    """
+    ids = reader.meta.column("sample_id").to_numpy()
+    y = reader.tensor(dtype=dtype)
+    assert len(ids) == len(y) and np.array_equal(np.sort(ids), np.arange(len(y)))
+    return torch.empty_like(y).index_copy_(0, torch.from_numpy(ids), y)
+
+
 def write_version(store: Store, stage: str, x: torch.Tensor, *, codec: str = "float32", rows_per_shard: int = 7,
                   pieces: int = 1, **kw):
     w = store.begin_version(stage, codec=codec, rows_per_shard=rows_per_shard, **kw)
@@ -60,7 +71,7 @@ def test_float32_round_trip_is_bit_exact_over_many_writes_and_shards(store):
     assert m.rows == 50 and [s.rows for s in m.shards] == [7, 5, 7, 6, 7, 5, 7, 6]
     assert m.shape == [3, 4, 4] and m.codec == m.dtype == "float32"
     assert m.splits == {"test": 17, "train": 33}
-    y = store.read("m1", m.version).tensor(dtype=torch.float32)
+    y = by_sample_id(store.read("m1", m.version), dtype=torch.float32)
     assert y.shape == x.shape and torch.equal(y.view(torch.int32), x.view(torch.int32))
 
 
@@ -69,8 +80,8 @@ def test_float16_round_trip_of_representable_values(store):
     m = write_version(store, "m1", x, codec="float16", rows_per_shard=8, pieces=3)
     assert [s.rows for s in m.shards] == [8, 8, 8, 6]  # the cast made new memory: pending rows wait, full shards
     r = store.read("m1", m.version)
-    assert torch.equal(r.tensor(), x)
-    assert torch.equal(r.tensor(dtype=torch.float16), x.half())
+    assert torch.equal(by_sample_id(r), x)
+    assert torch.equal(by_sample_id(r, dtype=torch.float16), x.half())
     assert m.dtype == "float16" and "x: fixed_size_binary[16]" in m.arrow_schema
 
 
@@ -78,16 +89,16 @@ def test_uint8_pixels_round_trip(store):
     x = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
     m = write_version(store, "input", x.numpy(), codec="uint8", rows_per_shard=6, final=True)
     r = store.read("input", m.version)
-    assert torch.equal(r.tensor(dtype=torch.uint8), x)
-    assert torch.equal(r.tensor(), x.float())
+    assert torch.equal(by_sample_id(r, dtype=torch.uint8), x)
+    assert torch.equal(by_sample_id(r), x.float())
 
 
 def test_bfloat16_round_trip(store):
     x = torch.randn(10, 3).to(torch.bfloat16)
     m = write_version(store, "m1", x, codec="bfloat16", rows_per_shard=4)
     r = store.read("m1", m.version)
-    assert m.dtype == "bfloat16" and torch.equal(r.tensor(dtype=torch.bfloat16), x)
-    assert torch.equal(r.tensor(), x.float())
+    assert m.dtype == "bfloat16" and torch.equal(by_sample_id(r, dtype=torch.bfloat16), x)
+    assert torch.equal(by_sample_id(r), x.float())
 
 
 def test_codecs_refuse_what_they_would_corrupt(store):
@@ -108,7 +119,7 @@ def test_a_reused_tensor_buffer_does_not_change_pending_rows(store):
         buf[:] = k
         w.write(make_meta(3, 3 * k), buf)
     m = w.commit()
-    assert store.read("m1", m.version).tensor()[:, 0].tolist() == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
+    assert by_sample_id(store.read("m1", m.version))[:, 0].tolist() == [0.0] * 3 + [1.0] * 3 + [2.0] * 3
 
 
 def test_split_row_groups_store_each_shard_one_split_after_the_other(store):
@@ -135,8 +146,8 @@ def test_metadata_nulls_and_missing_columns_survive(store):
     m = write_version(store, "m1", torch.zeros(12, 2), rows_per_shard=5)
     meta = store.read("m1", m.version).meta
     assert meta.schema == meta_schema() and tuple(meta.column_names) == META_COLUMNS
-    assert meta.equals(pa.Table.from_arrays(list(make_meta(12).columns), schema=meta_schema()))
-    (batch,) = store.read("m1", m.version).batches(12)
+    assert meta.sort_by("sample_id").equals(pa.Table.from_arrays(list(make_meta(12).columns), schema=meta_schema()))
+    (batch,) = store.read("m1", m.version).batches(12, sample_ids=range(12))
     assert batch.label[0].item() == -1 and batch.label[1].item() == 1
     assert torch.isnan(batch.azimuth[0]) and batch.azimuth[1].item() == 20.0
     assert batch.lighting[1].item() == -1 and batch.lighting[2].item() == 2
@@ -176,14 +187,16 @@ def test_batches_by_split_ids_and_shuffle_cover_each_row_once(store):
     x = torch.randn(41, 2, 3)
     m = write_version(store, "m1", x, rows_per_shard=6, pieces=2)
     r = store.read("m1", m.version)
+    ids = r.meta.column("sample_id").to_numpy()
     split = np.array(r.meta.column("split").to_pylist())
 
-    plain = list(r.batches(8))
-    assert ids_of(plain) == list(range(41)) and [len(b) for b in plain] == [8] * 5 + [1]
-    assert torch.equal(torch.cat([b.x for b in plain]), x)
+    plain = list(r.batches(8))  # stored order: per shard, one split after the other
+    assert ids_of(plain) == ids.tolist() and sorted(ids.tolist()) == list(range(41))
+    assert [len(b) for b in plain] == [8] * 5 + [1]
+    assert torch.equal(torch.cat([b.x for b in plain]), x[ids])
 
     train = list(r.batches(5, split="train"))
-    assert ids_of(train) == np.nonzero(split == "train")[0].tolist()
+    assert ids_of(train) == ids[split == "train"].tolist()
     assert all((b.split == "train").all() for b in train)
 
     wanted = [40, 3, 17, 0, 22]
@@ -431,7 +444,7 @@ def test_an_object_store_behaves_like_a_disk(monkeypatch):
         m = write_version(store, "m1", x, rows_per_shard=4)
         store.begin_version("m1", codec="float32", rows_per_shard=4).write(make_meta(5), torch.ones(5, 2))
         assert store.versions("m1") == [m.version] and store.stages() == ["m1"]
-        assert torch.equal(store.read("m1", m.version, verify=True).tensor(), x)
+        assert torch.equal(by_sample_id(store.read("m1", m.version, verify=True)), x)
         assert store.orphans() == ["store/m1/v0002"] and store.gc() == ["store/m1/v0002"]
         assert store.begin_version("m1").version == 3
     finally:
