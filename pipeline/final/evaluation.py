@@ -120,7 +120,9 @@ def _nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     from sklearn.neighbors import NearestCentroid
 
     labels = np.unique(np.concatenate([train_y, test_y]))
-    with warnings.catch_warnings():  # constant pixels within a class (digits' borders): sklearn notes it, nothing is wrong
+    # Constant pixels within a class (digits' borders) or a unit that is zero for every row (a dead ReLU): sklearn
+    # warns, and divides 0 by 0 in its shrinkage deviations, which prediction without shrink_threshold never uses.
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
         nc = NearestCentroid().fit(train_x, train_y)
     nc_test = nc.predict(test_x)

@@ -113,6 +113,17 @@ def test_standardize_lets_nearest_centroid_see_past_a_loud_noise_dimension():
     assert np.all(ctr == 0) and np.all(cte == 2)
 
 
+def test_dead_units_score_without_warnings(recwarn):
+    """Features that are zero for every row (dead ReLU units; here most of them, as sklearn's shrinkage statistics
+    take a median over features) leave nearest centroid's answer and the terminal alone."""
+    x = np.column_stack([np.r_[TRAIN_X[:, 0], TEST_X[:, 0]], np.zeros((len(TRAIN_X) + len(TEST_X), 3))])
+    n = len(TRAIN_X)
+    dead = classify(x[:n], TRAIN_Y, x[n:], TEST_Y, knn_k=3)["nearest_centroid"]
+    alive = classify(x[:n, :1], TRAIN_Y, x[n:, :1], TEST_Y, knn_k=3)["nearest_centroid"]
+    assert dead["test_accuracy"] == alive["test_accuracy"]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+
+
 def test_too_few_test_samples_leave_clustering_undefined():
     r = classify(TRAIN_X, TRAIN_Y, TEST_X[:1], TEST_Y[:1])
     assert "kmeans" not in r and "gmm" not in r
