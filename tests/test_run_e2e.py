@@ -132,6 +132,8 @@ def test_evaluate_after_retrain_uses_the_new_version(finished_run):
     assert not report["modules"]["m4"]["stale"]
     proc = isostack("evaluate", "e2e", "--store", str(store))
     assert "nearest centroid (test)" in proc.stdout
+    # the report on disk still holds the run's numbers: evaluate says so and how to refresh it, not where it is
+    assert "report: " not in proc.stdout and "isostack export e2e" in proc.stdout, proc.stdout
     summary = json.loads((root / "summary.json").read_text())
     assert summary["evaluation"]["source"] == {"stage": "m4", "version": report["modules"]["m4"]["final_version"]}
 

@@ -31,11 +31,11 @@ def final_stage(store: Store, info: dict, cfg: RunConfig, *, evaluate: bool = Tr
     summary = store.read_json("summary.json") or {}
     summary.update(results)
     store.write_json("summary.json", summary)
-    _print_headline(summary, store)
+    _print_headline(summary, store, exported=export)
     return summary
 
 
-def _print_headline(summary: dict, store: Store) -> None:
+def _print_headline(summary: dict, store: Store, *, exported: bool = True) -> None:
     ev = summary.get("evaluation")
     if ev and "skipped" in ev:
         print(f"classification skipped: {ev['skipped']}")
@@ -58,8 +58,10 @@ def _print_headline(summary: dict, store: Store) -> None:
         for key, why in pose.get("undefined", {}).items():
             print(f"  {key} undefined: {why}")
     report = summary.get("exports", {}).get("report")
-    if report:
+    if report and exported:
         print(f"report: {report}")
+    elif report:  # evaluate alone: the report on disk still shows the numbers it was written with
+        print(f"report not re-written (it shows the last export's numbers): `isostack export {store.run_id}`")
 
 
 def evaluate_run(run: str, store_uri: str | None = None) -> int:
