@@ -38,6 +38,7 @@ from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective, local_loss
 from pipeline.nn.pairing import augment_views, partner_index
 from pipeline.planning.plan import build_plan
+from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
 
 METADATA_PAIRINGS = ("same_instance", "neighbor_pose")
@@ -93,7 +94,7 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
             plan = {n: upstream_schedule(budgets[n], cfg.schedule.settle_epochs, schedule) for n in names}
         else:
             plan = schedule
-        return _train_staged(cfg, ds, plan, epochs=epochs, max_steps=max_steps, codec=codec)
+        return _train_staged(cfg, ds, plan, max_steps=max_steps, codec=codec)
     names, modules, objectives = build_stack(cfg)
     optimizers = [build_optimizer_for(cfg, n, m, o) for n, m, o in zip(names, modules, objectives)]
     pairings = [getattr(cfg.stack[n].objective, "pairing", None) for n in names]
@@ -149,18 +150,16 @@ def schedule_from_run(run_dir: str) -> dict[str, list[int | None]]:
 
 
 def _stored(cfg: RunConfig, name: str, h: torch.Tensor, codec: bool) -> torch.Tensor:
-    """``h`` as the module above reads it back from the store: rounded to the module's codec with ``codec``."""
+    """``h`` as the module above reads it back from the store: with ``codec``, a round trip through the module's
+    store codec (``pipeline.store.codec``, its checks included; int8 is calibrated on the whole tensor here, on
+    each shard's first rows by the writer)."""
     if not codec:
         return h
-    kind = cfg.module_codec(name)
-    if kind in ("float16", "bfloat16"):
-        return h.to(getattr(torch, kind)).float()
-    if kind != "float32":
-        raise ValueError(f"codec {kind!r} of {name} is not replayed by the reference")
-    return h
+    c = get_codec(cfg.module_codec(name), tuple(h.shape[1:]))
+    return c.decode(c.encode(h).buffers()[1], len(h)).to(torch.float32, copy=True)
 
 
-def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]], *, epochs: int | None,
+def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]], *,
                   max_steps: int | None, codec: bool) -> list[torch.nn.Module]:
     """Module by module; module i's epoch j on module i-1's version ``plan[i][j]`` (train rows). All epochs on
     the final version (None) is greedy: module i trains every epoch on module i-1's final output."""
@@ -179,30 +178,26 @@ def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]]
                 _mine[epoch] = _stored(cfg, _name, embed([modules[_i].eval()], h_used, pooled=False)[0], codec)
                 modules[_i].train()
 
-        _train_one(cfg, name, i, modules[i], objectives[i], [versions[k] for k in used], meta, epochs=epochs,
+        _train_one(cfg, name, i, modules[i], objectives[i], [versions[k] for k in used], meta,
                    max_steps=max_steps, after_epoch=publish)
         mine[None] = _stored(cfg, name, embed([modules[i].eval()], versions[None], pooled=False)[0], codec)
         versions = mine
     return [m.eval() for m in modules]
 
 
-def _train_one(cfg: RunConfig, name: str, index: int, module, objective, h: torch.Tensor | list[torch.Tensor],
-               meta: dict[str, np.ndarray], *, epochs: int | None, max_steps: int | None,
-               after_epoch=None) -> None:
-    """One module's epochs on its input ``h`` (one tensor, or one per epoch), batched as the trainer batches
-    (``plan_epoch``, one window); ``after_epoch(epoch, input of that epoch)`` after each (1-based)."""
-    inputs = h if isinstance(h, list) else None
+def _train_one(cfg: RunConfig, name: str, index: int, module, objective, inputs: list[torch.Tensor],
+               meta: dict[str, np.ndarray], *, max_steps: int | None, after_epoch=None) -> None:
+    """One module's epochs, epoch j on ``inputs[j]``, batched as the trainer batches (``plan_epoch``, one
+    window); ``after_epoch(epoch, input of that epoch)`` after each (1-based)."""
     tc = cfg.module_train(name)
     opt = build_optimizer_for(cfg, name, module, objective)
     pairing = getattr(cfg.stack[name].objective, "pairing", None)
-    n = len(inputs[0]) if inputs is not None else len(h)
+    n = len(inputs[0]) if inputs else 0
     local, unit = np.arange(n), np.zeros(n, dtype=np.int64)
     labels = torch.from_numpy(meta["label"])
     groups = torch.from_numpy(meta["label"] * 100_003 + meta["instance"]) if pairing == "same_instance" else None
     module.train()
-    for epoch in range(epochs or tc.epochs):
-        if inputs is not None:
-            h = inputs[epoch]
+    for epoch, h in enumerate(inputs):
         rng = np.random.default_rng([tc.seed, index, 0, epoch])  # the trainer's (seed, module, generation, epoch)
         plan = plan_epoch(meta, local, unit, pairing=pairing, batch_size=tc.batch_size, buffer=len(local), rng=rng,
                           max_steps=max_steps or tc.max_steps_per_epoch)
