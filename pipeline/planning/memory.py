@@ -162,9 +162,9 @@ def publish_shard_rows(cfg: RunConfig, out_row_bytes: int) -> int:
 def publish_policy(cfg: RunConfig, *, epochs: int, version_bytes: int | None,
                    read_above: bool = True) -> tuple[int, float]:
     """(publish_every, publish_fraction) of one module: ``schedule.publish_every`` / ``publish_fraction`` where
-    the user set them; else none for the top module (``read_above`` false: no module trains on its
-    intermediate versions, so they would be inference and bytes for nobody; ``publish_every`` 0 = the final
-    version only), for a module whose version would exceed ``THIN_BYTES`` a sample of ``THIN_BYTES`` worth
+    the user set them; else none where no module trains on intermediate versions (``read_above`` false: the top
+    module, or every module in sequential mode; they would be inference and bytes for nobody; ``publish_every``
+    0 = the final version only), for a module whose version would exceed ``THIN_BYTES`` a sample of ``THIN_BYTES`` worth
     of rows (at least a tenth) about ``THIN_VERSIONS`` times over its epochs, and every epoch over every
     train sample otherwise. Final versions always cover every sample."""
     sch = cfg.schedule

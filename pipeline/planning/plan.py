@@ -230,11 +230,19 @@ def _memory_problems(cfg: RunConfig, modules: list[ModulePlan], rows: int | None
         m.publish_chunk = memory.publish_chunk(cfg, math.prod(stored_shape), math.prod(m.out_shape))
         m.publish_every, m.publish_fraction = memory.publish_policy(
             cfg, epochs=m.epochs, version_bytes=m.bytes_per_version,
-            read_above=any(p.upstream == m.name or p.source == m.name for p in modules))
+            read_above=any((p.upstream == m.name or p.source == m.name) and _trains_before_final(cfg, p)
+                           for p in modules))
         problem = memory.memory_problem(cfg, m.name, m.host_memory)
         if problem:
             out.append(problem)
     return out
+
+
+def _trains_before_final(cfg: RunConfig, m: ModulePlan) -> bool:
+    """Whether ``m`` trains any epoch on its upstream's intermediate versions: in sequential mode a module starts
+    once its upstream is final, and in async mode with ``settle_epochs`` >= its epochs it waits for the final
+    version before its first epoch."""
+    return cfg.schedule.mode == "async" and cfg.schedule.settle_epochs < m.epochs
 
 
 def recompute_bytes(cfg: RunConfig, modules: list[ModulePlan], m: ModulePlan) -> int:

@@ -141,6 +141,17 @@ def test_the_top_module_publishes_only_its_final_version_unless_the_user_chose(t
     assert not publishes_after(1, budget=3, publish_every=0, upstream_final=False)
 
 
+def test_no_intermediate_versions_where_no_module_trains_on_them():
+    """Sequential mode starts a module once its upstream is final, and settle_epochs >= epochs makes an async
+    module wait for it: intermediate versions would be inference and bytes for nobody."""
+    for sets in (["schedule.mode=sequential"], ["schedule.settle_epochs=99"]):
+        plan = build_plan(load_config(None, TINY_NORB + sets), check_paths=False, local_cluster=False)
+        assert all(m.publish_every == 0 for m in plan.modules), (sets, [m.publish_every for m in plan.modules])
+    chosen = build_plan(load_config(None, TINY_NORB + ["schedule.mode=sequential", "schedule.publish_every=2"]),
+                        check_paths=False, local_cluster=False)
+    assert all(m.publish_every == 2 for m in chosen.modules)
+
+
 def test_the_planned_memory_holds_two_publishing_chunks_whatever_the_rows():
     cfg = load_config(None, TINY_NORB + ["resources.memory_per_module=8", "feed.buffer_samples=8"])
     row_bytes = lambda c, shape: 2 * int(np.prod(shape)) if c == "float16" else int(np.prod(shape))  # noqa: E731
