@@ -28,6 +28,33 @@ TINY_NORB = [
 ]
 
 
+def split_default_config(path, overrides=(), cuts=(2, 4)):
+    """The default preset with its layers (conv-pool-conv-pool | conv-pool-flatten-linear) cut into modules at
+    ``cuts`` (layer indices over the whole stack), written to ``path`` (a YAML file) with ``overrides`` applied.
+
+    ``cuts=(2, 4)`` gives three modules, conv-pool | conv-pool | conv-pool-flatten-linear: for tests about a
+    module with modules both below and above it (a retrain that leaves the one below alone and marks the one
+    above stale, a middle module's final built on its upstream's final, placement over three nodes), which the
+    default's two modules cannot show. Their layers by index: ``stack.m1.layers.0``, ``stack.m2.layers.0`` and
+    ``stack.m3.layers.0`` are convs, ``stack.m3.layers.3`` the linear layer. ``cuts=(2, 4, 6)`` gives the four
+    modules the default had before it became two.
+    """
+    import yaml
+
+    from pipeline.planning.config import load_config, read_source
+
+    raw, _ = read_source(None)
+    layers = [layer for module in raw["stack"].values() for layer in module["layers"]]
+    objective = raw["stack"]["m1"]["objective"]
+    bounds = [0, *cuts, len(layers)]
+    raw["stack"] = {f"m{i + 1}": {"layers": layers[a:b], "objective": objective}
+                    for i, (a, b) in enumerate(zip(bounds, bounds[1:]))}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw = load_config(str(path), list(overrides)).model_dump(mode="json", exclude_none=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def tiny_overrides():
     """Overrides that shrink the default preset to seconds of work."""

@@ -39,8 +39,8 @@ def test_validate_prints_shapes_and_bytes(capsys):
     assert main(["validate", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     m1 = plan["modules"][0]
-    assert m1["in_shape"] == [1, 32, 32] and m1["out_shape"][0] == 32 and m1["bytes_per_version"] > 0
-    assert [m["upstream"] for m in plan["modules"]] == ["input", "m1", "m2", "m3"]
+    assert m1["in_shape"] == [1, 32, 32] and m1["out_shape"][0] == 64 and m1["bytes_per_version"] > 0
+    assert [m["upstream"] for m in plan["modules"]] == ["input", "m1"]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -48,7 +48,7 @@ def test_validate_prints_shapes_and_bytes(capsys):
     (["validate", "--set", "train.epochs=three"], ["train.epochs", "valid integer"]),
     (["validate", "nope-preset"], ["unknown preset 'nope-preset'"]),
     (["validate", "--set", "stack.m7.train.lr=1"], ["no module 'm7'"]),
-    (["validate", "--set", "stack.m2.layers.1.kernel=40"], ["stack.m2.layers[1]", "input to m2 is (32, 16, 16)"]),
+    (["validate", "--set", "stack.m2.layers.1.kernel=40"], ["stack.m2.layers[1]", "input to m2 is (64, 8, 8)"]),
     (["validate", "digits", "--set", "stack.m1.objective.pairing=same_instance"],
      ["stack.m1.objective.pairing", "'same_instance' needs instance, which dataset 'digits' lacks"]),
     (["validate", "digits", "--set", "stack.m2.objective.pairing=augment"], ["only the first module"]),

@@ -39,8 +39,9 @@ def test_ring_score_tells_a_ring_from_a_line():
 
 TINY_SEQUENTIAL = TINY_NORB + ["train.epochs=2", "train.batch_size=32", "schedule.poll_seconds=0.1",
                                "schedule.mode=sequential", "stack.m1.layers.0.channels=8",
-                               "stack.m2.layers.0.channels=16", "stack.m3.layers.0.channels=16",
-                               "stack.m4.layers.1.features=16", "store.codec=float32"]
+                               "stack.m1.layers.2.channels=16", "stack.m2.layers.0.channels=16",
+                               "stack.m2.layers.3.features=16", "store.codec=float32",
+                               "resources.cpus_per_module=1"]
 
 
 @pytest.mark.slow

@@ -16,12 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_NORB
+from tests.conftest import TINY_NORB, split_default_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 TINY = TINY_NORB + ["train.epochs=2", "train.batch_size=32", "schedule.poll_seconds=0.1",
-                    "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16", "stack.m3.layers.0.channels=16", "stack.m4.layers.1.features=16"]
+                    "stack.m1.layers.0.channels=8", "stack.m1.layers.2.channels=16", "stack.m2.layers.0.channels=16",
+                    "stack.m2.layers.3.features=16"]
+# The default's layers in three modules (a retrain of the middle one has a module below and one above it).
+TINY_THREE = TINY_NORB + ["train.epochs=2", "train.batch_size=32", "schedule.poll_seconds=0.1",
+                          "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16",
+                          "stack.m3.layers.0.channels=16", "stack.m3.layers.3.features=16"]
 
 
 def isostack(*args, timeout=420, check=True) -> subprocess.CompletedProcess:
@@ -50,7 +55,9 @@ def finished_run(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     # m1 gets more epochs so its window is wide enough for the async overlap to be visible on tiny data, and
     # one settle epoch leaves m2 one of its two epochs to train on a non-final m1 version.
-    proc = isostack("run", *_sets(TINY + ["stack.m1.train.epochs=10", "schedule.settle_epochs=1"]), "--store", str(store), "--run-id", "e2e")
+    config = split_default_config(tmp_path_factory.mktemp("config") / "three.yaml",
+                                  TINY_THREE + ["stack.m1.train.epochs=10", "schedule.settle_epochs=1"])
+    proc = isostack("run", str(config), "--store", str(store), "--run-id", "e2e")
     return store, store / "e2e", proc
 
 
@@ -58,14 +65,14 @@ def test_run_trains_every_module_on_its_own_actor(finished_run):
     store, root, proc = finished_run
     summary = json.loads((root / "summary.json").read_text())
     assert summary["status"] == "finished"
-    assert list(summary["modules"]) == ["m1", "m2", "m3", "m4"]
+    assert list(summary["modules"]) == ["m1", "m2", "m3"]
     for name, m in summary["modules"].items():
         assert m["final_version"] >= 1 and m["epochs"] >= 2 and m["samples_per_second"] > 0
         for key in ("final_loss", "train_seconds", "peak_memory_bytes", "started_at", "finished_at", "node"):
             assert m[key] is not None, (name, key)
     # Each module ran in its own actor process.
     pids = {json.loads((root / "status" / f"{n}.json").read_text())["pid"] for n in summary["modules"]}
-    assert len(pids) == 4
+    assert len(pids) == 3
     # async: m2 started training before m1 was final (the windows overlap), on a non-final m1 version.
     mods = summary["modules"]
     assert mods["m2"]["started_at"] <= mods["m1"]["finished_at"]
@@ -101,7 +108,7 @@ def test_load_encoder_reproduces_stored_top_activations(finished_run):
 def test_status_json_reports_final_modules(finished_run):
     store, root, _ = finished_run
     report = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)
-    assert [m["state"] for m in report["modules"].values()] == ["final"] * 4
+    assert [m["state"] for m in report["modules"].values()] == ["final"] * 3
     assert not any(m["stale"] for m in report["modules"].values())
 
 
@@ -112,12 +119,10 @@ def test_verify_passes_on_a_finished_run(finished_run):
 
 def test_retrain_touches_only_its_module_and_marks_above_stale(finished_run):
     store, root, _ = finished_run
-    before = tree_hashes(root, "store/m1", "store/m3", "store/m4", "store/input", "checkpoints/m1", "checkpoints/m3",
-                         "checkpoints/m4")
+    before = tree_hashes(root, "store/m1", "store/m3", "store/input", "checkpoints/m1", "checkpoints/m3")
     old_final = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)["modules"]["m2"]["final_version"]
     isostack("retrain", "e2e", "--module", "m2", "--store", str(store))
-    after = tree_hashes(root, "store/m1", "store/m3", "store/m4", "store/input", "checkpoints/m1", "checkpoints/m3",
-                        "checkpoints/m4")
+    after = tree_hashes(root, "store/m1", "store/m3", "store/input", "checkpoints/m1", "checkpoints/m3")
     assert before == after
     report = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)
     assert report["modules"]["m2"]["final_version"] > old_final
@@ -127,15 +132,15 @@ def test_retrain_touches_only_its_module_and_marks_above_stale(finished_run):
 
 def test_evaluate_after_retrain_uses_the_new_version(finished_run):
     store, root, _ = finished_run
-    isostack("retrain", "e2e", "--module", "m4", "--store", str(store))
+    isostack("retrain", "e2e", "--module", "m3", "--store", str(store))
     report = json.loads(isostack("status", "e2e", "--store", str(store), "--json").stdout)
-    assert not report["modules"]["m4"]["stale"]
+    assert not report["modules"]["m3"]["stale"]
     proc = isostack("evaluate", "e2e", "--store", str(store))
     assert "nearest centroid (test)" in proc.stdout
     # the report on disk still holds the run's numbers: evaluate says so and how to refresh it, not where it is
     assert "report: " not in proc.stdout and "isostack export e2e" in proc.stdout, proc.stdout
     summary = json.loads((root / "summary.json").read_text())
-    assert summary["evaluation"]["source"] == {"stage": "m4", "version": report["modules"]["m4"]["final_version"]}
+    assert summary["evaluation"]["source"] == {"stage": "m3", "version": report["modules"]["m3"]["final_version"]}
 
 
 def test_unknown_module_in_retrain_is_refused(finished_run):

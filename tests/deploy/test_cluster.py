@@ -28,9 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
-from tests.conftest import TINY_NORB
+from tests.conftest import TINY_NORB, split_default_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -241,16 +240,12 @@ def three_nodes():
 
 
 def _three_module_config(tmp_path: Path) -> Path:
-    """The tiny default preset without its MLP head: three conv modules."""
-    from pipeline.planning.config import load_config
-
-    tiny = TINY_NORB + ["train.epochs=1", "schedule.poll_seconds=0.1"] + \
+    """The tiny default preset's layers in three modules of one CPU each (three_nodes: 3 CPUs a node, so pack
+    fits the whole stack on one)."""
+    tiny = TINY_NORB + ["train.epochs=1", "schedule.poll_seconds=0.1", "stack.m3.layers.3.features=16",
+                        "resources.cpus_per_module=1"] + \
         [f"stack.m{i}.layers.0.channels=8" for i in (1, 2, 3)]
-    raw = load_config(None, tiny).model_dump(mode="json", exclude_none=True)
-    del raw["stack"]["m4"]
-    path = tmp_path / "three.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return split_default_config(tmp_path / "three.yaml", tiny)
 
 
 def _placed(cluster, config: Path, store: Path, run_id: str, placement: str) -> dict[str, dict]:

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.planning.config import load_config
 from pipeline.run.driver import prepare_run
-from tests.conftest import TINY_NORB
+from tests.conftest import TINY_NORB, split_default_config
 from workers.epochs import Boundary, Step, next_step, publishes_after
 from workers.trainer import ModuleTrainer
 
@@ -69,12 +69,13 @@ COMBOS = list(itertools.product((0, 1), (True, False), (1, 2), ("full", "stream"
 @pytest.mark.parametrize("settle,track,every,publish", COMBOS)
 def test_trainer_run_loop_builds_every_final_on_the_upstream_final(tmp_path, settle, track, every, publish):
     # m2 has fewer epochs than m1, so it reaches its budget while m1 still publishes non-final versions.
-    cfg = load_config(None, TINY_NORB + [
+    # The default's layers in three modules: a middle one (m2) both reads an upstream and has one above it.
+    three = split_default_config(tmp_path / "three.yaml")
+    cfg = load_config(str(three), TINY_NORB + [
         "train.epochs=1", "stack.m1.train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=3",
         "schedule.poll_seconds=0.02", f"schedule.settle_epochs={settle}", f"schedule.track_upstream={str(track).lower()}",
         f"schedule.publish_every={every}", f"schedule.publish={publish}", "store.window_samples=96",
         "store.rows_per_shard=24"], str(tmp_path / "store"))
-    cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2", "m3")}})
     store, _, _ = prepare_run(cfg, "r")
     config = cfg.model_dump(mode="json")
     trainers = [ModuleTrainer(store.uri, "r", name, config) for name in cfg.stack]

@@ -16,16 +16,18 @@ from pipeline.run.driver import prepare_run
 from pipeline.errors import ConfigError, StoreError
 from pipeline.feed import load_source, load_upstream
 from pipeline.planning.plan import build_plan
-from tests.conftest import TINY_NORB
+from tests.conftest import TINY_NORB, split_default_config
 from workers.trainer import ModuleTrainer
 
+# m1 small (8 and 16 channels, ~3.4k parameters) as a module is that a stage skips storing: its weights are a
+# small fraction of its activations.
 STACK = TINY_NORB + ["train.epochs=1", "train.batch_size=32", "schedule.poll_seconds=0.05",
-                     "schedule.settle_epochs=1", "train.max_steps_per_epoch=3"]
+                     "schedule.settle_epochs=1", "train.max_steps_per_epoch=3", "stack.m1.layers.0.channels=8",
+                     "stack.m1.layers.2.channels=16", "stack.m2.layers.0.channels=16", "stack.m2.layers.3.features=16"]
 
 
 def _train(tmp_path, materialize: bool):
     cfg = load_config(None, STACK + [f"stack.m1.store.materialize={str(materialize).lower()}"], str(tmp_path / "store"))
-    cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
     store, _, _ = prepare_run(cfg, "r")
     config = cfg.model_dump(mode="json")
     for name in ("m1", "m2"):
@@ -65,14 +67,16 @@ def test_recomputed_input_matches_materialized_activations(tmp_path):
         weights_only.read("m1", final.version)
 
 
-def test_plan_records_the_chain_and_refuses_what_cannot_work():
-    cfg = load_config(None, ["stack.m1.store.materialize=false", "stack.m2.store.materialize=false"], None)
+def test_plan_records_the_chain_and_refuses_what_cannot_work(tmp_path):
+    # The default's layers in four modules: a chain of two recomputed ones, then a materialized one below the top.
+    four = str(split_default_config(tmp_path / "four.yaml", cuts=(2, 4, 6)))
+    cfg = load_config(four, ["stack.m1.store.materialize=false", "stack.m2.store.materialize=false"], None)
     plan = build_plan(cfg, check_paths=False)
     assert [(m.source, m.recompute) for m in plan.modules] == [("", []), ("input", ["m1"]), ("input", ["m1", "m2"]),
                                                                ("", [])]
     with pytest.raises(ConfigError) as top:
-        build_plan(load_config(None, ["stack.m4.store.materialize=false"], None), check_paths=False)
-    assert "stack.m4.store.materialize" in str(top.value) and "top module" in str(top.value)
+        build_plan(load_config(None, ["stack.m2.store.materialize=false"], None), check_paths=False)
+    assert "stack.m2.store.materialize" in str(top.value) and "top module" in str(top.value)
     small = ["stack.m1.store.materialize=false", "resources.device_memory_gb=0.001"]
     with pytest.raises(ConfigError) as tight:
         build_plan(load_config(None, small, None), check_paths=False)

@@ -11,7 +11,7 @@ from pipeline.planning.capacity import capacity, format_capacity, forward_flops,
 from pipeline.cli import main
 from pipeline.planning.config import load_config
 from pipeline.run.driver import prepare_run
-from tests.conftest import TINY_NORB
+from tests.conftest import TINY_NORB, split_default_config
 from workers.trainer import ModuleTrainer
 
 STACK = TINY_NORB + ["train.epochs=1", "train.batch_size=32", "schedule.poll_seconds=0.05",
@@ -44,8 +44,10 @@ def test_planned_bytes_per_version_match_the_manifests_of_a_real_run(tmp_path):
     assert planned["m1"].read_bytes_per_s == pytest.approx(100.0 * planned["m1"].bytes_per_sample)
 
 
-def test_a_non_materialized_boundary_costs_weights_and_recompute_flops():
-    cfg = load_config(None, ["stack.m1.store.materialize=false", "stack.m2.store.materialize=false"], None)
+def test_a_non_materialized_boundary_costs_weights_and_recompute_flops(tmp_path):
+    # The default's layers in four modules (m1: conv-pool), so that two boundaries in a row are recomputed.
+    four = str(split_default_config(tmp_path / "four.yaml", cuts=(2, 4, 6)))
+    cfg = load_config(four, ["stack.m1.store.materialize=false", "stack.m2.store.materialize=false"], None)
     plan = plan_for_capacity(cfg)
     b = {x.stage: x for x in capacity(cfg, plan, 1000, 500.0)}
     assert b["m1"].bytes_per_sample == 0 and b["m1"].read_bytes_per_s == 0
@@ -85,15 +87,17 @@ def test_validate_predicts_each_actors_memory_and_refuses_a_config_over_budget()
     from pipeline.planning.capacity import describe
     from pipeline.planning.plan import build_plan
 
-    wide = ["dataset.image_size=32", "stack.m1.layers.0.channels=64", "resources.memory_per_module=64"]
+    # m1's output wide (256 x 8 x 8 float16, 32 KB a row, as m2's input was in the four-module default's at 64 x 16 x 16)
+    wide = ["dataset.image_size=32", "stack.m1.layers.2.channels=256", "resources.memory_per_module=64"]
     cfg = load_config(None, wide, None)
     plan = build_plan(cfg, check_paths=False, local_cluster=False)
     m2 = plan.module("m2")
     assert m2.host_memory["window"] > 0 and m2.buffer_samples >= 1
     text = describe(plan, cfg)
     assert "host memory per module actor" in text and "buffer" in text
-    # The same stack with a huge shuffle buffer on a small budget: refused, naming the key and the knob.
-    tight = load_config(None, wide[:-1] + ["resources.memory_per_module=1", "feed.buffer_samples=100000",
+    # The same stack with a huge shuffle buffer on a small budget (m2's fixed parts alone take ~0.93 GiB):
+    # refused, naming the key and the knob.
+    tight = load_config(None, wide[:-1] + ["resources.memory_per_module=1.25", "feed.buffer_samples=100000",
                                            "dataset.max_per_split=100000"], None)
     with pytest.raises(ConfigError) as err:
         build_plan(tight, check_paths=False, local_cluster=False)
@@ -101,7 +105,7 @@ def test_validate_predicts_each_actors_memory_and_refuses_a_config_over_budget()
     assert "resources.memory_per_module" in keys
     assert "feed.buffer_samples" in str(err.value)
     # An automatic buffer shrinks to what the budget allows instead.
-    auto = load_config(None, wide[:-1] + ["resources.memory_per_module=1"], None)
+    auto = load_config(None, wide[:-1] + ["resources.memory_per_module=1.25"], None)
     small = build_plan(auto, check_paths=False, local_cluster=False).module("m2")
     assert small.buffer_samples <= m2.buffer_samples
 

@@ -118,15 +118,15 @@ def test_new_objectives_are_configurable_and_plan(kind, extra):
 
 @pytest.mark.parametrize("sets, path, words", [
     (["stack.m2.objective.kind=aet"], "stack.m2.objective.kind", "only the first module"),
-    (["stack.m4.objective.kind=dim"], "stack.m4.objective.kind", "no locations"),
-    (["stack.m4.objective.kind=cpc_ar"], "stack.m4.objective.kind", "vector"),
+    (["stack.m2.objective.kind=dim"], "stack.m2.objective.kind", "no locations"),
+    (["stack.m2.objective.kind=cpc_ar"], "stack.m2.objective.kind", "vector"),
     (["stack.m1.objective.kind=cpc_ar", "stack.m1.objective.context=masked_conv", "stack.m1.objective.bptt_steps=2"],
      "stack.m1.objective.bptt_steps", "gru"),
     (["stack.m1.objective.kind=moco", "stack.m1.objective.pairing=patch_grid"], "stack.m1.objective.pairing",
      "needs sample pairs"),
     (["stack.m2.objective.kind=moco", "stack.m2.objective.pairing=augment"], "stack.m2.objective.pairing",
      "only the first module"),
-    (["stack.m1.objective.kind=autoencoder", "stack.m1.layers.1.type=global_pool", "dataset.image_size=64",
+    (["stack.m1.objective.kind=autoencoder", "stack.m1.layers.3.type=global_pool", "dataset.image_size=64",
       "stack.m1.objective.hidden=20000"], "stack.m1.objective.hidden", "lower objective.hidden"),
 ])
 def test_new_objectives_validate_in_the_plan(sets, path, words):

@@ -69,8 +69,8 @@ except ConfigError as e:
 @pytest.mark.slow
 def test_a_real_run_trains_and_evaluates_without_torch_in_the_driver(tmp_path):
     overrides = TINY_NORB + ["train.epochs=1", "train.batch_size=32", "schedule.poll_seconds=0.1",
-                             "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=16",
-                             "stack.m3.layers.0.channels=16", "stack.m4.layers.1.features=16"]
+                             "stack.m1.layers.0.channels=8", "stack.m1.layers.2.channels=16",
+                             "stack.m2.layers.0.channels=16", "stack.m2.layers.3.features=16"]
     seen = _python(_HEADER + """
 from pipeline.planning.config import load_config
 from pipeline.run import driver
@@ -88,7 +88,7 @@ seen["finished"] = loaded()
 print("SEEN " + json.dumps(seen))
 """, str(tmp_path / "store"), *overrides, timeout=600)
     assert seen["rc"] == 0
-    assert seen["states"] == {n: "final" for n in ("m1", "m2", "m3", "m4")}
+    assert seen["states"] == {n: "final" for n in ("m1", "m2")}
     assert seen["imported"] == [] and seen["trained"] == [] and seen["finished"] == []
     summary = json.loads((tmp_path / "store" / "light" / "summary.json").read_text())
     # The final stage ran (in its child process) and merged its results into the driver's summary.
