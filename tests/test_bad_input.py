@@ -26,7 +26,9 @@ def store_hash(root: Path) -> dict[str, str]:
 def run_store(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad")
     config = base / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**STACK, "train": {"epochs": 1, "batch_size": 32}}))
+    # A finished run with its model (embed reads it); no plots, report or raw baseline, which no case reads.
+    config.write_text(yaml.safe_dump({**STACK, "train": {"epochs": 1, "batch_size": 32},
+                                      "export": {"plots": False, "report": False}, "evaluate": {"baselines": False}}))
     store = base / "store"
     cli("run", str(config), *sets(), "--store", str(store), "--run-id", "good")
     return store, config

@@ -116,7 +116,8 @@ def test_runs_lists_a_finished_and_a_failed_run(tmp_path):
 
     store = tmp_path / "store"
     small = ["--set", "train.epochs=2", "--set", "stack.m1.layers.0.channels=4", "--set", "stack.m2.layers.0.channels=4",
-             "--set", "dataset.max_per_split=60", "--store", str(store)]
+             "--set", "dataset.max_per_split=60", "--set", "export.plots=false", "--set", "export.report=false",
+             "--set", "export.model=false", "--set", "evaluate.baselines=false", "--store", str(store)]
     env = {**os.environ, "ISOSTACK_FAULTS": "nan_loss:m2:2", "ISOSTACK_FAULTS_DIR": str(tmp_path / "faults")}
     runs = {"good": {**os.environ}, "bad": env}
     for run_id, run_env in runs.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,24 @@ def config(tmp_path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(STACK))
     return path
+
+
+@pytest.fixture(scope="module")
+def finished_store(tmp_path_factory) -> Path:
+    """A store holding one finished run ``done`` of STACK (2 epochs at lr 0.001, no final stage), trained once for
+    the tests that retrain a finished run: each works on a copy of it (``copy_store``)."""
+    base = tmp_path_factory.mktemp("finished")
+    config = base / "tiny.yaml"
+    config.write_text(yaml.safe_dump(STACK))
+    cli("run", str(config), *sets(["train.epochs=2", "train.lr=0.001"]), "--store", str(base / "store"),
+        "--run-id", "done", "--no-final-stage")
+    return base / "store"
+
+
+def copy_store(finished: Path, tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(finished, store)
+    return store
 
 
 def cli(*args, env=None, timeout=300, check=True):
@@ -170,29 +189,26 @@ def test_nan_loss_stops_the_module_and_fails_the_run_with_its_cause(config, tmp_
     assert "failed" in proc.stderr and "resume" in proc.stderr
 
 
-def test_second_retrain_of_the_same_module_is_refused_naming_the_owner(config, tmp_path):
-    store = tmp_path / "store"
-    cli("run", str(config), *sets(), "--store", str(store), "--run-id", "lease", "--no-final-stage")
-    first = subprocess.Popen([sys.executable, "-m", "pipeline", "retrain", "lease", "--module", "m2", "--store", str(store),
+def test_second_retrain_of_the_same_module_is_refused_naming_the_owner(finished_store, tmp_path):
+    store = copy_store(finished_store, tmp_path)
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", "retrain", "done", "--module", "m2", "--store", str(store),
                               "--set", "train.epochs=20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lease = store / "lease" / "leases" / "m2.json"
+    lease = store / "done" / "leases" / "m2.json"
     deadline = time.time() + 60
     while not lease.exists() and time.time() < deadline:
         time.sleep(0.05)
     owner = json.loads(lease.read_text())["owner"]
-    second = cli("retrain", "lease", "--module", "m2", "--store", str(store), check=False)
+    second = cli("retrain", "done", "--module", "m2", "--store", str(store), check=False)
     assert second.returncode != 0 and owner in second.stderr and "being trained by" in second.stderr
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert not lease.exists()  # released when the first finished
 
 
-def test_retrain_set_is_local_to_its_module_and_recorded(config, tmp_path):
-    store = tmp_path / "store"
-    cli("run", str(config), *sets(["train.epochs=2", "train.lr=0.001"]), "--store", str(store), "--run-id", "local",
-        "--no-final-stage")
-    root = store / "local"
-    cli("retrain", "local", "--module", "m2", "--store", str(store), "--set", "train.lr=0.005", "--set", "train.epochs=1")
+def test_retrain_set_is_local_to_its_module_and_recorded(finished_store, tmp_path):
+    store = copy_store(finished_store, tmp_path)  # run with train.epochs=2 and train.lr=0.001
+    root = store / "done"
+    cli("retrain", "done", "--module", "m2", "--store", str(store), "--set", "train.lr=0.005", "--set", "train.epochs=1")
     info = json.loads((root / "run.json").read_text())
     assert info["retrains"][-1]["module"] == "m2" and info["retrains"][-1]["generation"] == 1
     assert info["retrains"][-1]["overrides"] == ["train.lr=0.005", "train.epochs=1"]
@@ -204,7 +220,7 @@ def test_retrain_set_is_local_to_its_module_and_recorded(config, tmp_path):
     assert manifests(root, "m2")[-1]["final"] and manifests(root, "m2")[-1]["producer"] == {
         **manifests(root, "m2")[-1]["producer"], "generation": 1, "epoch": 1}
     # A later retrain of m1 trains with the run's settings (2 epochs at lr 0.001), not the ones given to m2.
-    cli("retrain", "local", "--module", "m1", "--store", str(store))
+    cli("retrain", "done", "--module", "m1", "--store", str(store))
     m1_final = manifests(root, "m1")[-1]
     assert m1_final["final"] and m1_final["producer"]["generation"] == 1 and m1_final["producer"]["epoch"] == 2
     info = json.loads((root / "run.json").read_text())

@@ -21,7 +21,8 @@ ONE_PER_OBJECT = [
     "dataset.image_size=16", "dataset.instances=[0,1,2,3]", "dataset.azimuths=[0]", "dataset.elevations=[0]",
     "dataset.lightings=[0,1,2,4]", "dataset.split=lighting", "train.epochs=1", "train.batch_size=32",
     "schedule.poll_seconds=0.1", "stack.m1.layers.0.channels=8", "stack.m1.layers.2.channels=16",
-    "stack.m2.layers.0.channels=16", "stack.m2.layers.3.features=16", "export.model=false",
+    "stack.m2.layers.0.channels=16", "stack.m2.layers.3.features=16", "export.model=false", "export.plots=false",
+    "evaluate.baselines=false",
 ]
 
 

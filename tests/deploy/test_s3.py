@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ACCESS_KEY = "AKIAISOSTACKFAKE0001"
 SECRET_KEY = "isostack+FAKE/secret0123456789abcdefABCDEF"
 BUCKET = "isostack-test"
-TINY = ["train.epochs=1", "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=8"]
+TINY = ["train.epochs=1", "stack.m1.layers.0.channels=8", "stack.m2.layers.0.channels=8", "dataset.max_per_split=60",
+        "export.plots=false", "export.model=false"]
 
 
 def _free_port() -> int:
