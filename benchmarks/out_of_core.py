@@ -43,6 +43,7 @@ def config(samples: int, buffer: int | None, readahead: int | None = None) -> di
         "schedule.poll_seconds=0.05", "stack.m1.layers.0.channels=64", "stack.m1.layers=[{type: conv, channels: 64, "
         "kernel: 3, padding: same}]", "stack.m2.layers=[{type: conv, channels: 16, kernel: 3, stride: 2}, "
         "{type: maxpool, kernel: 2}]", "store.rows_per_shard=512", "resources.memory_per_module=64",
+        "resources.cpus_per_module=1",  # one thread, as every number in out_of_core.md was measured
         "evaluate.baselines=false", *([f"feed.buffer_samples={buffer}"] if buffer else []),
         *([f"feed.readahead={readahead}"] if readahead is not None else [])], None)
     cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
