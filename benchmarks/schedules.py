@@ -31,9 +31,17 @@ NO_EXPORTS = ["export.plots=false", "export.report=false", "export.model=false",
 
 
 def stack_config(workdir: str, n_modules: int, overrides: list[str], tag: str) -> RunConfig:
-    """norb-synthetic cut to its first ``n_modules`` modules, with ``overrides``, storing under ``workdir``."""
+    """norb-synthetic's layers two to a module (conv-pool, conv-pool, conv-pool, flatten-linear: the four-module
+    stack these benchmarks were recorded on) cut to the first ``n_modules``, one thread a module, with
+    ``overrides``, storing under ``workdir``."""
     raw, _ = read_source("norb-synthetic")
-    raw["stack"] = dict(list(raw["stack"].items())[:n_modules])
+    layers = [layer for module in raw["stack"].values() for layer in module["layers"]]
+    groups = [layers[i:i + 2] for i in range(0, len(layers), 2)]
+    if not 1 <= n_modules <= len(groups):
+        raise ValueError(f"norb-synthetic's layers make 1 to {len(groups)} modules, not {n_modules}")
+    objective = next(iter(raw["stack"].values()))["objective"]
+    raw["stack"] = {f"m{i + 1}": {"layers": g, "objective": objective} for i, g in enumerate(groups[:n_modules])}
+    raw.pop("resources", None)
     path = os.path.join(workdir, f"{tag}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
