@@ -1,6 +1,6 @@
 """A conv module's training GFLOP/s against this machine's dense matmul GFLOP/s, at the same thread count.
 
-The module is the second of norb-synthetic's layers two to a module (``schedules.stack_config``: conv 32->64,
+The module is the second of norb-synthetic's layers two to a module (``regrouped_stack``: conv 32->64,
 5x5, on 32x16x16 float32 activations, then max-pool) with
 its infonce_pair objective; one training step is forward of the pair, loss, backward and Adam. FLOPs per
 step are counted by ``torch.utils.flop_counter.FlopCounterMode`` (convs and matmuls only: pooling,
@@ -10,14 +10,13 @@ is the best of a few float32 ``torch.mm`` of 2048x2048 (2*n^3 FLOPs each).
 
 from __future__ import annotations
 
-import tempfile
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import cpu_threads, goal_row
-from benchmarks.schedules import stack_config
+from benchmarks import cpu_threads, goal_row, regrouped_stack
+from pipeline.planning.config import overridden_config, read_source
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
 from pipeline.planning.plan import build_plan
@@ -36,8 +35,9 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def conv_module(batch: int, stage: str = "m2"):
     """(step function, FLOPs per step) for ``stage`` of norb-synthetic's layers two to a module, at 32 px."""
-    with tempfile.TemporaryDirectory() as workdir:
-        cfg = stack_config(workdir, 4, ["dataset.image_size=32"], "compute")
+    raw, _ = read_source("norb-synthetic")
+    raw["stack"] = regrouped_stack(raw, (2, 4, 6))
+    cfg = overridden_config(raw, ["dataset.image_size=32"])
     plan = build_plan(cfg, check_paths=False, local_cluster=False)
     mp = plan.module(stage)
     torch.manual_seed(0)

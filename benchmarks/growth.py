@@ -35,7 +35,7 @@ def run(quick: bool, workdir: str) -> dict:
     try:
         for size, inst in data.items():
             for n in modules:
-                cfg = stack_config(workdir, n, base + [inst], f"growth{n}{size}")
+                cfg = stack_config(workdir, n, base + [inst])
                 res = timed_run(cfg, f"growth-{n}-{size}", log)
                 store = res.pop("store")
                 root = os.path.join(cfg.store.uri, store.run_id)

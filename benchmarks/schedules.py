@@ -16,11 +16,10 @@ import datetime as dt
 import os
 import time
 
-import yaml
 
-from benchmarks import cpu_threads, goal_row, quiet
+from benchmarks import cpu_threads, goal_row, quiet, regrouped_stack
 from benchmarks.reference_gim import train_reference
-from pipeline.planning.config import load_config, read_source
+from pipeline.planning.config import overridden_config, read_source
 from schemas.config import RunConfig
 
 TINY_NORB = [  # tests/conftest.py's TINY_NORB
@@ -30,22 +29,16 @@ TINY_NORB = [  # tests/conftest.py's TINY_NORB
 NO_EXPORTS = ["export.plots=false", "export.report=false", "export.model=false", "schedule.poll_seconds=0.1"]
 
 
-def stack_config(workdir: str, n_modules: int, overrides: list[str], tag: str) -> RunConfig:
-    """norb-synthetic's layers two to a module (conv-pool, conv-pool, conv-pool, flatten-linear: the four-module
-    stack these benchmarks were recorded on) cut to the first ``n_modules``, one thread a module, with
-    ``overrides``, storing under ``workdir``."""
+def stack_config(workdir: str, n_modules: int, overrides: list[str]) -> RunConfig:
+    """norb-synthetic's four-module stack (``regrouped_stack``: the one these benchmarks were recorded on) cut to
+    its first ``n_modules``, one thread a module, with ``overrides``, storing under ``workdir``."""
     raw, _ = read_source("norb-synthetic")
-    layers = [layer for module in raw["stack"].values() for layer in module["layers"]]
-    groups = [layers[i:i + 2] for i in range(0, len(layers), 2)]
-    if not 1 <= n_modules <= len(groups):
-        raise ValueError(f"norb-synthetic's layers make 1 to {len(groups)} modules, not {n_modules}")
-    objective = next(iter(raw["stack"].values()))["objective"]
-    raw["stack"] = {f"m{i + 1}": {"layers": g, "objective": objective} for i, g in enumerate(groups[:n_modules])}
+    stack = regrouped_stack(raw, (2, 4, 6))
+    if not 1 <= n_modules <= len(stack):
+        raise ValueError(f"norb-synthetic's layers make 1 to {len(stack)} modules, not {n_modules}")
+    raw["stack"] = dict(list(stack.items())[:n_modules])
     raw.pop("resources", None)
-    path = os.path.join(workdir, f"{tag}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(raw, f)
-    return load_config(path, overrides, store=os.path.join(workdir, "store"))
+    return overridden_config(raw, overrides, store=os.path.join(workdir, "store"))
 
 
 def sizes(quick: bool) -> list[str]:
@@ -98,12 +91,12 @@ def run(quick: bool, workdir: str) -> dict:
             base = sizes(quick) + NO_EXPORTS
             res = {}
             for mode in ("async", "sequential"):
-                cfg = stack_config(workdir, n, base + [f"schedule.mode={mode}"], f"{mode}{n}")
+                cfg = stack_config(workdir, n, base + [f"schedule.mode={mode}"])
                 res[mode] = timed_run(cfg, f"sched-{mode}-{n}", log)
             ref_store = res["sequential"].pop("store")
             res["async"].pop("store")
             if n == 2:  # warm-up of the loop (first torch ops, oneDNN kernels), as the actors had theirs
-                warm = stack_config(workdir, n, base + ["train.epochs=1", "train.max_steps_per_epoch=1"], "warm")
+                warm = stack_config(workdir, n, base + ["train.epochs=1", "train.max_steps_per_epoch=1"])
                 train_reference(warm, ref_store, threads=cpu_threads())
             res["reference"] = train_reference(cfg, ref_store, threads=cpu_threads())
             a, s, r = res["async"], res["sequential"], res["reference"]
@@ -125,7 +118,7 @@ def run(quick: bool, workdir: str) -> dict:
             # The same 2-module stack trained longer: how far the fixed costs per run and per epoch (actor start,
             # checkpoints, publishing, the upper module's settle epochs) dilute once epochs are not this short.
             base = sizes(quick) + NO_EXPORTS + ["train.epochs=10"]
-            res = {mode: timed_run(stack_config(workdir, 2, base + [f"schedule.mode={mode}"], f"{mode}2x10"),
+            res = {mode: timed_run(stack_config(workdir, 2, base + [f"schedule.mode={mode}"]),
                                    f"sched-{mode}-2-e10", log) for mode in ("async", "sequential")}
             a, s = res["async"], res["sequential"]
             a.pop("store"), s.pop("store")

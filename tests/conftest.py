@@ -41,17 +41,13 @@ def split_default_config(path, overrides=(), cuts=(2, 4)):
     """
     import yaml
 
-    from pipeline.planning.config import load_config, read_source
+    from benchmarks import regrouped_stack
+    from pipeline.planning.config import overridden_config, read_source
 
     raw, _ = read_source(None)
-    layers = [layer for module in raw["stack"].values() for layer in module["layers"]]
-    objective = raw["stack"]["m1"]["objective"]
-    bounds = [0, *cuts, len(layers)]
-    raw["stack"] = {f"m{i + 1}": {"layers": layers[a:b], "objective": objective}
-                    for i, (a, b) in enumerate(zip(bounds, bounds[1:]))}
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    raw = load_config(str(path), list(overrides)).model_dump(mode="json", exclude_none=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw["stack"] = regrouped_stack(raw, cuts)
+    config = overridden_config(raw, list(overrides)).model_dump(mode="json", exclude_none=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
