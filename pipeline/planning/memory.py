@@ -27,7 +27,7 @@ INDEX_BYTES_PER_ROW = 96  # metadata index: 7 columns as numpy + the Arrow table
 AUTO_BUFFER_BYTES = 256 * 2**20  # an automatic shuffle window (and its partners) holds at most this many bytes ...
 AUTO_BUFFER_SHARE = 0.25  # ... and at most this share of the budget
 MIN_AUTO_BATCHES = 2  # ... but at least this many batches of rows (a batch mixes rows of a few row groups)
-MAX_AUTO_BUFFER = 8192
+MAX_AUTO_BUFFER = 32768  # rows: a version of small rows (images of a few KB) is shuffled whole
 STEP_SHARE = 0.5  # on CPU, a whole step up to this share of the actor's budget; beyond it, micro-batches
 PUBLISH_CHUNK_BYTES = 128 * 2**20  # inference activations of one publishing chunk, at most
 PUBLISH_CHUNK_SHARE = 0.1  # ... and at most this share of the actor's budget
@@ -60,7 +60,9 @@ def buffer_samples(cfg: RunConfig, in_row_bytes: int, batch_size: int) -> int:
     of the budget): at least ``MIN_AUTO_BATCHES`` batches, at most ``MAX_AUTO_BUFFER`` rows.
 
     The window is there for shuffle quality (each batch mixes rows of several row groups), not to fill the
-    budget: a window the size of the whole version buys no better order and holds gigabytes of wide rows."""
+    budget: for wide rows a window of a few row groups mixes objects of every class (the input is dealt out
+    by object, ``pipeline.run.ingest.shard_order``), where the whole version would hold gigabytes; a version
+    of small rows under ``MAX_AUTO_BUFFER`` is held whole, one full shuffle as in memory."""
     if cfg.feed.buffer_samples is not None:
         return cfg.feed.buffer_samples
     have, _ = budget(cfg)
