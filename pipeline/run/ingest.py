@@ -64,8 +64,8 @@ def shard_order(meta: pa.Table, rows_per_shard: int, seed: int) -> np.ndarray | 
 
     A trainer streams a large version through a window of a few row groups (``pipeline.feed.epoch``), and its
     contrastive negatives are the other rows of a batch: written in the loaded order (small-NORB's files, an
-    image folder: sorted by class), a window held one or two classes at a time. Dealt out by object, every row
-    group holds objects of all classes, while the rows a ``same_instance`` or ``neighbor_pose`` partner comes
+    image folder: sorted by class), a window held one or two classes at a time. Dealt out by object, a row group
+    holds objects drawn from every class, while the rows a ``same_instance`` or ``neighbor_pose`` partner comes
     from stay together in one row group. A version of one shard is one unit, fully shuffled every epoch: it
     keeps the loaded order (the single-process reference's)."""
     n = meta.num_rows
