@@ -16,7 +16,6 @@ import datetime as dt
 import os
 import time
 
-
 from benchmarks import cpu_threads, goal_row, quiet, regrouped_stack
 from benchmarks.reference_gim import train_reference
 from pipeline.planning.config import overridden_config, read_source

@@ -72,12 +72,11 @@ def shard_order(meta: pa.Table, rows_per_shard: int, seed: int) -> np.ndarray | 
     if n <= rows_per_shard:
         return None
     rng = np.random.default_rng(seed)
-    instance = meta.column("instance") if "instance" in meta.column_names else None
-    if instance is None or instance.null_count == n:
+    if meta.column("instance").null_count == n:
         return rng.permutation(n)
     label = meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    inst = instance.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    key = np.where(inst >= 0, label * 100_003 + inst, -1 - np.arange(n))  # no instance: a group of one row
-    _, group = np.unique(key, return_inverse=True)
-    rank = rng.permutation(group.max() + 1)[group]
+    inst = meta.column("instance").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    inst = np.where(inst >= 0, inst, -1 - np.arange(n))  # no instance: an object of one row
+    _, group = np.unique(np.stack([label, inst], axis=1), axis=0, return_inverse=True)
+    rank = rng.permutation(group.max() + 1)[group.reshape(-1)]
     return np.lexsort((np.arange(n), rank))
