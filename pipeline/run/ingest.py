@@ -57,26 +57,53 @@ def ingest(store: Store, cfg: DatasetConfig, *, rows_per_shard: int = 4096, data
         raise
 
 
-def shard_order(meta: pa.Table, rows_per_shard: int, seed: int) -> np.ndarray | None:
-    """The order a dataset's rows are written in: None (as loaded) when they fit one shard; otherwise its
-    objects, (label, instance), in a seeded random order, each object's rows together and in loaded order
-    (a row without an instance is an object of its own).
+def shard_order(meta: pa.Table, rows_per_shard: int, seed: int, piece_rows: int | None = None) -> np.ndarray | None:
+    """The order a dataset's rows are written in: None (as loaded) when they fit one shard; otherwise dealt
+    out in *pieces* of objects: each object's (label, instance) rows in pose order (elevation, azimuth,
+    lighting; loaded order without a pose) cut into pieces of about ``piece_rows`` rows (by default
+    ``rows_per_shard / PIECES_PER_SHARD``, at least ``MIN_PIECE``), the pieces of all objects in a seeded random
+    order (a row without an instance is a piece of its own).
 
     A trainer streams a large version through a window of a few row groups (``pipeline.feed.epoch``), and its
     contrastive negatives are the other rows of a batch: written in the loaded order (small-NORB's files, an
-    image folder: sorted by class), a window held one or two classes at a time. Dealt out by object, a row group
-    holds objects drawn from every class, while the rows a ``same_instance`` or ``neighbor_pose`` partner comes
-    from stay together in one row group. A version of one shard is one unit, fully shuffled every epoch: it
-    keeps the loaded order (the single-process reference's)."""
+    image folder: sorted by class), a window held one or two classes at a time; dealt out as whole objects, a
+    window of a third of the rows held a third of the objects. Dealt out in small pieces, a row group holds
+    pieces of nearly every object, a row's ``same_instance`` partners (its object's other pieces in the
+    window) span its object's poses, and its ``neighbor_pose`` partner (the next azimuth) is in its own
+    piece. A version of one shard is one unit, fully shuffled every epoch: it keeps the loaded order (the
+    single-process reference's)."""
     n = meta.num_rows
     if n <= rows_per_shard:
         return None
     rng = np.random.default_rng(seed)
     if meta.column("instance").null_count == n:
         return rng.permutation(n)
-    label = meta.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    inst = meta.column("instance").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    label = _ints(meta, "label")
+    inst = _ints(meta, "instance")
     inst = np.where(inst >= 0, inst, -1 - np.arange(n))  # no instance: an object of one row
-    _, group = np.unique(np.stack([label, inst], axis=1), axis=0, return_inverse=True)
-    rank = rng.permutation(group.max() + 1)[group.reshape(-1)]
-    return np.lexsort((np.arange(n), rank))
+    _, obj = np.unique(np.stack([label, inst], axis=1), axis=0, return_inverse=True)
+    obj = obj.reshape(-1)
+    pose = [np.nan_to_num(_floats(meta, c), nan=0.0) for c in ("lighting", "azimuth", "elevation")]
+    by_object = np.lexsort((np.arange(n), *pose, obj))  # rows by object, then pose, then loaded order
+    size = np.bincount(obj)
+    rank = np.empty(n, dtype=np.int64)  # a row's place in its object's pose order
+    rank[by_object] = np.arange(n) - (np.cumsum(size) - size)[obj[by_object]]
+    if piece_rows is None:
+        piece_rows = max(MIN_PIECE, rows_per_shard // PIECES_PER_SHARD)
+    pieces = np.maximum(1, np.rint(size / piece_rows)).astype(np.int64)
+    piece = (np.cumsum(pieces) - pieces)[obj] + rank * pieces[obj] // size[obj]  # each object split evenly
+    return np.lexsort((rank, rng.permutation(int(pieces.sum()))[piece]))
+
+
+PIECES_PER_SHARD = 256  # pieces of 16 rows in a shard of 4,096
+MIN_PIECE = 8  # rows: a piece holds a few neighbouring poses
+
+
+def _ints(meta: pa.Table, name: str) -> np.ndarray:
+    return meta.column(name).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _floats(meta: pa.Table, name: str) -> np.ndarray:
+    if name not in meta.column_names:
+        return np.zeros(meta.num_rows)
+    return meta.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
