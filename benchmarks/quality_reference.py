@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.data import Dataset
+from pipeline.data.base import object_ids
 from pipeline.feed import plan_epoch
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective, local_loss
@@ -102,7 +103,7 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
     rows = np.flatnonzero(cols["split"] == "train")
     tc = cfg.module_train(names[0])
     gen = torch.Generator().manual_seed(tc.seed)
-    groups_all = torch.from_numpy(cols["label"] * 100_003 + cols["instance"])
+    groups_all = torch.from_numpy(object_ids(cols["label"], cols["instance"]))
     labels_all = torch.from_numpy(cols["label"])
     for epoch in range(epochs or tc.epochs):
         rng = np.random.default_rng([tc.seed, 0, 0, epoch])
@@ -195,7 +196,7 @@ def _train_one(cfg: RunConfig, name: str, index: int, module, objective, inputs:
     n = len(inputs[0]) if inputs else 0
     local, unit = np.arange(n), np.zeros(n, dtype=np.int64)
     labels = torch.from_numpy(meta["label"])
-    groups = torch.from_numpy(meta["label"] * 100_003 + meta["instance"]) if pairing == "same_instance" else None
+    groups = torch.from_numpy(object_ids(meta["label"], meta["instance"])) if pairing == "same_instance" else None
     module.train()
     for epoch, h in enumerate(inputs):
         rng = np.random.default_rng([tc.seed, index, 0, epoch])  # the trainer's (seed, module, generation, epoch)

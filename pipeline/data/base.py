@@ -27,6 +27,13 @@ N_SPEAKERS, N_SENTENCES, N_TAKES = 10, 8, 5  # synthetic_audio
 META_SCHEMA = meta_schema()
 
 
+def object_ids(label: np.ndarray, instance: np.ndarray) -> np.ndarray:
+    """Dense int64 id of each row's object (label, instance): the rows of one object, and only they, share it
+    (ingest deals objects out by it; under ``same_instance`` in-batch rows of one object are not negatives)."""
+    keys = np.stack([np.asarray(label).astype(np.int64), np.asarray(instance).astype(np.int64)], axis=1)
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class DatasetCaps:
     """What a dataset kind offers, known without loading anything."""

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.data.base import object_ids
 from pipeline.feed.source import recompute_chain, stored_below, stored_features
 from pipeline.feed.streaming import TrainBatch, background
 from pipeline.nn.pairing import partner_index
@@ -118,7 +119,7 @@ class PairedBatches:
         self._partner = None
         # Under same_instance every image of an object is a positive of every other, so in-batch rows of the
         # same object are masked out of the negatives (the objective gets their group ids).
-        self._groups = up.label * 100_003 + up.instance if pairing == "same_instance" else None
+        self._groups = object_ids(up.label, up.instance) if pairing == "same_instance" else None
         if pairing in ("same_instance", "neighbor_pose"):
             # Partners come from the train rows only: test images never enter training.
             local = partner_index(pairing, label=up.label[rows], instance=up.instance[rows], azimuth=up.azimuth[rows],

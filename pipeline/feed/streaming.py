@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.data.base import object_ids
 from pipeline.feed.epoch import EpochPlan
 from pipeline.feed.heap import keep_freed_batches
 from pipeline.feed.source import Source
@@ -42,7 +43,7 @@ class StreamingBatches:
         self.readahead, self.prefetch = max(0, readahead), max(1, prefetch)
         # Under same_instance every image of an object is a positive of every other: in-batch rows of the
         # same object are masked out of the negatives (the objective gets their group ids).
-        self._groups = src.label * 100_003 + src.instance if pairing == "same_instance" else None
+        self._groups = object_ids(src.label, src.instance) if pairing == "same_instance" else None
         self._pin = device.type == "cuda"
         self._held_lock = threading.Lock()
         self._held = 0

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.base import object_ids
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.nn.modules import grid_features, pool_to_vector
 
@@ -75,19 +76,12 @@ def partner_index(
     if kind in ("patch_grid", "augment", "temporal"):
         n = len(next((v for v in given.values() if v is not None), []))
         return np.arange(n, dtype=np.int64)
-    group = _group_ids(np.asarray(label), np.asarray(instance))
+    group = object_ids(label, instance)
     same = _same_group_partner(group, rng)
     if kind == "same_instance":
         return same
     return _neighbor_pose_partner(group, np.asarray(azimuth, float), np.asarray(elevation, float),
                                   azimuth_period, same, rng)
-
-
-def _group_ids(*keys: np.ndarray) -> np.ndarray:
-    """Dense int64 id of each row's key tuple."""
-    stacked = np.stack([np.asarray(k).astype(np.int64) for k in keys], axis=1)
-    _, ids = np.unique(stacked, axis=0, return_inverse=True)
-    return ids.reshape(-1).astype(np.int64)
 
 
 def _same_group_partner(group: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data import load_dataset
+from pipeline.data.base import object_ids
 from pipeline.store import Store
 from schemas.config import DatasetConfig
 from schemas.manifest import Manifest
@@ -81,8 +82,7 @@ def shard_order(meta: pa.Table, rows_per_shard: int, seed: int, piece_rows: int 
     label = _ints(meta, "label")
     inst = _ints(meta, "instance")
     inst = np.where(inst >= 0, inst, -1 - np.arange(n))  # no instance: an object of one row
-    _, obj = np.unique(np.stack([label, inst], axis=1), axis=0, return_inverse=True)
-    obj = obj.reshape(-1)
+    obj = object_ids(label, inst)
     pose = [np.nan_to_num(_floats(meta, c), nan=0.0) for c in ("lighting", "azimuth", "elevation")]
     by_object = np.lexsort((np.arange(n), *pose, obj))  # rows by object, then pose, then loaded order
     size = np.bincount(obj)
