@@ -61,8 +61,8 @@ def buffer_samples(cfg: RunConfig, in_row_bytes: int, batch_size: int) -> int:
 
     The window is there for shuffle quality (each batch mixes rows of several row groups), not to fill the
     budget: for wide rows a window of a few row groups mixes pieces of nearly every object (the input is dealt
-    out in pieces of objects, ``pipeline.run.ingest.shard_order``), where the whole version would hold gigabytes; a version
-    of small rows under ``MAX_AUTO_BUFFER`` is held whole, one full shuffle as in memory."""
+    out in pieces of objects, ``pipeline.run.ingest.shard_order``), where the whole version would hold
+    gigabytes; a version of small rows under ``MAX_AUTO_BUFFER`` is held whole, one full shuffle as in memory."""
     if cfg.feed.buffer_samples is not None:
         return cfg.feed.buffer_samples
     have, _ = budget(cfg)
