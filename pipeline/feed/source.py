@@ -219,7 +219,7 @@ def stored_below(store: Store, stage: str, version: int) -> tuple[Manifest, list
 def recompute_chain(store: Store, chain: list[Manifest], config: dict, device: torch.device) -> torch.nn.Module:
     """The frozen modules of weights versions ``chain`` (top first), bottom to top as one network."""
     cfg = RunConfig.model_validate(config)
-    plan = build_plan(cfg, check_paths=False, local_cluster=False)
+    plan = build_plan(cfg, check_paths=False, check_machine=False)  # shapes only: the stage may be read elsewhere
     layers = []
     for weights_version in reversed(chain):
         name = weights_version.stage

@@ -34,7 +34,7 @@ class ComposedEncoder(nn.Module):
 
     def __init__(self, cfg: RunConfig, names: list[str] | None = None) -> None:
         super().__init__()
-        plan = build_plan(cfg, check_paths=False, local_cluster=False)
+        plan = build_plan(cfg, check_paths=False, check_machine=False)  # shapes only: loaded on any machine
         self.names = names or plan.names
         self.input_shape = tuple(plan.input_shape)
         self.sample_rate = cfg.dataset.sample_rate  # for sequence inputs (C, T): what embed resamples WAV files to

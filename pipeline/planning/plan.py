@@ -70,8 +70,13 @@ class RunPlan(BaseModel):
         return [m.name for m in self.modules]
 
 
-def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool | None = None) -> RunPlan:
-    """Infer every module's shapes and check the config; ConfigError lists every problem."""
+def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool | None = None,
+               check_machine: bool = True) -> RunPlan:
+    """Infer every module's shapes and check the config; ConfigError lists every problem.
+
+    ``check_machine=False`` leaves out whether training would fit this machine (host memory per module, a
+    recompute chain on its device, its GPUs): a trained encoder is loaded, and a stored version recomputed, on
+    machines other than the one that trained it (a laptop embedding with a cluster's run)."""
     problems: list[tuple[str, str]] = []
     ds = cfg.dataset
     caps = capabilities(ds.kind)
@@ -122,9 +127,10 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
             modules[-1].recompute = [*below.recompute, below.name]
         shape, upstream = out_shape, name
 
-    problems += _materialize_problems(cfg, modules)
-    problems += _memory_problems(cfg, modules, rows)
-    problems += _resource_problems(cfg, local_cluster)
+    problems += _materialize_problems(cfg, modules, check_machine)
+    if check_machine:
+        problems += _memory_problems(cfg, modules, rows)
+        problems += _resource_problems(cfg, local_cluster)
     if problems:
         raise ConfigError(problems)
     return RunPlan(dataset=ds.kind, input_shape=list(input_shape), num_classes=caps.num_classes, rows=rows, modules=modules)
@@ -185,7 +191,7 @@ def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, 
     return out
 
 
-def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tuple[str, str]]:
+def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan], check_machine: bool) -> list[tuple[str, str]]:
     """A non-materialized module needs a module above it, and the recompute chain must fit that module's device."""
     out = []
     top = modules[-1].name if modules else None
@@ -193,7 +199,7 @@ def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tup
         out.append((f"stack.{top}.store.materialize", "the top module's activations are what the final stage reads and "
                                                       "exports; only modules below the top can skip materializing"))
     for m in modules:
-        if not m.recompute or not m.in_shape:
+        if not check_machine or not m.recompute or not m.in_shape:
             continue
         need = recompute_bytes(cfg, modules, m)
         have, where = _device_bytes(cfg)

@@ -95,3 +95,14 @@ def test_image_folder_runs_take_any_size_through_the_loader_s_crop(tmp_path):
     for i, im in enumerate(raw):  # a folder of files goes through the same function
         Image.fromarray(im).save(tmp_path / f"{i}.png")
     assert np.array_equal(model_input(read_images(str(tmp_path), (3, 24, 24)), dataset, (3, 24, 24)).numpy(), expected)
+
+
+def test_an_encoder_loads_on_a_machine_smaller_than_its_training_budget():
+    from pipeline.errors import ConfigError
+    from pipeline.planning.plan import build_plan
+
+    cfg = load_config("digits", ["dataset.max_per_split=20", "resources.memory_per_module=0.01"])
+    with pytest.raises(ConfigError, match="resources.memory_per_module"):
+        build_plan(cfg, check_paths=False, local_cluster=False)  # training it here is refused
+    encoder = ComposedEncoder(cfg)  # embedding with it is not
+    assert encoder.embed(np.zeros((2, 16, 16), dtype=np.uint8)).shape[0] == 2
