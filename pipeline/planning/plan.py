@@ -72,11 +72,8 @@ class RunPlan(BaseModel):
 
 def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool | None = None,
                check_machine: bool = True) -> RunPlan:
-    """Infer every module's shapes and check the config; ConfigError lists every problem.
-
-    ``check_machine=False`` leaves out whether training would fit this machine (host memory per module, a
-    recompute chain on its device, its GPUs): a trained encoder is loaded, and a stored version recomputed, on
-    machines other than the one that trained it (a laptop embedding with a cluster's run)."""
+    """Infer every module's shapes and check the config; ConfigError lists every problem. ``check_machine=False``
+    leaves out whether training fits this machine (memory, devices): for loading a trained encoder elsewhere."""
     problems: list[tuple[str, str]] = []
     ds = cfg.dataset
     caps = capabilities(ds.kind)
@@ -128,9 +125,8 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
         shape, upstream = out_shape, name
 
     problems += _materialize_problems(cfg, modules, check_machine)
-    if check_machine:
-        problems += _memory_problems(cfg, modules, rows)
-        problems += _resource_problems(cfg, local_cluster)
+    if check_machine:  # what training needs of this machine; a trained encoder loads on any
+        problems += _memory_problems(cfg, modules, rows) + _resource_problems(cfg, local_cluster)
     if problems:
         raise ConfigError(problems)
     return RunPlan(dataset=ds.kind, input_shape=list(input_shape), num_classes=caps.num_classes, rows=rows, modules=modules)
