@@ -21,6 +21,7 @@ from pipeline.feed.source import recompute_chain, stored_below, stored_features
 from pipeline.feed.streaming import TrainBatch, background
 from pipeline.nn.pairing import partner_index
 from pipeline.store import Store
+from pipeline.store.columns import column_array
 from schemas.manifest import Manifest
 
 
@@ -56,11 +57,6 @@ class Upstream:
         return np.flatnonzero(self.split == "train")
 
 
-def _column(table, name: str, dtype, fill) -> np.ndarray:
-    col = table.column(name)
-    return np.asarray(col.fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
-
-
 # The dtype a version is held in memory as: its own where torch has it, float16 for int8 codes.
 _NATIVE = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,13 +76,13 @@ def load_upstream(store: Store, stage: str, version: int) -> Upstream:
         manifest=reader.manifest,
         meta=meta,
         x=_decoded(reader),
-        sample_id=_column(meta, "sample_id", np.int64, 0),
+        sample_id=column_array(meta, "sample_id", np.int64, 0),
         split=np.asarray(meta.column("split").to_pylist(), dtype=object),
-        label=_column(meta, "label", np.int64, -1),
-        instance=_column(meta, "instance", np.int64, -1),
-        azimuth=_column(meta, "azimuth", np.float64, np.nan),
-        elevation=_column(meta, "elevation", np.float64, np.nan),
-        lighting=_column(meta, "lighting", np.int64, -1),
+        label=column_array(meta, "label", np.int64, -1),
+        instance=column_array(meta, "instance", np.int64, -1),
+        azimuth=column_array(meta, "azimuth", np.float64, np.nan),
+        elevation=column_array(meta, "elevation", np.float64, np.nan),
+        lighting=column_array(meta, "lighting", np.int64, -1),
     )
 
 

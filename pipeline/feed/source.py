@@ -22,13 +22,10 @@ from pipeline.errors import StoreError
 from pipeline.nn.modules import build_module
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store
+from pipeline.store.columns import column_array
 from pipeline.store.reader import VersionReader
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
-
-
-def _column(table: pa.Table, name: str, dtype, fill) -> np.ndarray:
-    return np.asarray(table.column(name).fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
 def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -65,13 +62,13 @@ class Source:
 
     def __post_init__(self) -> None:
         m = self.meta
-        self.sample_id = _column(m, "sample_id", np.int64, 0)
+        self.sample_id = column_array(m, "sample_id", np.int64, 0)
         self.split = np.asarray(m.column("split").to_pylist(), dtype=object)
-        self.label = _column(m, "label", np.int64, -1)
-        self.instance = _column(m, "instance", np.int64, -1)
-        self.azimuth = _column(m, "azimuth", np.float64, np.nan)
-        self.elevation = _column(m, "elevation", np.float64, np.nan)
-        self.lighting = _column(m, "lighting", np.int64, -1)
+        self.label = column_array(m, "label", np.int64, -1)
+        self.instance = column_array(m, "instance", np.int64, -1)
+        self.azimuth = column_array(m, "azimuth", np.float64, np.nan)
+        self.elevation = column_array(m, "elevation", np.float64, np.nan)
+        self.lighting = column_array(m, "lighting", np.int64, -1)
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -175,7 +172,7 @@ def merge(parts: list[Source]) -> Source:
         offsets.append(p.offset)
         readers += p.readers
     meta = pa.concat_tables([p.meta for p in parts])
-    ids = _column(meta, "sample_id", np.int64, 0)
+    ids = column_array(meta, "sample_id", np.int64, 0)
     _, first_from_end = np.unique(ids[::-1], return_index=True)  # the last occurrence of each sample
     keep = np.sort(len(ids) - 1 - first_from_end)
     return Source(manifest=parts[-1].manifest, meta=meta.take(pa.array(keep)).combine_chunks(), readers=readers,

@@ -11,6 +11,7 @@ import pyarrow as pa
 from pipeline.data import load_dataset
 from pipeline.data.base import object_ids
 from pipeline.store import Store
+from pipeline.store.columns import column_array
 from schemas.config import DatasetConfig
 from schemas.manifest import Manifest
 
@@ -79,11 +80,11 @@ def shard_order(meta: pa.Table, rows_per_shard: int, seed: int, piece_rows: int 
     rng = np.random.default_rng(seed)
     if meta.column("instance").null_count == n:
         return rng.permutation(n)
-    label = _ints(meta, "label")
-    inst = _ints(meta, "instance")
+    label = column_array(meta, "label", np.int64, -1)
+    inst = column_array(meta, "instance", np.int64, -1)
     inst = np.where(inst >= 0, inst, -1 - np.arange(n))  # no instance: an object of one row
     obj = object_ids(label, inst)
-    pose = [np.nan_to_num(_floats(meta, c), nan=0.0) for c in ("lighting", "azimuth", "elevation")]
+    pose = [column_array(meta, c, np.float64, 0) for c in ("lighting", "azimuth", "elevation")]
     by_object = np.lexsort((np.arange(n), *pose, obj))  # rows by object, then pose, then loaded order
     size = np.bincount(obj)
     rank = np.empty(n, dtype=np.int64)  # a row's place in its object's pose order
@@ -98,12 +99,3 @@ def shard_order(meta: pa.Table, rows_per_shard: int, seed: int, piece_rows: int 
 PIECES_PER_SHARD = 256  # pieces of 16 rows in a shard of 4,096
 MIN_PIECE = 8  # rows: a piece holds a few neighbouring poses
 
-
-def _ints(meta: pa.Table, name: str) -> np.ndarray:
-    return meta.column(name).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _floats(meta: pa.Table, name: str) -> np.ndarray:
-    if name not in meta.column_names:
-        return np.zeros(meta.num_rows)
-    return meta.column(name).to_numpy(zero_copy_only=False).astype(np.float64)

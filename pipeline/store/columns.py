@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -16,6 +17,11 @@ REQUIRED_COLUMNS = ("sample_id", "split")
 
 # Schema-metadata keys of a shard (all values are strings; shape and params as JSON).
 MD_CODEC, MD_DTYPE, MD_SHAPE, MD_PARAMS = b"codec", b"dtype", b"shape", b"codec_params"
+
+
+def column_array(table: pa.Table, name: str, dtype, fill) -> np.ndarray:
+    """Metadata column ``name`` of ``table`` as a numpy array of ``dtype``, nulls as ``fill``."""
+    return np.asarray(table.column(name).fill_null(fill).to_numpy(zero_copy_only=False), dtype=dtype)
 
 
 def meta_schema() -> pa.Schema:
