@@ -22,6 +22,8 @@ LONG_TURN = 0.05  # turns shorter than this do not yield (tiny test modules step
 HOLD_SECONDS = 20.0  # a holder keeps the node's turn across consecutive steps this long before it yields
 IDLE_SECONDS = 0.5  # a kept turn that no step takes up again within this is handed back (its actor went idle)
 SERIES_SECONDS = 5.0  # a series of short turns (publishing chunks) keeps the cores at least this long
+STALE_SECONDS = 3600.0  # turn files nobody holds and nobody made for this long are a dead run's: removed
+TURNS_PREFIX = "isostack-turns-"
 
 
 def device_text(device: torch.device) -> str:
@@ -69,7 +71,10 @@ class CoreTurns:
     their activations at the same time: taking turns gives each step every thread it was given and keeps
     one step's activations alive on the node instead of one per module, at the same total work. The turn
     is an exclusive ``flock`` on a file in the node's temp directory named by the run, so it is node-local
-    (actors on other nodes never wait for each other) and the kernel frees it when its holder dies.
+    (actors on other nodes never wait for each other) and the kernel frees it when its holder dies. Each actor
+    holds a shared lock on the run's ``.members`` file from its first turn to ``close``: the last one out
+    removes the files, and the files of runs that died without closing are swept by the next run's actors
+    (``sweep_stale_turns``), so runs leave nothing in the temp directory.
 
     A holder keeps the turn across its consecutive steps for ``hold`` seconds (what its C heap kept of the
     last step is reused by the next instead of faulted in again), then, when another actor waits, hands
@@ -82,7 +87,8 @@ class CoreTurns:
     def __init__(self, key: str, shared: bool, *, slots: int = 1, hold: float = HOLD_SECONDS,
                  idle: float = IDLE_SECONDS) -> None:
         self.shared, self.waited, self.hold, self.idle, self.slots = shared, 0.0, hold, idle, max(1, slots)
-        self.path = os.path.join(tempfile.gettempdir(), f"isostack-turns-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
+        self.path = os.path.join(tempfile.gettempdir(), TURNS_PREFIX + hashlib.sha1(key.encode()).hexdigest()[:16])
+        self._members: int | None = None  # held shared while this actor may take turns (see close)
         self._fd: int | None = None  # the turn held: one slot's file, exclusive
         self._slots: list[int] = []
         self._queue: int | None = None  # shared by the actors waiting for a turn, so a holder knows to yield
@@ -134,11 +140,24 @@ class CoreTurns:
         finally:
             self._keep = self.hold
 
+    def _files(self) -> list[str]:
+        return [self.path + (f".{i}" if i else "") for i in range(self.slots)] + [self.path + ".queue"]
+
+    def _open(self) -> None:
+        sweep_stale_turns()
+        while True:
+            members = os.open(self.path + ".members", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(members, fcntl.LOCK_SH)
+            if os.fstat(members).st_nlink:  # not removed by a last actor out between our open and our lock
+                break
+            os.close(members)
+        self._members = members
+        *slots, queue = (os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in self._files())
+        self._slots, self._queue = slots, queue
+
     def _acquire(self) -> None:
         if not self._slots:
-            self._slots = [os.open(self.path + (f".{i}" if i else ""), os.O_RDWR | os.O_CREAT, 0o600)
-                           for i in range(self.slots)]
-            self._queue = os.open(self.path + ".queue", os.O_RDWR | os.O_CREAT, 0o600)
+            self._open()
         t0 = time.perf_counter()
         fcntl.flock(self._queue, fcntl.LOCK_SH)
         if self.slots == 1:
@@ -204,17 +223,24 @@ class CoreTurns:
         return False
 
     def close(self) -> None:
+        """Hand back the turn; the last actor of the run on this node (no other holds ``.members``) removes the
+        turn's files. A later turn opens them again."""
         with self._state:
             self._disarm_idle()
             if self._held_since is not None:
                 self._release()
-            for fd in (*self._slots, self._queue):
+            if self._members is not None:
+                with contextlib.suppress(BlockingIOError):
+                    fcntl.flock(self._members, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _remove([*self._files(), self.path + ".members"])
+            for fd in (*self._slots, self._queue, self._members):
                 if fd is not None:
                     os.close(fd)
-            self._slots, self._fd, self._queue = [], None, None
+            self._slots, self._fd, self._queue, self._members = [], None, None, None
 
     def __getstate__(self) -> dict:  # the descriptors, lock and timer stay in their process
-        return {**self.__dict__, "_fd": None, "_slots": [], "_queue": None, "_held_since": None, "_depth": 0,
+        return {**self.__dict__, "_fd": None, "_slots": [], "_queue": None, "_members": None, "_held_since": None,
+                "_depth": 0,
                 "_state": None,
                 "_idle_timer": None}
 
@@ -223,3 +249,38 @@ class CoreTurns:
 
 
 NO_TURNS = CoreTurns("", shared=False)
+
+
+def sweep_stale_turns(directory: str | None = None, *, older_than: float = STALE_SECONDS) -> list[str]:
+    """Remove the turn files of runs whose actors died without closing (killed, crashed): a run's files that
+    are all older than ``older_than`` seconds and whose ``.members`` no live actor holds. Returns what went."""
+    directory = directory or tempfile.gettempdir()
+    runs: dict[str, list[str]] = {}
+    with os.scandir(directory) as entries:
+        for e in entries:
+            if e.name.startswith(TURNS_PREFIX) and e.is_file(follow_symlinks=False):
+                runs.setdefault(e.name[:len(TURNS_PREFIX) + 16], []).append(e.path)
+    gone, now = [], time.time()
+    for prefix, paths in runs.items():
+        with contextlib.suppress(OSError):
+            if any(now - os.stat(p).st_mtime < older_than for p in paths):
+                continue
+            members = os.path.join(directory, prefix + ".members")
+            fd = os.open(members, os.O_RDWR) if members in paths else None
+            try:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: an actor holds it
+                gone += _remove(sorted(paths, key=lambda p: p == members))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+    return gone
+
+
+def _remove(paths: list[str]) -> list[str]:
+    gone = []
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+            gone.append(p)
+    return gone

@@ -136,6 +136,8 @@ class ModuleTrainer:
             self._update(state=ModuleState.failed, error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
             self._write_status()
             raise
+        finally:
+            self.turns.close()  # the last module of the run on this node removes the turn's files
 
     def train_until(self, epoch: int) -> dict:
         """Train epochs until ``epoch`` have been completed; a no-op when they already are."""

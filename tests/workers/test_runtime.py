@@ -14,7 +14,7 @@ import torch
 
 from pipeline.planning.config import load_config
 from tests.conftest import TINY_NORB
-from workers.runtime import CoreTurns, node_cores
+from workers.runtime import CoreTurns, node_cores, sweep_stale_turns
 
 TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
 
@@ -30,6 +30,7 @@ def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None, hold: fl
                 time.sleep(TURN)
                 f.write(f"{os.getpid()} {start} {time.monotonic()}\n")
                 f.flush()
+    turns.close()
 
 
 def _intervals(path) -> list[tuple[int, float, float]]:
@@ -189,6 +190,7 @@ def _short_turns_in_a_series(key: str, n: int, out: str) -> None:
                 f.write(f"{os.getpid()} {time.monotonic()} {time.monotonic()}\n")
                 f.flush()
                 time.sleep(0.06)
+    turns.close()
 
 
 def test_a_series_of_short_turns_keeps_the_cores_between_them(tmp_path):
@@ -205,3 +207,52 @@ def test_a_series_of_short_turns_keeps_the_cores_between_them(tmp_path):
     # the six short turns come in one run (the series keeps the turn), not one between each long turn
     runs = [owners[0]] + [b for a, b in zip(owners, owners[1:]) if a != b]
     assert runs.count(short.pid) == 1 and owners.count(short.pid) == 6
+
+
+def _turn_files(turns: CoreTurns) -> list[str]:
+    folder, prefix = os.path.split(turns.path)
+    return sorted(n for n in os.listdir(folder) if n.startswith(prefix))
+
+
+def test_the_last_actor_out_removes_the_turn_files(tmp_path):
+    key = f"test-last-out-{tmp_path}"
+    first, second = CoreTurns(key, True, slots=2), CoreTurns(key, True, slots=2)
+    with first.turn():
+        pass
+    with second.turn():
+        pass
+    prefix = os.path.basename(first.path)
+    assert _turn_files(first) == [prefix, prefix + ".1", prefix + ".members", prefix + ".queue"]
+    first.close()
+    assert len(_turn_files(first)) == 4  # the second actor still takes turns: its files stay
+    with second.turn():
+        pass
+    second.close()
+    assert _turn_files(first) == []  # a run leaves nothing in the temp directory
+    with first.turn():  # a later turn (a restarted actor) opens them again
+        pass
+    assert len(_turn_files(first)) == 4
+    first.close()
+    assert _turn_files(first) == []
+
+
+def test_a_dead_runs_turn_files_are_swept_and_a_live_runs_kept(tmp_path):
+    folder = str(tmp_path)
+    old = time.time() - 7200
+    dead = [os.path.join(folder, "isostack-turns-" + "a" * 16 + s) for s in ("", ".queue", ".members")]
+    legacy = [os.path.join(folder, "isostack-turns-" + "b" * 16 + s) for s in ("", ".queue")]  # before .members
+    live = [os.path.join(folder, "isostack-turns-" + "c" * 16 + s) for s in ("", ".queue", ".members")]
+    recent = [os.path.join(folder, "isostack-turns-" + "d" * 16 + s) for s in ("", ".queue", ".members")]
+    other = os.path.join(folder, "not-ours")
+    for p in dead + legacy + live + recent + [other]:
+        open(p, "w").close()
+        if p not in recent:
+            os.utime(p, (old, old))
+    held = os.open(live[-1], os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_SH)  # an actor of a run that has been going for two hours
+    try:
+        gone = sweep_stale_turns(folder)
+    finally:
+        os.close(held)
+    assert sorted(gone) == sorted(dead + legacy)
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in live + recent + [other])
