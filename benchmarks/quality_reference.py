@@ -39,7 +39,6 @@ from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective, local_loss
 from pipeline.nn.pairing import augment_views, partner_index
 from pipeline.planning.plan import build_plan
-from pipeline.run.ingest import dataset_fingerprint, shard_order
 from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
 
@@ -75,16 +74,6 @@ def meta_columns(ds: Dataset) -> dict[str, np.ndarray]:
     return out
 
 
-def train_rows(cfg: RunConfig, ds: Dataset) -> np.ndarray:
-    """The train rows in the order an isostack run's versions hold them: ingest's ``shard_order`` (the loaded
-    order for a dataset of one shard), each shard's train rows in written order. The trainer numbers its train
-    rows in this order, so with the same seed the reference draws the same batches and partners as a run."""
-    split = np.asarray(ds.meta.column("split").to_pylist(), dtype=object)
-    order = shard_order(ds.meta, cfg.store.rows_per_shard, seed=int(dataset_fingerprint(cfg.dataset)[:8], 16))
-    order = np.arange(len(split)) if order is None else order
-    return order[split[order] == "train"]  # a shard's splits are stored apart, each in written order
-
-
 LOOPS = ("sequential", "async", "simultaneous")
 SCHEDULES = ("pipelined", "stale")
 
@@ -111,7 +100,7 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
     optimizers = [build_optimizer_for(cfg, n, m, o) for n, m, o in zip(names, modules, objectives)]
     pairings = [getattr(cfg.stack[n].objective, "pairing", None) for n in names]
     x_all, cols = as_float(ds), meta_columns(ds)
-    rows = train_rows(cfg, ds)
+    rows = np.flatnonzero(cols["split"] == "train")
     tc = cfg.module_train(names[0])
     gen = torch.Generator().manual_seed(tc.seed)
     groups_all = torch.from_numpy(object_ids(cols["label"], cols["instance"]))
@@ -177,7 +166,7 @@ def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]]
     the final version (None) is greedy: module i trains every epoch on module i-1's final output."""
     names, modules, objectives = build_stack(cfg)
     x_all, cols = as_float(ds), meta_columns(ds)
-    rows = train_rows(cfg, ds)
+    rows = np.flatnonzero(cols["split"] == "train")
     meta = {k: cols[k][rows] for k in ("label", "instance", "azimuth", "elevation", "lighting")}
     versions: dict = {None: x_all[rows]}  # upstream epoch (None: final) -> (n, *in_shape of module i)
     for i, name in enumerate(names):
