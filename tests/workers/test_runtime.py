@@ -7,6 +7,7 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
+import tempfile
 import time
 
 import pytest
@@ -17,6 +18,14 @@ from tests.conftest import TINY_NORB
 from workers.runtime import CoreTurns, node_cores, sweep_stale_turns
 
 TURN = 0.12  # seconds a test turn holds the cores: long enough that the holder yields after it
+
+
+@pytest.fixture(autouse=True)
+def _turn_files_in_tmp_path(tmp_path, monkeypatch):
+    """Each test's turn files in its own folder (spawned actors too, through TMPDIR): a killed holder leaves
+    its files behind, as a crashed actor does, and they must not land in the machine's temp directory."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
 
 
 def _take_turns(key: str, shared: bool, n: int, out: str, barrier=None, hold: float = 0.0, slots: int = 1) -> None:
@@ -237,7 +246,8 @@ def test_the_last_actor_out_removes_the_turn_files(tmp_path):
 
 
 def test_a_dead_runs_turn_files_are_swept_and_a_live_runs_kept(tmp_path):
-    folder = str(tmp_path)
+    folder = str(tmp_path / "tmp")
+    os.mkdir(folder)
     old = time.time() - 7200
     dead = [os.path.join(folder, "isostack-turns-" + "a" * 16 + s) for s in ("", ".queue", ".members")]
     legacy = [os.path.join(folder, "isostack-turns-" + "b" * 16 + s) for s in ("", ".queue")]  # before .members
