@@ -23,6 +23,7 @@ from pipeline import faults
 from pipeline.errors import TrainingError
 from pipeline.feed import Source, StreamingBatches, open_source, plan_epoch
 from pipeline.feed.window import ChunkWindow
+from pipeline.nn.footprint import remember_planned
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
 from pipeline.nn.pairing import augment_views
@@ -62,6 +63,7 @@ class ModuleTrainer:
             return self.status()
         torch.set_num_threads(self.threads)
         self.store = Store(self.store_uri, self.run_id)
+        remember_planned(self.store.read_json("run.json"))  # the driver's footprints: no meta forward here
         plan = build_plan(self.cfg, check_paths=False, local_cluster=False)
         self.plan = plan.module(self.name)
         self.train_cfg = self.cfg.module_train(self.name)

@@ -46,6 +46,8 @@ class ModulePlan(BaseModel):
     buffer_samples: int = Field(0, description="Rows of its shuffle window (feed.buffer_samples, or the automatic size).")
     host_memory: dict[str, int] = Field(default_factory=dict, description="Predicted peak host bytes of its actor, "
                                         "by part (pipeline/planning/memory.py).")
+    saved_bytes: int = Field(0, description="Bytes autograd saves per sample of a training forward (float32; from a "
+                             "forward on the meta device, pipeline/nn/footprint.py); 0 = not planned.")
     micro_batch: int = Field(0, description="Samples per forward of a training step (train.micro_batch, or chosen from "
                              "memory on CPU; pipeline/nn/step.py); 0 = not planned.")
     publish_chunk: int = Field(1, description="Rows run through the module at once while publishing (sized from memory).")
@@ -221,7 +223,7 @@ def _memory_problems(cfg: RunConfig, modules: list[ModulePlan], rows: int | None
         codec = "uint8" if (m.source or m.upstream) == "input" else cfg.module_codec(m.source or m.upstream)
         row_bytes = lambda c, shape: get_codec(c, shape).row_bytes  # noqa: E731
         m.buffer_samples = memory.buffer_samples(cfg, row_bytes(codec, stored_shape), m.batch_size)
-        saved = saved_bytes(cfg.stack[m.name], tuple(m.in_shape))
+        saved = m.saved_bytes = saved_bytes(cfg.stack[m.name], tuple(m.in_shape))
         samples = memory.forward_samples(m.batch_size, m.pairing)
         m.micro_batch = memory.micro_batch(cfg, m.name, samples=samples, in_values=math.prod(m.in_shape),
                                            out_values=math.prod(m.out_shape), saved=saved, on_cpu=_on_cpu(cfg))

@@ -146,3 +146,27 @@ def test_a_cpu_step_too_wide_for_its_budget_is_micro_batched_and_its_memory_plan
                                                         "train.micro_batch=64"], None),
                         check_paths=False, local_cluster=False)
     assert [m.micro_batch for m in chosen.modules] == [4, 32, 32]
+
+
+def test_a_module_actor_plans_with_the_runs_footprints_instead_of_measuring_them(monkeypatch):
+    from pipeline.nn import footprint
+    from pipeline.planning.plan import build_plan
+
+    monkeypatch.setattr(footprint, "_KNOWN", {})
+    gim = ["dataset.kind=synthetic_norb", "resources.gpus_per_module=0", "resources.memory_per_module=64"]
+    cfg = load_config("stl10-gim", gim, None)
+    plan = build_plan(cfg, check_paths=False, local_cluster=False)
+    assert 40 * 2**20 < plan.module("m1").saved_bytes < 50 * 2**20  # measured, and kept in the plan (run.json)
+    assert all(m.saved_bytes > 0 for m in plan.modules)
+    # run.json as the driver wrote it, with m1's footprint 100x over: an actor believes the plan, not a new forward
+    info = {"config": cfg.model_dump(mode="json"), "plan": plan.model_dump(mode="json")}
+    info["plan"]["modules"][0]["saved_bytes"] *= 100
+    monkeypatch.setattr(footprint, "_KNOWN", {})
+    footprint.remember_planned(info)
+    again = build_plan(cfg, check_paths=False, local_cluster=False)
+    assert again.module("m1").saved_bytes == 100 * plan.module("m1").saved_bytes
+    assert again.module("m1").micro_batch < 32 == plan.module("m1").micro_batch  # planned with it
+    # a retrain that changed m1 (a narrower first layer: another footprint) measures it again
+    changed = load_config("stl10-gim", gim + ["stack.m1.layers.0.channels=32"], None)
+    assert build_plan(changed, check_paths=False, local_cluster=False).module("m1").saved_bytes < plan.module("m1").saved_bytes
+    footprint.remember_planned(None)  # a run.json without a plan (an older run) changes nothing
