@@ -144,7 +144,8 @@ class CoreTurns:
         return [self.path + (f".{i}" if i else "") for i in range(self.slots)] + [self.path + ".queue"]
 
     def _open(self) -> None:
-        sweep_stale_turns()
+        with contextlib.suppress(OSError):  # housekeeping: never what stops a module from training
+            sweep_stale_turns()
         while True:
             members = os.open(self.path + ".members", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(members, fcntl.LOCK_SH)
