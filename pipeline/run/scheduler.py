@@ -74,8 +74,8 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
     # that it chose so, printed on every run, is dropped at its logger, like the "Started a local Ray" INFO line.
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_auth_notice)
     # No idle workers started ahead (Ray starts one per CPU for tasks when the first driver connects): this
-    # driver runs no tasks, and its actors carry their own environment (huge_pages_env), so none could use them;
-    # on this 2-core machine that was two processes and ~1.8 CPU-s a run, on a 16-core node sixteen.
+    # driver runs no tasks, and its CPU actors carry their own environment (huge_pages_env), so they could not
+    # use them either; on this 2-core machine that was two processes and ~1.8 CPU-s a run, on a 16-core node 16.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
              object_store_memory=256 * 1024 * 1024, logging_level=logging.WARNING,
              _system_config={"prestart_worker_first_driver": False})
