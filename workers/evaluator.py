@@ -32,6 +32,7 @@ from pipeline.final.report import render_report
 from pipeline.store.runs import now_iso
 from pipeline.store import Store
 from schemas.config import RunConfig
+from workers.runtime import node_cores
 
 _SLICE = 1024  # rows pooled at once: bounds the float32 (and recompute) activations held
 
@@ -257,7 +258,7 @@ SCORING_JOBS = 2  # embeddings scored side by side in the final stage
 
 
 def _threads_per_job() -> int:
-    return max(1, (os.cpu_count() or 1) // SCORING_JOBS)
+    return max(1, node_cores() // SCORING_JOBS)
 
 
 def _scores(jobs: dict) -> dict:

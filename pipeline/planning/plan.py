@@ -76,10 +76,9 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
                check_machine: bool = True) -> RunPlan:
     """Infer every module's shapes and check the config; ConfigError lists every problem. ``check_machine=False``
     leaves out whether training fits this machine (memory, devices): for loading a trained encoder elsewhere."""
-    problems: list[tuple[str, str]] = []
     ds = cfg.dataset
     caps = capabilities(ds.kind)
-    problems += _dataset_problems(cfg, caps, check_paths)
+    problems: list[tuple[str, str]] = _dataset_problems(cfg, caps, check_paths)
 
     # Sequence datasets (audio) give (C, T) signals; the rest (C, S, S) images.
     shape: tuple[int, ...] = (ds.channels, ds.length) if caps.sequence else (ds.channels, ds.image_size, ds.image_size)
@@ -126,9 +125,10 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
             modules[-1].recompute = [*below.recompute, below.name]
         shape, upstream = out_shape, name
 
-    problems += _materialize_problems(cfg, modules, check_machine)
+    problems += _materialize_problems(cfg, modules)
     if check_machine:  # what training needs of this machine; a trained encoder loads on any
-        problems += _memory_problems(cfg, modules, rows) + _resource_problems(cfg, local_cluster)
+        problems += _recompute_problems(cfg, modules) + _memory_problems(cfg, modules, rows) + \
+            _resource_problems(cfg, local_cluster)
     if problems:
         raise ConfigError(problems)
     return RunPlan(dataset=ds.kind, input_shape=list(input_shape), num_classes=caps.num_classes, rows=rows, modules=modules)
@@ -189,15 +189,20 @@ def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, 
     return out
 
 
-def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan], check_machine: bool) -> list[tuple[str, str]]:
-    """A non-materialized module needs a module above it, and the recompute chain must fit that module's device."""
-    out = []
+def _materialize_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tuple[str, str]]:
+    """A non-materialized module needs a module above it."""
     top = modules[-1].name if modules else None
     if top is not None and not cfg.stack[top].store.materialize:
-        out.append((f"stack.{top}.store.materialize", "the top module's activations are what the final stage reads and "
-                                                      "exports; only modules below the top can skip materializing"))
+        return [(f"stack.{top}.store.materialize", "the top module's activations are what the final stage reads and "
+                                                   "exports; only modules below the top can skip materializing")]
+    return []
+
+
+def _recompute_problems(cfg: RunConfig, modules: list[ModulePlan]) -> list[tuple[str, str]]:
+    """A module's recompute chain (its non-materialized modules below) must fit the device it trains on."""
+    out = []
     for m in modules:
-        if not check_machine or not m.recompute or not m.in_shape:
+        if not m.recompute or not m.in_shape:
             continue
         need = recompute_bytes(cfg, modules, m)
         have, where = _device_bytes(cfg)

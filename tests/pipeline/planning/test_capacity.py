@@ -169,4 +169,7 @@ def test_a_module_actor_plans_with_the_runs_footprints_instead_of_measuring_them
     # a retrain that changed m1 (a narrower first layer: another footprint) measures it again
     changed = load_config("stl10-gim", gim + ["stack.m1.layers.0.channels=32"], None)
     assert build_plan(changed, check_paths=False, local_cluster=False).module("m1").saved_bytes < plan.module("m1").saved_bytes
-    footprint.remember_planned(None)  # a run.json without a plan (an older run) changes nothing
+    known = dict(footprint._KNOWN)
+    footprint.remember_planned(None)  # no run.json, or one without a plan (an older run): nothing changes
+    footprint.remember_planned({"config": info["config"]})
+    assert footprint._KNOWN == known
