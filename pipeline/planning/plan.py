@@ -46,8 +46,8 @@ class ModulePlan(BaseModel):
     buffer_samples: int = Field(0, description="Rows of its shuffle window (feed.buffer_samples, or the automatic size).")
     host_memory: dict[str, int] = Field(default_factory=dict, description="Predicted peak host bytes of its actor, "
                                         "by part (pipeline/planning/memory.py).")
-    saved_bytes: int = Field(0, description="Bytes autograd saves per sample of a training forward (float32; from a "
-                             "forward on the meta device, pipeline/nn/footprint.py); 0 = not planned.")
+    saved_bytes: int = Field(0, description="Bytes autograd saves per sample of a training forward (float32; from one "
+                             "sample's forward, pipeline/nn/footprint.py); 0 = not planned.")
     micro_batch: int = Field(0, description="Samples per forward of a training step (train.micro_batch, or chosen from "
                              "memory on CPU; pipeline/nn/step.py); 0 = not planned.")
     publish_chunk: int = Field(1, description="Rows run through the module at once while publishing (sized from memory).")

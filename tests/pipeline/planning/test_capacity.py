@@ -148,6 +148,21 @@ def test_a_cpu_step_too_wide_for_its_budget_is_micro_batched_and_its_memory_plan
     assert [m.micro_batch for m in chosen.modules] == [4, 32, 32]
 
 
+def test_the_footprint_counted_on_cpu_is_the_meta_devices_and_leaves_the_rng_alone(monkeypatch):
+    import torch
+
+    from pipeline.nn import footprint
+
+    cfg = load_config("norb-synthetic", [], None)
+    shapes = {"m1": (1, 32, 32), "m2": (64, 8, 8)}
+    state = torch.random.get_rng_state()
+    on_cpu = {name: footprint._measure(cfg.stack[name], shape) for name, shape in shapes.items()}
+    assert torch.equal(torch.random.get_rng_state(), state)  # building the module drew its weights on a forked rng
+    monkeypatch.setattr(footprint, "CPU_COUNT_MAX_PARAMS", 0)  # every module "too large": counted on the meta device
+    on_meta = {name: footprint._measure(cfg.stack[name], shape) for name, shape in shapes.items()}
+    assert on_cpu == on_meta and all(n > 0 for n in on_cpu.values())
+
+
 def test_a_module_actor_plans_with_the_runs_footprints_instead_of_measuring_them(monkeypatch):
     from pipeline.nn import footprint
     from pipeline.planning.plan import build_plan
