@@ -305,6 +305,20 @@ def test_digits_real():
     assert set(column(sub, "label")) == {3, 7} and len(sub) == 20
 
 
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from pipeline.data import simple
+
+    theirs = sklearn_digits()
+    images, labels = simple._sklearn_digits()
+    assert np.array_equal(images, theirs.images) and np.array_equal(labels, theirs.target)
+    # where the shipped CSV cannot be found, scikit-learn's own loader gives the same
+    monkeypatch.setattr(simple.importlib.util, "find_spec", lambda name: None)
+    images, labels = simple._sklearn_digits()
+    assert np.array_equal(images, theirs.images) and np.array_equal(labels, theirs.target)
+
+
 def write_pngs(root: Path, classes=("cat", "dog"), n=5, size=(20, 12)) -> None:
     from PIL import Image
 
