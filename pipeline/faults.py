@@ -41,6 +41,12 @@ def armed(point: str, stage: str, epoch: int | None = None) -> bool:
     return False
 
 
+def environment() -> dict[str, str]:
+    """The injection settings of this process, for the module actors it starts: on a cluster they run in
+    processes of the nodes' raylets, which do not inherit the driver's environment."""
+    return {k: os.environ[k] for k in (ENV, DIR_ENV) if k in os.environ}
+
+
 def maybe_kill(point: str, stage: str) -> None:
     if armed(point, stage):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny config, the tier markers, and a short-lived local Ray."""
+"""Shared fixtures: a tiny config, the tier markers, and the local Ray the `ray` tests' commands join."""
 
 from __future__ import annotations
 
@@ -58,11 +58,42 @@ def tiny_overrides():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A 4-CPU local Ray for the `ray` tier (actors oversubscribe the 2 cores)."""
+def shared_ray():
+    """One local Ray instance for this test process (an xdist worker), as ``ray.init()`` starts one: the
+    `isostack` commands of the `ray` tests join it through RAY_ADDRESS (as they would a cluster's head) instead
+    of each starting and stopping an instance of its own, ~7 CPU-s and several seconds apiece. 16 CPUs: the
+    largest test stack asks for 6 (actors share the real cores by workers.runtime's turns, not Ray's count)."""
+    import logging
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
-    yield ray
+    ray.init(address="local", num_cpus=16, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             log_to_driver=False, logging_level=logging.WARNING, _system_config={"prestart_worker_first_driver": False})
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def _join_shared_ray(request):
+    """RAY_ADDRESS for a `ray` test's commands: the shared instance, or none for an `own_ray` test (the commands
+    start their own local instance, as a run without --address does)."""
+    node = request.node
+    if node.get_closest_marker("ray") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        if node.get_closest_marker("own_ray") is not None:
+            patch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            patch.setenv("RAY_ADDRESS", request.getfixturevalue("shared_ray"))
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_joins_shared_ray(request):
+    """For a module's own fixtures (a finished run several tests read), which start before any test's."""
+    yield from _join_shared_ray(request)
+
+
+@pytest.fixture(autouse=True)
+def _test_joins_shared_ray(request):
+    yield from _join_shared_ray(request)

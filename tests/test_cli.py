@@ -108,6 +108,7 @@ def test_a_mistyped_flag_shows_the_command_s_own_usage(capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray  # the terminal of a run that starts its own Ray (its INFO lines dropped)
 @pytest.mark.slow
 def test_runs_lists_a_finished_and_a_failed_run(tmp_path):
     import os

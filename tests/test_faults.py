@@ -1,6 +1,6 @@
 """Faults injected into real processes: killed actors, killed publishers, full disks, NaN losses, racing retrains.
 
-Each test drives the real CLI (its own local Ray) on a tiny 2-module stack and
+Each test drives the real CLI (joining the test process's local Ray, tests/conftest.py) on a tiny 2-module stack and
 checks that the run completes or fails with a cause naming the module, and
 that nothing committed is damaged.
 """

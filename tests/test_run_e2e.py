@@ -1,6 +1,7 @@
 """The real CLI end to end on tiny data: run, status, retrain, resume after a killed driver, evaluate.
 
-Each `isostack` call is a subprocess that starts (and stops) its own local Ray.
+Each `isostack` call is a subprocess; they join the test process's local Ray (tests/conftest.py shared_ray),
+as commands join a cluster's head.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def test_unknown_module_in_retrain_is_refused(finished_run):
     assert proc.returncode != 0 and "no module 'm9'" in proc.stderr
 
 
+@pytest.mark.own_ray  # the crash takes the run's own local Ray down with the driver
 def test_resume_after_the_driver_is_killed(tmp_path):
     # resume ends with the final stage; its files and baseline are not what this test is about
     no_exports = ["export.plots=false", "export.report=false", "export.model=false", "evaluate.baselines=false"]

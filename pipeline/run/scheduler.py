@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pipeline import faults
 from pipeline.errors import TrainingError
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
@@ -125,8 +126,10 @@ def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generati
                                                                        placement_group_bundle_index=bundle)
     elif res.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"  # best effort: Ray spreads the actors over the nodes that fit them
-    if not gpus and (env := huge_pages_env()):
-        opts["runtime_env"] = {"env_vars": env}  # a CPU actor's steps fault their activations in by huge pages
+    # A CPU actor's steps fault their activations in by huge pages; injected faults reach the actor on any cluster.
+    env = {**(huge_pages_env() if not gpus else {}), **faults.environment()}
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
     return opts
 
 

@@ -31,7 +31,7 @@ import pytest
 
 from tests.conftest import TINY_NORB, split_default_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024

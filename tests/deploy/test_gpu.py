@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.gpu, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.gpu, pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]
 
 
 def isostack(*args: str) -> subprocess.CompletedProcess:

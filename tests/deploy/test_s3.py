@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]
 
 ACCESS_KEY = "AKIAISOSTACKFAKE0001"
 SECRET_KEY = "isostack+FAKE/secret0123456789abcdefABCDEF"

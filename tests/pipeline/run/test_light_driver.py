@@ -66,6 +66,7 @@ except ConfigError as e:
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray  # the default path: the run starts its own local Ray
 @pytest.mark.slow
 def test_a_real_run_trains_and_evaluates_without_torch_in_the_driver(tmp_path):
     overrides = TINY_NORB + ["train.epochs=1", "train.batch_size=32", "schedule.poll_seconds=0.1",
