@@ -105,7 +105,9 @@ def ray_head():
     temp = short_temp_dir("isohead")
     token = secrets.token_hex(32)
     # As `.venv/bin/ray start --head` from a shell where the venv is not activated: nothing of it on PATH.
-    env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=SYSTEM_PATH)
+    # TMPDIR: the dashboard's module processes make multiprocessing folders (/tmp/pymp-*) that outlive them when
+    # they are killed; in here they go with the rest of this head.
+    env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=SYSTEM_PATH, TMPDIR=temp)
     dashboard = free_port()
     ports = {name: free_port() for name in ("port", "ray-client-server-port", "node-manager-port", "object-manager-port",
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
