@@ -45,10 +45,13 @@ from schemas.config import RunConfig
 METADATA_PAIRINGS = ("same_instance", "neighbor_pose")
 
 
-def build_stack(cfg: RunConfig) -> tuple[list[str], list[torch.nn.Module], list[torch.nn.Module]]:
-    """(names, modules, objectives), each built under the trainer's seed for that module."""
+def build_stack(cfg: RunConfig) -> tuple[list[str], list[torch.nn.Module], list[torch.nn.Module],
+                                         list[torch.Tensor]]:
+    """(names, modules, objectives, rng states), each module built under the trainer's seed for it; its rng
+    state is torch's global one right after its build, where the trainer's steps start drawing (the negatives
+    of ``infonce_grid``, a VAE's noise), for ``_train_staged`` to restore before that module trains."""
     plan = build_plan(cfg, check_paths=False, local_cluster=False)
-    names, modules, objectives = list(cfg.stack), [], []
+    names, modules, objectives, states = list(cfg.stack), [], [], []
     for name in names:
         mp, tc = plan.module(name), cfg.module_train(name)
         torch.manual_seed(tc.seed + 1000 * mp.index)  # the trainer's seed (generation 0)
@@ -56,7 +59,8 @@ def build_stack(cfg: RunConfig) -> tuple[list[str], list[torch.nn.Module], list[
         modules.append(module)
         objectives.append(build_objective(cfg.stack[name].objective, tuple(mp.out_shape), plan.num_classes,
                                           in_shape=tuple(mp.in_shape), module=module))
-    return names, modules, objectives
+        states.append(torch.random.get_rng_state())
+    return names, modules, objectives, states
 
 
 def as_float(ds: Dataset) -> torch.Tensor:
@@ -96,7 +100,7 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
         else:
             plan = schedule
         return _train_staged(cfg, ds, plan, max_steps=max_steps, codec=codec)
-    names, modules, objectives = build_stack(cfg)
+    names, modules, objectives, _ = build_stack(cfg)
     optimizers = [build_optimizer_for(cfg, n, m, o) for n, m, o in zip(names, modules, objectives)]
     pairings = [getattr(cfg.stack[n].objective, "pairing", None) for n in names]
     x_all, cols = as_float(ds), meta_columns(ds)
@@ -164,7 +168,7 @@ def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]]
                   max_steps: int | None, codec: bool) -> list[torch.nn.Module]:
     """Module by module; module i's epoch j on module i-1's version ``plan[i][j]`` (train rows). All epochs on
     the final version (None) is greedy: module i trains every epoch on module i-1's final output."""
-    names, modules, objectives = build_stack(cfg)
+    names, modules, objectives, states = build_stack(cfg)
     x_all, cols = as_float(ds), meta_columns(ds)
     rows = np.flatnonzero(cols["split"] == "train")
     meta = {k: cols[k][rows] for k in ("label", "instance", "azimuth", "elevation", "lighting")}
@@ -179,6 +183,7 @@ def _train_staged(cfg: RunConfig, ds: Dataset, plan: dict[str, list[int | None]]
                 _mine[epoch] = _stored(cfg, _name, embed([modules[_i].eval()], h_used, pooled=False)[0], codec)
                 modules[_i].train()
 
+        torch.random.set_rng_state(states[i])  # as the trainer's draws start: after this module's own build
         _train_one(cfg, name, i, modules[i], objectives[i], [versions[k] for k in used], meta,
                    max_steps=max_steps, after_epoch=publish)
         mine[None] = _stored(cfg, name, embed([modules[i].eval()], versions[None], pooled=False)[0], codec)

@@ -57,12 +57,14 @@ def tiny_overrides():
     return TINY_NORB + ["train.epochs=2", "train.batch_size=32", "schedule.poll_seconds=0.1"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_ray():
-    """One local Ray instance for this test process (an xdist worker), as ``ray.init()`` starts one: the
-    `isostack` commands of the `ray` tests join it through RAY_ADDRESS (as they would a cluster's head) instead
-    of each starting and stopping an instance of its own, ~7 CPU-s and several seconds apiece. 16 CPUs: the
-    largest test stack asks for 6 (actors share the real cores by workers.runtime's turns, not Ray's count)."""
+    """One local Ray instance for a test module, as ``ray.init()`` starts one: the `isostack` commands of its
+    `ray` tests join it through RAY_ADDRESS (as they would a cluster's head) instead of each starting and
+    stopping an instance of its own, ~7 CPU-s and several seconds apiece. Per module, not per session: an idle
+    instance still takes ~3 CPU-s a minute (its agents and the driver's threads), which the rest of the suite
+    would pay. 16 CPUs: the largest test stack asks for 6 (actors share the real cores by workers.runtime's
+    turns, not Ray's count)."""
     import logging
 
     import ray

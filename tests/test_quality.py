@@ -51,12 +51,15 @@ def test_sequential_reference_is_the_training_of_a_sequential_run(tmp_path):
     bit-for-bit the weights the single-process sequential reference gives it: the harness compares like with
     like, and the store, Ray and the feed change nothing in what is learned. (The tiny toy fits one row group,
     so the feed's order is the reference's; one thread as in each module actor, since a conv's float sums
-    depend on the thread count.)"""
-    sets = [a for o in TINY_SEQUENTIAL for a in ("--set", o)]
+    depend on the thread count.) m1 predicts rows of its own map (infonce_grid), drawing its negatives from
+    torch's global generator: the reference restores, before each module trains, that generator as the
+    module's trainer left it after building the module."""
+    overrides = TINY_SEQUENTIAL + ["stack.m1.objective={kind: infonce_grid, pairing: patch_grid, steps: 2, negatives: 4}"]
+    sets = [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run([sys.executable, "-m", "pipeline", "run", *sets, "--store", str(tmp_path), "--run-id", "s"],
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_reference_is_the_run(load_config(None, TINY_SEQUENTIAL), Store(str(tmp_path), "s"), loop="sequential")
+    assert_reference_is_the_run(load_config(None, overrides), Store(str(tmp_path), "s"), loop="sequential")
 
 
 def test_sequential_reference_trains_each_module_on_the_final_one_below():

@@ -24,7 +24,8 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
                  batch_size: int, buffer: int, device: torch.device, seed: list[int]) -> float | None:
     """Mean loss over ``HELDOUT_BATCHES`` batches of ``src``'s test rows, or None when it has fewer than two
     (an intermediate version) or the loss is not finite. ``seed`` fixes the rows and partners drawn; it is
-    separate from the training order's generator, so training is the same with or without this."""
+    separate from the training order's generator, and torch's global one is left as it was, so training is the
+    same with or without this."""
     rows = np.flatnonzero(src.split == "test")
     if len(rows) < 2:
         return None
@@ -36,8 +37,11 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
     modes = module.training, objective.training
     module.eval(), objective.eval()
     losses = []
+    # Objectives that sample (infonce_grid's negatives, a VAE's noise) draw from torch's global generator: forked,
+    # so that the training steps after this draw what they would without it.
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             for batch in StreamingBatches(src, plan, device=device, pairing=pairing, readahead=0):
                 losses.append(float(batch_loss(objective, module, batch, pairing, gen)))
     finally:
