@@ -39,9 +39,8 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
     losses = []
     # Objectives that sample (infonce_grid's negatives, a VAE's noise) draw from torch's global generator: forked,
     # so that the training steps after this draw what they would without it.
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for batch in StreamingBatches(src, plan, device=device, pairing=pairing, readahead=0):
                 losses.append(float(batch_loss(objective, module, batch, pairing, gen)))
     finally:
