@@ -45,12 +45,14 @@ def test_async_tracks_upstream_and_settles_within_the_budget():
     costs = [ModuleCost("m1", 10.0, 3), ModuleCost("m2", 1.0, 3)]
     res = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=1, poll_s=POLL))
     assert [v for _, v in res.modules[1].upstream_used] == [1, 2, 3]
-    # Without tracking it trains ahead on v1 and then waits for the final.
+    # Without tracking it trains ahead on v1 and then waits for the final, which is v2: with m2's two epochs
+    # before the final spent, m1 publishes no version after its second epoch (nobody could train on it).
     untracked = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=1, track_upstream=False, poll_s=POLL))
-    assert [v for _, v in untracked.modules[1].upstream_used] == [1, 1, 3]
-    # settle 2 of 3: only the first epoch may use a non-final version.
+    assert [v for _, v in untracked.modules[1].upstream_used] == [1, 1, 2]
+    assert untracked.modules[0].published == 2
+    # settle 2 of 3: only the first epoch may use a non-final version, so m1's second is its final (v2).
     settle2 = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=2, poll_s=POLL))
-    assert [v for _, v in settle2.modules[1].upstream_used] == [1, 3, 3]
+    assert [v for _, v in settle2.modules[1].upstream_used] == [1, 2, 2]
 
 
 @pytest.mark.parametrize("settle", [0, 1, 3])
@@ -62,11 +64,15 @@ def test_every_module_trains_its_budget_and_ends_on_the_final_upstream(settle, t
              ModuleCost("m3", 0.2, 4, infer_s=0.1)]
     res = simulate(costs, Cluster(), Schedule(mode="async", settle_epochs=settle, track_upstream=track, poll_s=POLL))
     assert [m.epochs for m in res.modules] == [4, 4, 4]
-    assert res.modules[0].published == 4  # v1..v3, then its final v4 (publish_every 1)
     for below, m in zip(res.modules, res.modules[1:]):
         assert len(m.upstream_used) == 4
         assert m.final_upstream == below.published  # built on the upstream's final version, settle 0 included
-        assert all(v == 4 for _, v in m.upstream_used[4 - settle:])  # the settle epochs on the final upstream
+        assert all(v == below.published for _, v in m.upstream_used[4 - settle:])  # the settle epochs on the final
+    # A version is published only while the module above may still train on one (at most 4 - settle epochs of
+    # it); tracking, the fast modules above train on every one of them.
+    for below, m in zip(res.modules, res.modules[1:]):
+        intermediate = {v for _, v in m.upstream_used if v != below.published}
+        assert below.published <= 4 and (not track or below.published == 1 + len(intermediate))
     assert res.modules[1].final_s > res.modules[0].final_s and res.modules[2].final_s > res.modules[1].final_s
 
 

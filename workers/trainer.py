@@ -35,7 +35,7 @@ from pipeline.store.stream import StreamRing
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
-from workers.epochs import Boundary, Step, next_step, publishes_after
+from workers.epochs import Boundary, Step, next_step, publishes_after, reader_may_use
 from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version
@@ -66,6 +66,7 @@ class ModuleTrainer:
         remember_planned(self.store.read_json("run.json"))  # the driver's footprints: no meta forward here
         plan = build_plan(self.cfg, check_paths=False, local_cluster=False)
         self.plan = plan.module(self.name)
+        self.readers = [m for m in plan.modules if self.name in (m.upstream, m.source)]
         self.train_cfg = self.cfg.module_train(self.name)
         self.mcfg = self.cfg.stack[self.name]
         self.device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
@@ -124,7 +125,7 @@ class ModuleTrainer:
                     break
                 self.train_until(self.epoch + 1)
                 if publishes_after(self.epoch, self.train_cfg.epochs, self.plan.publish_every,
-                                   self._upstream.manifest.final) and self._chunks is None:
+                                   self._upstream.manifest.final, self._wanted_above()) and self._chunks is None:
                     self.publish(final=False)
             if self._stop.is_set():
                 self._update(state=ModuleState.stopped)
@@ -186,6 +187,18 @@ class ModuleTrainer:
                         # a stream window is drawn afresh each epoch, so it is never "already trained on"
                         trained_on_loaded=bool(up is not None and used and not self._reads_stream
                                                and used[-1][1] == up.manifest.version))
+
+    def _wanted_above(self) -> bool:
+        """Whether an intermediate version now could be trained on: no module reads this one's versions (the plan
+        alone decides), or one of them may still train an epoch on a non-final version by its last status."""
+        if not self.readers:
+            return True
+        for reader in self.readers:
+            data = self.store.read_json(f"status/{reader.name}.json")
+            done = ModuleStatus.model_validate(data).epoch if data else 0
+            if reader_may_use(done, reader.epochs, self.cfg.schedule.settle_epochs):
+                return True
+        return False
 
     def _switch_upstream(self, block: bool = False) -> None:
         """At an epoch boundary, move to the newest committed upstream version (or the one a resume pins)."""

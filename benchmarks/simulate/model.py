@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from workers.epochs import Boundary, Step, next_step, publishes_after
+from workers.epochs import Boundary, Step, next_step, publishes_after, reader_may_use
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,9 @@ class _Sim:
             res.epochs += 1
             used.append(up.number)
             res.upstream_used.append((res.epochs, up.number))
-            if publishes_after(res.epochs, c.epochs, sch.publish_every, up.final):
+            above = i + 1 < len(self.costs)
+            wanted = not above or reader_may_use(self.results[i + 1].epochs, self.costs[i + 1].epochs, sch.settle_epochs)
+            if publishes_after(res.epochs, c.epochs, sch.publish_every, up.final, wanted):
                 yield from publish(final=False)
         res.final_upstream = loaded[0].number
         yield from publish(final=True)

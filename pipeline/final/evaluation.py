@@ -27,6 +27,7 @@ the mixture out (each sample could be its own cluster) and names them under ``"u
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -34,9 +35,12 @@ from scipy.optimize import linear_sum_assignment
 
 from pipeline.errors import DataError, UndefinedMetricError
 
-__all__ = ["classify", "cluster_accuracy", "fit_subsample", "gmm_cluster_accuracy", "standardize"]
+__all__ = ["READINGS", "classify", "cluster_accuracy", "expected_warnings_ignored", "fit_subsample", "gmm_cluster_accuracy",
+           "standardize"]
 
 GMM_MAX_DIMS = 32
+# What ``classify`` computes; ``clusters`` is k-means and the Gaussian mixture (``kmeans``, ``gmm``).
+READINGS = ("nearest_centroid", "linear_probe", "knn", "clusters")
 
 
 def standardize(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +64,7 @@ def classify(
     probe_iters: int = 100,
     seed: int = 0,
     fit_rows: int | None = None,
+    readings: tuple[str, ...] = READINGS,
 ) -> dict:
     """Score one embedding with four classifiers fit on the train split and scored on the test split.
 
@@ -74,9 +79,10 @@ def classify(
          "gmm": {"test_accuracy", "dims"},
          "undefined": {"kmeans": reason, "gmm": reason},  # only when clustering is undefined; then no kmeans/gmm
          "subsample": {"rows": {"train", "test"}, "of": {"train", "test"}, "seed"}}  # only when a split > fit_rows
-    """
-    from sklearn.neighbors import KNeighborsClassifier
 
+    ``readings`` (a subset of ``READINGS``) computes only those: calls with disjoint subsets return disjoint
+    keys (``subsample`` aside, the same in each), whose union is the whole result.
+    """
     train_x, train_y = _check_xy(train_x, train_y, "train")
     test_x, test_y = _check_xy(test_x, test_y, "test")
     if train_x.shape[1] != test_x.shape[1]:
@@ -91,16 +97,18 @@ def classify(
     fx, fy = train_x[fit_tr], train_y[fit_tr]
     if len(np.unique(fy)) < 2:  # a rare class left out by the draw: fit on every row rather than fail
         fit_tr, fx, fy = np.arange(len(train_x)), train_x, train_y
-    probe_train, probe_test = _linear_probe(fx, fy, test_x, test_y, probe_iters, seed)
-    k = int(min(knn_k, len(fx)))
-    knn = KNeighborsClassifier(n_neighbors=k).fit(fx, fy)
-
-    result = {
-        "nearest_centroid": _nearest_centroid(train_x, train_y, test_x, test_y),
-        "linear_probe": {"train_accuracy": float(probe_train), "test_accuracy": float(probe_test)},
-        "knn": {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k},
-    }
-    result.update(_clusterings(test_x[fit_te], test_y[fit_te], seed))
+    unknown = set(readings) - set(READINGS)
+    if unknown:
+        raise ValueError(f"unknown readings {sorted(unknown)}; known: {READINGS}")
+    result = {}
+    if "nearest_centroid" in readings:
+        result["nearest_centroid"] = _nearest_centroid(train_x, train_y, test_x, test_y)
+    if "linear_probe" in readings:
+        result["linear_probe"] = _linear_probe(fx, fy, test_x, test_y, probe_iters, seed)
+    if "knn" in readings:
+        result["knn"] = _knn(fx, fy, test_x, test_y, knn_k)
+    if "clusters" in readings:
+        result.update(_clusterings(test_x[fit_te], test_y[fit_te], seed))
     if len(fit_tr) < len(train_x) or len(fit_te) < len(test_x):
         result["subsample"] = {"rows": {"train": len(fit_tr), "test": len(fit_te)},
                                "of": {"train": len(train_x), "test": len(test_x)}, "seed": int(seed)}
@@ -120,10 +128,8 @@ def _nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     from sklearn.neighbors import NearestCentroid
 
     labels = np.unique(np.concatenate([train_y, test_y]))
-    # Constant pixels within a class (digits' borders) or a unit that is zero for every row (a dead ReLU): sklearn
-    # warns, and divides 0 by 0 in its shrinkage deviations, which prediction without shrink_threshold never uses.
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
+        _ignore_expected()
         nc = NearestCentroid().fit(train_x, train_y)
     nc_test = nc.predict(test_x)
     return {
@@ -135,17 +141,25 @@ def _nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     }
 
 
-def _linear_probe(train_x, train_y, test_x, test_y, probe_iters: int, seed: int) -> tuple[float, float]:
-    """(train, test) accuracy of LogisticRegression on features standardised with the train split's statistics."""
-    from sklearn.exceptions import ConvergenceWarning
+def _knn(train_x, train_y, test_x, test_y, k: int) -> dict:
+    """Test accuracy of ``KNeighborsClassifier(k)`` (k capped at the train rows)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    k = int(min(k, len(train_x)))
+    knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
+    return {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k}
+
+
+def _linear_probe(train_x, train_y, test_x, test_y, probe_iters: int, seed: int) -> dict:
+    """Train and test accuracy of LogisticRegression on features standardised with the train split's statistics."""
     from sklearn.linear_model import LogisticRegression
 
     train_s, test_s = standardize(train_x, test_x)
     probe = LogisticRegression(max_iter=probe_iters, random_state=seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a capped number of iterations is the protocol
+        _ignore_expected()
         probe.fit(train_s, train_y)
-    return float(probe.score(train_s, train_y)), float(probe.score(test_s, test_y))
+    return {"train_accuracy": float(probe.score(train_s, train_y)), "test_accuracy": float(probe.score(test_s, test_y))}
 
 
 def _clusterings(test_x, test_y, seed: int) -> dict:
@@ -171,7 +185,6 @@ def gmm_cluster_accuracy(x: np.ndarray, y: np.ndarray, n_clusters: int, *, seed:
     on the covariances) assigns each row to its most likely component. Returns {"test_accuracy", "dims"}.
     """
     from sklearn.decomposition import PCA
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
     x = np.asarray(x, dtype=np.float64)
@@ -182,7 +195,7 @@ def gmm_cluster_accuracy(x: np.ndarray, y: np.ndarray, n_clusters: int, *, seed:
     reg = 1e-6 * max(float(x.var(axis=0).mean()), 1e-12)
     gmm = GaussianMixture(n_components=n_clusters, covariance_type="full", n_init=2, reg_covar=reg, random_state=seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        _ignore_expected()
         pred = gmm.fit_predict(x)
     return {"test_accuracy": cluster_accuracy(y, pred), "dims": dims}
 
@@ -206,6 +219,27 @@ def cluster_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     np.add.at(table, (p, t), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / len(y_true))
+
+
+@contextlib.contextmanager
+def expected_warnings_ignored():
+    """The warnings ``classify`` expects and ignores, ignored for the whole block: for callers that run it in
+    threads. ``warnings.catch_warnings`` saves and restores the process's filters, so a thread leaving it can
+    undo another's that is still inside (a capped probe's ConvergenceWarning reached the terminal that way);
+    set here before the threads start, these filters are in every state the threads save and restore."""
+    with warnings.catch_warnings():
+        _ignore_expected()
+        yield
+
+
+def _ignore_expected() -> None:
+    from sklearn.exceptions import ConvergenceWarning
+
+    # Constant pixels within a class (digits' borders) or a unit that is zero for every row (a dead ReLU): sklearn
+    # warns, and divides 0 by 0 in its shrinkage deviations, which prediction without shrink_threshold never uses.
+    warnings.filterwarnings("ignore", message=".*within_class_std_dev_", category=UserWarning)
+    # The probe's iterations are capped (``probe_iters``) and the mixture's EM may stop early: the protocol.
+    warnings.simplefilter("ignore", ConvergenceWarning)
 
 
 # ---------------------------------------------------------------- helpers

@@ -11,6 +11,7 @@ modules train this process holds only Ray, pyarrow and the store's bookkeeping.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from pipeline.planning.config import overridden_config
@@ -18,8 +19,8 @@ from pipeline.errors import ConfigError, RunError
 from pipeline.run import offload
 from pipeline.run.ingest import ingest, is_ingested
 from pipeline.run.lease import live_leases, module_lease, module_leases
-from pipeline.run.scheduler import train_modules
-from pipeline.store.runs import now_iso, open_run, run_config
+from pipeline.run.scheduler import launched, train_modules
+from pipeline.store.runs import abs_uri, check_run_id, new_run_id, now_iso, open_run, run_config
 from pipeline.store import Store
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
@@ -44,13 +45,14 @@ def _set_status(store: Store, info: dict, status: str, **extra) -> dict:
     return info
 
 
-def _train(store: Store, info: dict, cfg: RunConfig, names: list[str], address: str | None) -> tuple[dict, dict]:
+def _train(store: Store, info: dict, cfg: RunConfig, names: list[str], address: str | None,
+           launch=None) -> tuple[dict, dict]:
     # The leases say "someone trains these modules" to a retrain, a second driver and `gc`.
     with module_leases(store, names):
         info = _set_status(store, info, "training")
         try:
             statuses = train_modules(cfg, store.uri, store.run_id, names, generation=info.get("generations", {}),
-                                     address=address)
+                                     address=address, launch=launch)
         except KeyboardInterrupt:
             _set_status(store, info, "interrupted")
             raise
@@ -80,9 +82,17 @@ def _finish(store: Store, info: dict, cfg: RunConfig, final_stage: bool) -> int:
 
 
 def run(cfg: RunConfig, *, run_id: str | None = None, address: str | None = None, final_stage: bool = True) -> int:
-    store, info, manifest = prepare_run(cfg, run_id, address)
-    print(f"run {info['run_id']}: {manifest.rows} samples {manifest.splits} in {store.root_uri}", flush=True)
-    info, _ = _train(store, info, cfg, list(cfg.stack), address)
+    run_id = check_run_id(run_id or new_run_id(cfg.name))
+    names, uri = list(cfg.stack), abs_uri(cfg.store.uri)
+    # A new run: Ray starts and the module actors import torch while the child plans and ingests (the default
+    # run took 22 s from the command to its first step: 6 s of planning and ingest, then 6 s of Ray, then 9 s of
+    # actors). An existing one (this command again) checks its leases before any actor of it is created.
+    new = Store(uri, run_id, create=False).read_json("run.json") is None
+    with offload.started(offload.prepare_run, cfg, run_id, address) as prepared, \
+            (launched(cfg, uri, run_id, names, address=address) if new else contextlib.nullcontext()) as launch:
+        store, info, manifest = prepared()
+        print(f"run {info['run_id']}: {manifest.rows} samples {manifest.splits} in {store.root_uri}", flush=True)
+        info, _ = _train(store, info, cfg, names, address, launch=launch)
     return _finish(store, info, cfg, final_stage)
 
 

@@ -11,6 +11,7 @@ like the CLI, from tests/test_layout.py's "imports at the top" rule (the one-way
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import sys
 
@@ -21,10 +22,13 @@ class ModuleTrainer:
     """The Ray actor of one module: ``workers.trainer.ModuleTrainer``, built in the actor's own process.
 
     Named like the class it wraps, so the actor's process is still titled ``ray::ModuleTrainer`` (the
-    benchmarks find the module actors by that title). The scheduler calls these three methods.
+    benchmarks find the module actors by that title). The scheduler calls these three methods. The
+    constructor does the imports (torch, and torch._dynamo, which the optimizer's constructor would import
+    in ``setup``): the driver creates its actors while its child process still plans and ingests.
     """
 
     def __init__(self, *args, **kwargs) -> None:
+        import torch._dynamo  # noqa: F401 - torch.optim's constructors import it (2-4 s): at creation, not in setup()
         from workers.trainer import ModuleTrainer as Trainer  # runs in the actor, never in the driver
 
         self._trainer = Trainer(*args, **kwargs)
@@ -48,18 +52,42 @@ def in_child(fn, *args, **kwargs):
     guard. A process that has torch loaded already (a test, a benchmark, a notebook) has nothing to keep
     free of it, so there ``fn`` runs in place.
     """
+    with started(fn, *args, **kwargs) as result:
+        return result()
+
+
+@contextlib.contextmanager
+def started(fn, *args, **kwargs):
+    """``in_child`` without waiting: starts ``fn`` in its child process and yields a function that waits for
+    its result (or raises its exception), so the caller can work meanwhile. The child ends once it has
+    answered (it holds torch's memory), or at the latest when the block is left. Where torch is loaded
+    already, ``fn`` runs in place before the block."""
     if "torch" in sys.modules:
-        return fn(*args, **kwargs)
+        value = fn(*args, **kwargs)
+        yield lambda: value
+        return
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(fn, *args, **kwargs).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise RunError(f"the child process running {fn.__module__}.{fn.__name__} died before it answered: "
-                           "killed (the out-of-memory killer prints nothing here), or it could not start (its "
-                           "traceback is printed above)",
-                           "a script that calls the driver must guard its top level with `if __name__ == "
-                           "'__main__':` (the child imports it); after a kill, free memory and run the command again "
-                           "(`isostack resume RUN` continues a run whose modules have trained)") from None
+        future = pool.submit(fn, *args, **kwargs)
+
+        def result():
+            try:
+                return _result(future, fn)
+            finally:
+                pool.shutdown(wait=True)
+
+        yield result
+
+
+def _result(future: concurrent.futures.Future, fn):
+    try:
+        return future.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise RunError(f"the child process running {fn.__module__}.{fn.__name__} died before it answered: "
+                       "killed (the out-of-memory killer prints nothing here), or it could not start (its "
+                       "traceback is printed above)",
+                       "a script that calls the driver must guard its top level with `if __name__ == "
+                       "'__main__':` (the child imports it); after a kill, free memory and run the command again "
+                       "(`isostack resume RUN` continues a run whose modules have trained)") from None
 
 
 # ---------------------------------------------------------------- what in_child runs

@@ -7,6 +7,7 @@ carries them out and draws one progress line per module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -211,21 +212,60 @@ def format_line(st: ModuleStatus) -> str:
             f"{rate:<10} eta {eta}{tail}")
 
 
-def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *, generation: dict[str, int] | None = None,
-                  address: str | None = None, progress: bool = True) -> dict[str, ModuleStatus]:
-    """Train ``names`` (in stack order) on Ray actors until each is final, failed or stopped."""
+@dataclass
+class Launch:
+    """Ray connected and one actor per module created: each actor's process starts and imports torch as soon as
+    it is created, before anything asks it to train (``launched``)."""
+
+    names: list[str]
+    actors: dict
+    setups: dict  # sequential mode: the setup() refs of the modules after the first
+    pg: object = None
+
+
+@contextlib.contextmanager
+def launched(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *,
+             generation: dict[str, int] | None = None, address: str | None = None):
+    """Connect to (or start) Ray and create the module actors of ``names``; on leaving, end them (and the
+    placement group). The driver enters this while its child process still plans and ingests (``driver.run``),
+    so Ray's start and the actors' imports overlap that work; the actors touch the store only when told to
+    train (``train_modules``), so a refused run still leaves the store as it was."""
     import ray
 
     generation = generation or {}
     started_here = ensure_ray(address, cfg)
     gpus = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
     _note_cpu_fallback(cfg, gpus, started_here)
-    actor_cls = ray.remote(ModuleTrainer)
-    statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
-    actors, runs = {}, {}
     pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
+    launch = Launch(names=list(names), actors={}, setups={}, pg=pg)
+    try:
+        launch.setups = _create_actors(ray.remote(ModuleTrainer), launch.actors, cfg, store_uri, run_id, names,
+                                       generation, gpus, pg)
+        yield launch
+    finally:
+        for actor in launch.actors.values():
+            ray.kill(actor, no_restart=True)
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)  # also ends any actor still in it
+
+
+def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *, generation: dict[str, int] | None = None,
+                  address: str | None = None, progress: bool = True, launch: Launch | None = None) -> dict[str, ModuleStatus]:
+    """Train ``names`` (in stack order) on Ray actors until each is final, failed or stopped: the actors of
+    ``launch`` (created ahead by ``launched`` for the same modules), or new ones."""
+    import ray
+
+    if launch is None:
+        with launched(cfg, store_uri, run_id, names, generation=generation, address=address) as launch:
+            return train_modules(cfg, store_uri, run_id, names, progress=progress, launch=launch)
+    if launch.names != list(names):
+        raise ValueError(f"the launched actors are for {launch.names}, not {names}")
+    actors, setups = launch.actors, launch.setups
+    statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
+    runs = {}
     view = _Progress(names, progress)
-    setups = _create_actors(actor_cls, actors, cfg, store_uri, run_id, names, generation, gpus, pg)
     pending = list(names) if cfg.schedule.mode == "sequential" else []
     for name in names if not pending else [pending.pop(0)]:
         runs[name] = actors[name].run.remote()
@@ -261,10 +301,6 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
         raise
     finally:
         view.close(statuses)
-        if pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(pg)  # also ends any actor still in it
     for actor in actors.values():
         ray.kill(actor, no_restart=True)
     return statuses

@@ -10,7 +10,7 @@ import pytest
 from pipeline.planning.config import load_config
 from pipeline.run.driver import prepare_run
 from tests.conftest import TINY_NORB, split_default_config
-from workers.epochs import Boundary, Step, next_step, publishes_after
+from workers.epochs import Boundary, Step, next_step, publishes_after, reader_may_use
 from workers.trainer import ModuleTrainer
 
 
@@ -102,3 +102,11 @@ def test_trainer_run_loop_builds_every_final_on_the_upstream_final(tmp_path, set
         assert trainer.epoch == trainer.train_cfg.epochs, f"{trainer.name} trained {trainer.epoch} epochs"
         assert trainer.status()["epoch"] <= trainer.status()["target_epochs"]
         below = final
+
+
+def test_a_version_is_wanted_while_the_module_above_may_train_on_one():
+    # 8 epochs with 2 settle: six epochs may use non-final versions; after the sixth only the final one can.
+    assert reader_may_use(5, budget=8, settle=2) and not reader_may_use(6, budget=8, settle=2)
+    assert not reader_may_use(0, budget=2, settle=5)  # settle over the budget: every epoch is the final's
+    assert reader_may_use(3, budget=4, settle=0)
+    assert not publishes_after(3, budget=8, publish_every=1, upstream_final=True, wanted=False)

@@ -169,3 +169,44 @@ def test_fit_subsample_is_seeded_bounded_and_without_repeats():
     assert np.array_equal(a, fit_subsample(10_000, 500, 3))
     assert not np.array_equal(a, fit_subsample(10_000, 500, 4))
     assert np.array_equal(fit_subsample(20, 500, 3), np.arange(20))
+
+
+def test_readings_split_into_parts_add_up_to_the_whole():
+    rng = np.random.default_rng(3)
+    xtr, xte = rng.normal(size=(60, 5)), rng.normal(size=(40, 5))
+    ytr, yte = np.arange(60) % 3, np.arange(40) % 3
+    whole = classify(xtr, ytr, xte, yte, seed=2, fit_rows=30)
+    parts = [classify(xtr, ytr, xte, yte, seed=2, fit_rows=30, readings=part)
+             for part in (("clusters",), ("nearest_centroid", "linear_probe"), ("knn",))]
+    assert [set(p) - {"subsample"} for p in parts] == [{"kmeans", "gmm"}, {"nearest_centroid", "linear_probe"}, {"knn"}]
+    assert {k: v for p in parts for k, v in p.items()} == whole
+    with pytest.raises(ValueError, match="probe"):
+        classify(xtr, ytr, xte, yte, readings=("probe",))
+
+
+def _scored_in_threads(jobs: int, ignored: bool) -> list:
+    """Capped probes (one iteration: a ConvergenceWarning each) and mixtures scored by two threads at once,
+    under ``expected_warnings_ignored`` when ``ignored``; the convergence warnings that got through."""
+    import concurrent.futures
+    import contextlib
+    import warnings
+
+    from pipeline.final.evaluation import expected_warnings_ignored
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 20)), np.arange(300) % 4
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with expected_warnings_ignored() if ignored else contextlib.nullcontext(), \
+                concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for f in [pool.submit(classify, x, y, x, y, probe_iters=1, readings=("linear_probe", "clusters"))
+                      for _ in range(jobs)]:
+                f.result()
+    return [w for w in seen if "converge" in str(w.message).lower()]
+
+
+def test_scoring_threads_print_no_expected_warning():
+    # Each classify call silences its expected warnings with catch_warnings, which saves and restores the
+    # process's filters: two threads leaving it out of order let a ConvergenceWarning through (the default run
+    # printed one). Under expected_warnings_ignored, entered before the threads start, none gets through.
+    assert _scored_in_threads(24, ignored=True) == []
