@@ -219,7 +219,6 @@ class Launch:
 
     names: list[str]
     actors: dict
-    setups: dict  # sequential mode: the setup() refs of the modules after the first
     pg: object = None
 
 
@@ -237,10 +236,9 @@ def launched(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *,
     gpus = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
     _note_cpu_fallback(cfg, gpus, started_here)
     pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
-    launch = Launch(names=list(names), actors={}, setups={}, pg=pg)
+    launch = Launch(names=list(names), actors={}, pg=pg)
     try:
-        launch.setups = _create_actors(ray.remote(ModuleTrainer), launch.actors, cfg, store_uri, run_id, names,
-                                       generation, gpus, pg)
+        _create_actors(ray.remote(ModuleTrainer), launch.actors, cfg, store_uri, run_id, names, generation, gpus, pg)
         yield launch
     finally:
         for actor in launch.actors.values():
@@ -262,7 +260,10 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
             return train_modules(cfg, store_uri, run_id, names, progress=progress, launch=launch)
     if launch.names != list(names):
         raise ValueError(f"the launched actors are for {launch.names}, not {names}")
-    actors, setups = launch.actors, launch.setups
+    actors = launch.actors
+    # Sequential mode: every module after the first sets up now (model build, resume), so that mode does not pay
+    # it between modules; only now, as setup() reads the run from the store, which a refused run never wrote.
+    setups = {name: actors[name].setup.remote() for name in names[1:]} if cfg.schedule.mode == "sequential" else {}
     statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
     runs = {}
     view = _Progress(names, progress)
@@ -315,20 +316,16 @@ def _note_cpu_fallback(cfg: RunConfig, gpus: float, started_here: bool) -> None:
 
 
 def _create_actors(actor_cls, actors: dict, cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
-                   generation: dict[str, int], gpus: float, pg) -> dict:
-    """Create every module actor at once, in both modes; in sequential mode each also sets up now (process,
-    imports, model build, resume), so that mode does not pay actor start-up between modules. Returns the
-    setup refs."""
-    setups, config = {}, cfg.model_dump(mode="json")
+                   generation: dict[str, int], gpus: float, pg) -> None:
+    """Create every module actor at once, in both modes: each process starts and imports (the actor's
+    constructor) without touching the store."""
+    config = cfg.model_dump(mode="json")
     for name in names:
         gen = generation.get(name, 0)
         opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
         actors[name] = actor_cls.options(**opts).remote(
             store_uri, run_id, name, config, generation=gen,
             threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
-        if cfg.schedule.mode == "sequential" and name != names[0]:
-            setups[name] = actors[name].setup.remote()
-    return setups
 
 
 def _poll_statuses(actors: dict, runs: dict, statuses: dict[str, ModuleStatus]) -> None:
