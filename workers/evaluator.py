@@ -22,7 +22,7 @@ from pipeline.errors import UndefinedMetricError
 from pipeline.planning.config import dump_yaml
 from pipeline.data import capabilities
 from pipeline.final.encoder import compose_from_store, save_model
-from pipeline.final.evaluation import classify, expected_warnings_ignored, standardize
+from pipeline.final.evaluation import READINGS, classify, expected_warnings_ignored, standardize
 from pipeline.feed import open_source
 from pipeline.nn.modules import pool_to_vector
 from pipeline.final import plots
@@ -267,6 +267,7 @@ SCORING_JOBS = 2  # scoring jobs run side by side in the final stage
 # with the other jobs: the clusterings 5.9 s, nearest centroid and probe 4.6 s, kNN 3.9 s): widest embedding
 # first, then this order, is longest-first scheduling on the two threads.
 _READING_JOBS = (("clusters",), ("nearest_centroid", "linear_probe"), ("knn",))
+assert sorted(sum(_READING_JOBS, ())) == sorted(READINGS), "every reading in exactly one scoring job"
 
 
 def _threads_per_job() -> int:

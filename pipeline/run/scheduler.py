@@ -219,7 +219,6 @@ class Launch:
 
     names: list[str]
     actors: dict
-    pg: object = None
 
 
 @contextlib.contextmanager
@@ -236,7 +235,7 @@ def launched(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *,
     gpus = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
     _note_cpu_fallback(cfg, gpus, started_here)
     pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
-    launch = Launch(names=list(names), actors={}, pg=pg)
+    launch = Launch(names=list(names), actors={})
     try:
         _create_actors(ray.remote(ModuleTrainer), launch.actors, cfg, store_uri, run_id, names, generation, gpus, pg)
         yield launch
@@ -296,14 +295,10 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
                 if d.module in pending:
                     pending.remove(d.module)
             view.update(statuses)
-    except KeyboardInterrupt:
-        for actor in actors.values():
-            ray.kill(actor, no_restart=True)
-        raise
     finally:
         view.close(statuses)
-    for actor in actors.values():
-        ray.kill(actor, no_restart=True)
+        for actor in actors.values():  # done, failed or interrupted: none of them trains on (the caller gc's)
+            ray.kill(actor, no_restart=True)
     return statuses
 
 
