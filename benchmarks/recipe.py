@@ -98,6 +98,7 @@ class PssSampler:
         self.root, self.interval = root_pid, interval
         self.peak, self.largest_at_peak, self.processes_at_peak, self.samples = 0, 0, 0, 0
         self.by_process: dict[int, int] = {}  # pid -> that process's own peak PSS (where the memory is)
+        self.at_peak: dict[int, int] = {}  # pid -> its PSS in the sample of the summed peak (what adds up to it)
         self.names: dict[int, str] = {}  # pid -> its title when first seen (Ray retitles an actor per task)
         self.loads: list[float] = []  # the machine's 1-minute load average at each sample (others' work included)
         self._stop = threading.Event()
@@ -127,6 +128,7 @@ class PssSampler:
         self.loads.append(load_average())
         if total > self.peak:
             self.peak, self.largest_at_peak, self.processes_at_peak = total, max(sizes, default=0), len(sizes)
+            self.at_peak = dict(zip(pids, sizes))
 
 
 def load_average() -> float:
@@ -191,6 +193,8 @@ def measured(cmd: list[str], log_path: str, timeout: float, interval: float) -> 
             "memory_samples": mem.samples,
             "process_peaks": {f"{pid} {mem.names[pid]}": peak
                               for pid, peak in sorted(mem.by_process.items(), key=lambda kv: -kv[1])[:12]},
+            "at_peak": {f"{pid} {mem.names[pid]}": size
+                        for pid, size in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])[:12]},
             "load_average": {"mean": float(np.mean(mem.loads)) if mem.loads else None,
                              "max": max(mem.loads, default=None)}}
 
