@@ -226,9 +226,30 @@ def isostack_side(mode: str, sets: list[str], store: str, log: str, *, timeout: 
     res["module_final_version"] = {n: m.get("final_version") for n, m in mods.items()}
     res["module_peak_rss_bytes"] = {n: m.get("peak_memory_bytes") for n, m in mods.items()}  # each actor's own peak
     res["module_span_s"] = {n: iso_seconds(m["finished_at"]) - iso_seconds(m["started_at"]) for n, m in mods.items()}
+    res["module_images"] = {n: trained_images(st, n) for n in mods}
     res["params"] = {n: sum(t.numel() for t in module_weights(load_tensors(st, latest(st, checkpoint_dir(n))["weights"])).values())
                      for n in mods}
     return res
+
+
+def trained_images(st, name: str) -> int:
+    """Images module ``name`` trained on, summed over its epochs (each epoch's samples/s x seconds, from its
+    metrics). In async mode a wide module's intermediate versions cover a fraction of the images
+    (``pipeline.planning.memory.publish_policy``), so the module above trains its early epochs on fewer
+    images than N: the loop's modules each see N x epochs."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    raw = st.read_bytes(f"metrics/{name}.parquet")
+    if raw is None:
+        return 0
+    rows = pq.read_table(io.BytesIO(raw)).to_pylist()
+    per_epoch: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r["value"] is not None:
+            per_epoch.setdefault(r["epoch"], {})[r["name"].split("/", 1)[-1]] = r["value"]
+    return int(round(sum(e.get("samples_per_s", 0.0) * e.get("epoch_seconds", 0.0) for e in per_epoch.values())))
 
 
 def reference_side(sets: list[str], store: str, run_id: str, workdir: str, log: str, *, timeout: float,
@@ -289,6 +310,13 @@ def rows(m: dict) -> list[Row]:
                                  f"loop {loop.get('seconds', 0):.0f} s; epochs per module "
                                  f"{'/'.join(str(e) for e in side.get('module_epochs', {}).values())}; load average "
                                  f"{_load(side)} vs {_load(loop)}"))
+        images = side.get("module_images")
+        if images and loop.get("seconds"):
+            work = sum(images.values()) / len(images)  # images a module trained on, on average
+            out.append(goal_row("recipe", f"{tag}: images trained per module per s, {mode} vs loop",
+                                work / side["train_span_s"], m["n"] * m["epochs"] / loop["seconds"],
+                                note="images each module trained on: " + " / ".join(f"{n} {v:,}" for n, v in images.items())
+                                     + f" (the loop: {m['n'] * m['epochs']:,} each); the row above counts N x epochs"))
         out.append(goal_row("recipe", f"{tag}: peak PSS GiB (all processes), {mode} vs loop", side["peak_pss_bytes"] / gib,
                             loop["peak_pss_bytes"] / gib, at_most=1.0 if goal else None,
                             note=f"largest process {side['largest_process_bytes'] / gib:.1f} vs "

@@ -53,6 +53,36 @@ def test_recipe_memory_sampler_sums_pss_over_the_process_tree(tmp_path):
     # each process's own peak, named: the python grandchild holds the 300 MB, not the shell
     holder = max(res["process_peaks"], key=res["process_peaks"].get)
     assert res["process_peaks"][holder] >= 300 << 20 and "python" in holder
+    # the split at the summed peak: the same grandchild holds most of it
+    assert max(res["at_peak"].values()) >= 300 << 20 and sum(res["at_peak"].values()) == res["peak_pss_bytes"]
+
+
+def test_recipe_counts_the_images_each_module_trained_on(tmp_path):
+    """A module whose first epoch read a thinned intermediate version (40 of 100 images) is credited with 140
+    images, not N x epochs; the recipe's comparison then has a row on that work beside the N x epochs one."""
+    from benchmarks.recipe import rows, trained_images
+    from pipeline.store import Store
+    from workers.metric_log import MetricLog
+
+    st = Store(str(tmp_path), "r")
+    for name, per_epoch in (("m1", [(100, 10.0), (100, 20.0)]), ("m2", [(40, 4.0), (100, 10.0)])):
+        log = MetricLog(st, name, 0)
+        for epoch, (images, seconds) in enumerate(per_epoch, 1):
+            log.record(f"{name}/samples_per_s", images / seconds, epoch=epoch, step=epoch)
+            log.record(f"{name}/epoch_seconds", seconds, epoch=epoch, step=epoch)
+            log.record(f"{name}/loss/heldout", None, epoch=epoch, step=epoch)
+        log.write()
+    assert trained_images(st, "m1") == 200 and trained_images(st, "m2") == 140 and trained_images(st, "m9") == 0
+
+    side = {"img_per_s": 1.0, "train_span_s": 200.0, "wall_s": 210.0, "module_epochs": {"m1": 2, "m2": 2},
+            "module_images": {"m1": 200, "m2": 140}, "peak_pss_bytes": 2 << 30, "largest_process_bytes": 1 << 30,
+            "processes_at_peak": 5, "params": {"m1": 1, "m2": 2}, "load_average": {}}
+    loop = {"img_per_s": 1.0, "seconds": 200.0, "peak_pss_bytes": 1 << 30, "largest_process_bytes": 1 << 30,
+            "params": {"m1": 1, "m2": 2}, "load_average": {}}
+    got = {r.measure: r for r in rows({"n": 100, "epochs": 2, "sides": {"async": side, "loop": loop}})}
+    work = got["stl10-gim N=100, 2 ep: images trained per module per s, async vs loop"]
+    assert work.isostack == 170 / 200 and work.baseline == 1.0 and abs(work.ratio - 0.85) < 1e-9
+    assert "m2 140" in work.note
 
 
 def test_recipe_data_reads_as_small_norb(tmp_path):
