@@ -241,7 +241,9 @@ def trained_images(st, name: str) -> int:
 
     import pyarrow.parquet as pq
 
-    raw = st.read_bytes(f"metrics/{name}.parquet")
+    from schemas.metrics import metrics_path
+
+    raw = st.read_bytes(metrics_path(name))
     if raw is None:
         return 0
     rows = pq.read_table(io.BytesIO(raw)).to_pylist()
