@@ -237,20 +237,14 @@ def trained_images(st, name: str) -> int:
     metrics). In async mode a wide module's intermediate versions cover a fraction of the images
     (``pipeline.planning.memory.publish_policy``), so the module above trains its early epochs on fewer
     images than N: the loop's modules each see N x epochs."""
-    import io
+    from workers.metric_log import MetricLog
 
-    import pyarrow.parquet as pq
-
-    from schemas.metrics import metrics_path
-
-    raw = st.read_bytes(metrics_path(name))
-    if raw is None:
-        return 0
-    rows = pq.read_table(io.BytesIO(raw)).to_pylist()
+    log = MetricLog(st, name, 0)
+    log.load(up_to_epoch=sys.maxsize)
     per_epoch: dict[int, dict[str, float]] = {}
-    for r in rows:
-        if r["value"] is not None:
-            per_epoch.setdefault(r["epoch"], {})[r["name"].split("/", 1)[-1]] = r["value"]
+    for event in log.rows:
+        if event["value"] is not None:
+            per_epoch.setdefault(event["epoch"], {})[event["name"].split("/", 1)[-1]] = event["value"]
     return int(round(sum(e.get("samples_per_s", 0.0) * e.get("epoch_seconds", 0.0) for e in per_epoch.values())))
 
 
