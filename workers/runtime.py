@@ -12,6 +12,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -108,7 +109,9 @@ class CoreTurns:
         return cls(key, shared, slots=max(1, node_cores() // per))
 
     @contextlib.contextmanager
-    def turn(self):
+    def turn(self, on_wait: Callable[[], None] | None = None):
+        """The node's turn for one step or chunk. ``on_wait`` is called once, before blocking, when another
+        actor holds the turn (a trainer drops the rows it holds between steps: ``StreamingBatches.release``)."""
         if not self.shared or self._depth:  # a turn inside a turn (a stream chunk after a step) is the same turn
             self._depth += 1
             try:
@@ -118,7 +121,7 @@ class CoreTurns:
             return
         with self._state:
             if self._held_since is None:
-                self._acquire()
+                self._acquire(on_wait)
         self._depth = 1
         try:
             yield
@@ -156,15 +159,12 @@ class CoreTurns:
         *slots, queue = (os.open(p, os.O_RDWR | os.O_CREAT, 0o600) for p in self._files())
         self._slots, self._queue = slots, queue
 
-    def _acquire(self) -> None:
+    def _acquire(self, on_wait: Callable[[], None] | None = None) -> None:
         if not self._slots:
             self._open()
         t0 = time.perf_counter()
         fcntl.flock(self._queue, fcntl.LOCK_SH)
-        if self.slots == 1:
-            fcntl.flock(self._slots[0], fcntl.LOCK_EX)
-            self._fd = self._slots[0]
-        while self._fd is None:  # several slots: the first free one (flock cannot wait on any of several files)
+        while self._fd is None:  # the first free slot (flock cannot wait on any of several files)
             for fd in self._slots:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,7 +173,14 @@ class CoreTurns:
                 except BlockingIOError:
                     continue
             else:
-                time.sleep(0.002)
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
+                if self.slots == 1:
+                    fcntl.flock(self._slots[0], fcntl.LOCK_EX)
+                    self._fd = self._slots[0]
+                else:
+                    time.sleep(0.002)
         fcntl.flock(self._queue, fcntl.LOCK_UN)
         self._held_since = time.perf_counter()
         self.waited += self._held_since - t0

@@ -243,15 +243,23 @@ class ModuleTrainer:
         self._update(state=ModuleState.training, started_at=self.lineage["started_at"])
         losses, samples, t0 = [], 0, time.perf_counter()
         step = batches.start_step - 1
-        for batch in batches.stored():  # not enumerate(): its cached result tuple would hold the batch
-            step += 1
-            if self._stop.is_set():
-                return
-            samples += len(batch.x)
-            # handed over in a list the step empties: the loop variable would keep the stored copy (float16: half
-            # the float32 features, 205 MB for the stl10-gim m2) alive through the step's forward and backward
-            held, batch = [batch], None
-            loss = self._step(held, pairing, gen, step, batches.features)
+        # Sharing the node's cores, a module takes its batch inside its turn and holds no rows while it waits for
+        # one; alone on its cores, batches are prefetched on the feed's thread while it steps.
+        feed = batches.on_demand() if self.turns.shared else batches.stored()
+        for _ in range(len(batches)):  # counted: no turn is taken only to find the epoch over
+            with self.turns.turn(on_wait=batches.release):  # the step's own turn inside it is the same turn
+                batch = next(feed, None)
+                if batch is None:
+                    break
+                if self._stop.is_set():
+                    return
+                step += 1
+                samples += len(batch.x)
+                # handed over in a list the step empties: this frame would keep the stored copy (float16: half the
+                # float32 features, 205 MB for the stl10-gim m2) alive through the step's forward and backward
+                held, batch = [batch], None
+                loss = self._step(held, pairing, gen, step, batches.features)
+            self._stream_tick()  # outside the turn: a stream chunk is read before it takes its own
             losses.append(loss.detach())
             every = self.cfg.feed.checkpoint_every_steps
             if every and (step + 1) % every == 0 and step + 1 < batches.plan.n_batches:
@@ -262,7 +270,7 @@ class ModuleTrainer:
     def _step(self, held: list, pairing: str | None, gen: torch.Generator, step: int, features) -> torch.Tensor:
         """One optimizer step on the batch in ``held`` (as stored; ``features`` makes it float32); the loss."""
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
-            batch = features(held.pop())  # float32 only now: a module waiting for its turn holds stored rows
+            batch = features(held.pop())  # float32 only now, inside the turn
             x, x_pos = augment_views(batch.x, gen) if pairing == "augment" else (batch.x, batch.x_pos)
             loss, backward = step_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups,
                                        micro_batch=self.plan.micro_batch or None)
@@ -281,7 +289,6 @@ class ModuleTrainer:
             after_step = getattr(self.objective, "after_step", None)
             if after_step is not None:
                 after_step(self.module)  # e.g. moco's momentum update of its key encoder
-        self._stream_tick()
         return loss
 
     def _end_epoch(self, losses: list, samples: int, seconds: float, batches: StreamingBatches) -> None:

@@ -118,6 +118,37 @@ def test_two_slots_let_two_actors_step_at_once_never_three(tmp_path):
     assert peak == 2, peak
 
 
+def _hold_for(key: str, ready, seconds: float) -> None:
+    turns = CoreTurns(key, True)
+    with turns.turn():
+        ready.set()
+        time.sleep(seconds)
+    turns.close()
+
+
+def test_a_waiter_is_told_once_before_it_blocks_and_not_when_the_turn_is_free(tmp_path):
+    """``turn(on_wait=...)``: a trainer drops the rows it holds before it waits for another actor's step."""
+    key = f"test-on-wait-{tmp_path}"
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_for, args=(key, ready, 1.0))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        turns, told = CoreTurns(key, True, hold=0.0), []
+        with turns.turn(on_wait=lambda: told.append(time.monotonic())):
+            took = time.monotonic()
+        assert len(told) == 1 and took - told[0] > 0.2, (told, took)  # told first, then it waited for the holder
+        holder.join(30)
+        with turns.turn(on_wait=lambda: told.append(time.monotonic())):
+            pass
+        assert len(told) == 1  # the turn was free: nothing to drop
+        turns.close()
+    finally:
+        holder.kill()
+        holder.join(10)
+
+
 def test_unshared_turns_do_not_wait(tmp_path):
     spans = _run(f"test-{tmp_path}", False, tmp_path)
     assert any(start < end for (_, _, end), (_, start, _) in zip(spans, spans[1:]))  # the two ran at once

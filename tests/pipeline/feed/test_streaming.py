@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 import weakref
 
 import numpy as np
@@ -112,6 +113,31 @@ def test_a_tiny_buffer_bounds_the_rows_held(tmp_path):
     assert feed.max_rows_held < len(src) // 3
     whole = _epoch(src, "same_instance", buffer=1000)[1]
     assert whole.max_rows_held >= len(src.train_rows())  # the count is real: a big buffer holds everything
+
+
+@pytest.mark.parametrize("pairing", ["same_instance", "neighbor_pose"])
+def test_a_feed_released_between_batches_holds_no_rows_and_gives_the_same_batches(tmp_path, pairing):
+    """A trainer waiting for its node's turn drops its window and reads ahead (``release``): nothing is held while
+    it waits, and the next batch, read again, is the one it would have been."""
+    store = Store(str(tmp_path), "r")
+    make_version(store, objects=12, rows_per_shard=8)
+    src = open_versions(store, [store.newest("m1")])
+    plan, _, kept = _epoch(src, pairing, buffer=24, readahead=2)
+    feed = StreamingBatches(src, plan, device=torch.device("cpu"), pairing=pairing, readahead=2)
+    released = []
+    for batch in feed.on_demand():
+        released.append(batch)
+        assert feed.rows_held > 0  # the window the next batch draws from
+        feed.release()
+        deadline = time.monotonic() + 10
+        while feed.rows_held and time.monotonic() < deadline:  # a unit being read ahead lets go when it lands
+            time.sleep(0.01)
+        assert feed.rows_held == 0
+    assert len(released) == len(kept) == plan.n_batches
+    for a, b in zip(kept, released):
+        assert np.array_equal(_ids(a), _ids(b))
+        assert torch.equal(a.x_pos, b.x_pos)
+    assert feed.max_rows_held <= 24 + 8 + 2 * 8 + 8  # the bound of a feed never released still holds
 
 
 def test_a_stream_window_keeps_the_newest_row_of_each_sample(tmp_path):
