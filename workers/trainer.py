@@ -265,6 +265,7 @@ class ModuleTrainer:
             if every and (step + 1) % every == 0 and step + 1 < batches.plan.n_batches:
                 self._checkpoint(f"{self.ckpt_dir}/mid", self.lineage["step"] + len(losses),
                                  feed_step=step + 1, step=self.lineage["step"] + len(losses))
+        feed.close()  # its last window is not held through the epoch's end (checkpoint, held-out loss)
         self._end_epoch(losses, samples, time.perf_counter() - t0, batches)
 
     def _step(self, held: list, pairing: str | None, gen: torch.Generator, step: int, features) -> torch.Tensor:

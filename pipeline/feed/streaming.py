@@ -149,29 +149,31 @@ class StreamingBatches:
         live: dict[int, tuple[np.ndarray, torch.Tensor] | None] = {}
         ahead: collections.deque = collections.deque()  # (unit, its read), in first-use order
         self._live, self._ahead, self._released = live, ahead, False
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-readahead") as pool:
-            submitted = loaded = 0
-            while pos < stop:
-                if self._released:  # release() dropped the reads ahead: they start again from the next unit
-                    self._released, submitted = False, loaded
-                end = min(pos + b, stop)
-                while loaded < len(units) and first[loaded] < end:  # this batch's units, in first-use order
-                    while submitted < len(units) and submitted - loaded < self.readahead + 1:
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="isostack-readahead") as pool:
+                submitted = loaded = 0
+                while pos < stop:
+                    if self._released:  # release() dropped the reads ahead: they start again from the next unit
+                        self._released, submitted = False, loaded
+                    end = min(pos + b, stop)
+                    while loaded < len(units) and first[loaded] < end:  # this batch's units, in first-use order
+                        while submitted < len(units) and submitted - loaded < self.readahead + 1:
+                            ahead.append((units[submitted], pool.submit(self._read, units[submitted])))
+                            submitted += 1
+                        u, read = ahead.popleft()
+                        live[u] = read.result()
+                        loaded += 1
+                    while submitted < len(units) and submitted - loaded < self.readahead:  # read on while it trains
                         ahead.append((units[submitted], pool.submit(self._read, units[submitted])))
                         submitted += 1
-                    u, read = ahead.popleft()
-                    live[u] = read.result()
-                    loaded += 1
-                while submitted < len(units) and submitted - loaded < self.readahead:  # read on while it trains
-                    ahead.append((units[submitted], pool.submit(self._read, units[submitted])))
-                    submitted += 1
-                yield self._batch(*self._gather(pos, end, live))
-                for u in [u for u in live if last_of[u] < end]:  # that batch was its last use
-                    held = live.pop(u)
-                    if held is not None:
-                        self._hold(-len(held[0]))
-                pos = end
-        self._live = self._ahead = None
+                    yield self._batch(*self._gather(pos, end, live))
+                    for u in [u for u in live if last_of[u] < end]:  # that batch was its last use
+                        held = live.pop(u)
+                        if held is not None:
+                            self._hold(-len(held[0]))
+                    pos = end
+        finally:  # finished or closed early: the window is not reachable from here any more
+            self._live = self._ahead = None
 
     def _gather(self, lo: int, hi: int, live: dict):
         """(rows, x, x_pos) of epoch positions ``lo:hi``, gathered from the loaded units into fresh tensors.
