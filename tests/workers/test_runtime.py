@@ -91,10 +91,7 @@ def _one_turn_then_idle(key: str, took, seconds: float) -> None:
 
 def test_an_idle_holder_hands_the_turn_back(tmp_path):
     key = f"test-idle-{tmp_path}"
-    ctx = mp.get_context("spawn")
-    took = ctx.Event()
-    holder = ctx.Process(target=_one_turn_then_idle, args=(key, took, 30.0))
-    holder.start()
+    holder, took = _spawned(_one_turn_then_idle, key, 30.0)
     try:
         assert took.wait(60)
         t0 = time.monotonic()
@@ -118,7 +115,7 @@ def test_two_slots_let_two_actors_step_at_once_never_three(tmp_path):
     assert peak == 2, peak
 
 
-def _hold_for(key: str, ready, seconds: float) -> None:
+def _hold_for(key: str, ready, seconds: float = 600.0) -> None:
     turns = CoreTurns(key, True)
     with turns.turn():
         ready.set()
@@ -126,13 +123,19 @@ def _hold_for(key: str, ready, seconds: float) -> None:
     turns.close()
 
 
+def _spawned(target, key: str, *args):
+    """A process running ``target(key, event, *args)`` and the event it sets once it holds (or held) the turn."""
+    ctx = mp.get_context("spawn")
+    event = ctx.Event()
+    process = ctx.Process(target=target, args=(key, event, *args))
+    process.start()
+    return process, event
+
+
 def test_a_waiter_is_told_once_before_it_blocks_and_not_when_the_turn_is_free(tmp_path):
     """``turn(on_wait=...)``: a trainer drops the rows it holds before it waits for another actor's step."""
     key = f"test-on-wait-{tmp_path}"
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
-    holder = ctx.Process(target=_hold_for, args=(key, ready, 1.0))
-    holder.start()
+    holder, ready = _spawned(_hold_for, key, 1.0)
     try:
         assert ready.wait(60)
         turns, told = CoreTurns(key, True, hold=0.0), []
@@ -154,19 +157,9 @@ def test_unshared_turns_do_not_wait(tmp_path):
     assert any(start < end for (_, _, end), (_, start, _) in zip(spans, spans[1:]))  # the two ran at once
 
 
-def _hold_forever(key: str, ready) -> None:
-    turns = CoreTurns(key, True)
-    with turns.turn():
-        ready.set()
-        time.sleep(600)
-
-
 def test_a_dead_holder_frees_the_turn(tmp_path):
-    ctx = mp.get_context("spawn")
-    ready = ctx.Event()
     key = f"test-dead-{tmp_path}"
-    holder = ctx.Process(target=_hold_forever, args=(key, ready))
-    holder.start()
+    holder, ready = _spawned(_hold_for, key)
     assert ready.wait(60)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(10)
