@@ -111,7 +111,8 @@ class CoreTurns:
     @contextlib.contextmanager
     def turn(self, on_wait: Callable[[], None] | None = None):
         """The node's turn for one step or chunk. ``on_wait`` is called once, before blocking, when another
-        actor holds the turn (a trainer drops the rows it holds between steps: ``StreamingBatches.release``)."""
+        actor holds the turn (a trainer drops the rows it holds between steps: ``StreamingBatches.release``);
+        the C heap's free pages are then handed back."""
         if not self.shared or self._depth:  # a turn inside a turn (a stream chunk after a step) is the same turn
             self._depth += 1
             try:
@@ -164,6 +165,7 @@ class CoreTurns:
             self._open()
         t0 = time.perf_counter()
         fcntl.flock(self._queue, fcntl.LOCK_SH)
+        blocked = False
         while self._fd is None:  # the first free slot (flock cannot wait on any of several files)
             for fd in self._slots:
                 try:
@@ -173,9 +175,11 @@ class CoreTurns:
                 except BlockingIOError:
                     continue
             else:
-                if on_wait is not None:
-                    on_wait()
-                    on_wait = None
+                if not blocked:  # first time round: about to wait for another actor's turn
+                    blocked = True
+                    if on_wait is not None:
+                        on_wait()
+                    release_free_memory()  # a waiting actor holds no freed heap (nor, after on_wait, its rows)
                 if self.slots == 1:
                     fcntl.flock(self._slots[0], fcntl.LOCK_EX)
                     self._fd = self._slots[0]

@@ -26,7 +26,7 @@ import torch
 
 from pipeline.data.base import object_ids
 from pipeline.feed.epoch import EpochPlan
-from pipeline.feed.heap import keep_freed_batches, release_free_memory
+from pipeline.feed.heap import keep_freed_batches
 from pipeline.feed.source import Source
 
 
@@ -103,8 +103,7 @@ class StreamingBatches:
                 read.add_done_callback(self._unheld)
         read = None
         self._released = True
-        release_free_memory()  # the gathered batches' blocks, kept by glibc for reuse
-        pa.default_memory_pool().release_unused()  # the units' buffers (Arrow's allocator)
+        pa.default_memory_pool().release_unused()  # the units' buffers (Arrow's allocator; the C heap: CoreTurns)
 
     # ------------------------------------------------------------ batches
 
