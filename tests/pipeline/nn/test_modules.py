@@ -126,3 +126,34 @@ def test_pool_to_vector_and_grid_features_shapes():
     # patch p = row * 7 + col lands at g[:, :, row, col]
     assert torch.allclose(g[1, :, 2, 3], z[1, 2 * 7 + 3].mean(dim=(1, 2)))
     assert grid_features(torch.rand(2, 5, 4, 6)).shape == (2, 5, 4, 6)
+
+
+@pytest.mark.parametrize("cfg,in_shape", [(RESNET50_SPLIT[0], (1, 32, 32)), (RESNET50_SPLIT[1], (4, 256, 8, 8)),
+                                          CASES[1], CASES[7], CASES[4]])
+def test_channels_last_inside_computes_what_nchw_computes(cfg, in_shape):
+    """The module keeps its maps and conv weights NHWC (and sums its residuals in place): outputs, input and
+    weight gradients as a plain NCHW copy of it gives; its output comes back in the usual layout; its state dict
+    loads into a fresh module."""
+    torch.manual_seed(0)
+    mod = build_module(cfg, in_shape)
+    plain = build_module(cfg, in_shape)
+    plain.load_state_dict(mod.state_dict())
+    plain.to(memory_format=torch.contiguous_format)
+    convs = [p for p in mod.parameters() if p.ndim == 4 and p.shape[1] > 1]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # (a 1x1 kernel's weight is both)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    x = torch.rand(3, *in_shape, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_(True)
+    y, y_plain = mod(x), plain(x_plain)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, y_plain, rtol=1e-4, atol=1e-5)
+    g = torch.rand_like(y)
+    y.backward(g)
+    y_plain.backward(g)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), p_plain in zip(mod.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, p_plain.grad, rtol=1e-4, atol=1e-4, msg=name)
+    fresh = build_module(cfg, in_shape)
+    fresh.load_state_dict({k: v.contiguous() for k, v in mod.state_dict().items()})  # as a checkpoint stores them
+    torch.testing.assert_close(fresh(x.detach()), y.detach())
