@@ -160,13 +160,22 @@ echo "isostack: follow with: $(hint 'logs -f')"
 echo "isostack: stop with:   $(hint stop)"
 echo "isostack: list jobs:   ${hint_env}$(printf '%q' "$RAY_BIN") job list --address $(printf '%q' "$ADDRESS")"
 
-if [[ $WAIT -eq 0 ]]; then
-  exec "${submit[@]}" --no-wait -- "${ENTRY[@]}"
-fi
-# Waits, streams the job's log and exits 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED.
-set +e
-"${submit[@]}" -- "${ENTRY[@]}"
-rc=$?
-set -e
+# A head that has just started may answer "No available agent to submit job" until its job agent is up (seen
+# within a minute of `ray start --head` on a busy machine): the job was not created, so the same submission is
+# sent again, up to 6 times over about a minute. Any other failure is final.
+[[ $WAIT -eq 1 ]] || submit+=(--no-wait)
+answer="$(mktemp)"
+trap 'rm -f "$answer"' EXIT
+for attempt in 1 2 3 4 5 6; do
+  set +e
+  "${submit[@]}" -- "${ENTRY[@]}" 2>&1 | tee "$answer"
+  rc=${PIPESTATUS[0]}
+  set -e
+  [[ $rc -ne 0 ]] && grep -q "No available agent to submit job" "$answer" && [[ $attempt -lt 6 ]] || break
+  echo "isostack: the head's job agent is not up yet; submitting again in $((attempt * 4)) s (try $((attempt + 1)) of 6)" >&2
+  sleep $((attempt * 4))
+done
+[[ $WAIT -eq 1 ]] || exit $rc
+# With waiting, `ray job submit` streamed the job's log and exits 0 if the job SUCCEEDED, 1 if it FAILED or was STOPPED.
 echo "isostack: job $SUBMISSION_ID $( [[ $rc -eq 0 ]] && echo SUCCEEDED || echo "did not succeed (exit $rc); see: $(hint logs)")"
 exit $rc

@@ -120,6 +120,36 @@ def test_submit_script_runs_isostack_run_with_the_runtime_env():
     assert args.store == "s3://bucket/runs" and args.overrides == ["train.epochs=1"] and args.run_id
 
 
+def test_submit_sends_the_same_job_again_while_a_new_head_has_no_job_agent(tmp_path):
+    """A head just started answers "No available agent to submit job" until its job agent is up (Ray 2.60, seen in
+    this suite on a loaded machine); the script submits the same job again. Here a stand-in for `ray` gives that
+    answer once: the submission is sent twice with the same id and its outcome is the script's."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "ray"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f"echo \"$*\" >> {calls}\n"
+                    f"if [[ $(wc -l < {calls}) -lt 2 ]]; then\n"
+                    "  echo 'RuntimeError: Request failed with status code 503: No available agent to submit job, "
+                    "please try again later.' >&2; exit 1\nfi\n"
+                    "echo \"Job 'x' succeeded\"\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "ISOSTACK_STORE"))}
+    proc = subprocess.run([str(DEPLOY / "submit.sh"), "--address", "http://127.0.0.1:1", "--submission-id", "sub-1",
+                           "digits", "--store", "/shared/runs"], capture_output=True, text=True, timeout=60,
+                          env={**env, "RAY_BIN": str(fake), "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr
+    sent = calls.read_text().splitlines()
+    assert len(sent) == 2 and sent[0] == sent[1] and "--submission-id sub-1" in sent[0]
+    assert "not up yet" in proc.stderr and "SUCCEEDED" in proc.stdout
+    # Any other failure is final: one submission, its exit status.
+    calls.write_text("x\n" * 5)
+    fake.write_text(fake.read_text().replace('echo "Job', "echo 'boom' >&2; exit 3 #"))
+    proc = subprocess.run([str(DEPLOY / "submit.sh"), "--address", "http://127.0.0.1:1", "digits", "--store",
+                           "/shared/runs"], capture_output=True, text=True, timeout=60,
+                          env={**env, "RAY_BIN": str(fake), "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 3 and len(calls.read_text().splitlines()) == 6 and "not up yet" not in proc.stderr
+
+
 def test_rayjob_entrypoint_is_the_same_command():
     job = _yaml("kuberay/rayjob.yaml")
     entry = shlex.split(job["spec"]["entrypoint"])
