@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from pipeline.errors import StoreError
+from pipeline.feed.heap import release_free_memory
 from pipeline.feed import Source
 from pipeline.planning.memory import publish_shard_rows
 from pipeline.planning.plan import ModulePlan
@@ -116,6 +117,9 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
                 for idx, z in infer_chunks(src, module, device, rows, chunk, dtype, turns):
                     if pending is not None:
                         pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued
+                        # Its memory goes back to the OS now: glibc kept every freed chunk output in the heap
+                        # (stl10-gim m1 over 800 rows: +4.5-4.8 GiB by the end, all free; trimmed here +0.44).
+                        release_free_memory()
                     pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
                     del z  # the thread holds it now; the next chunk is the only other one alive
                 if pending is not None:
