@@ -1,7 +1,6 @@
 """The C heap of a worker process (glibc): freed memory kept for reuse (a feed's batches; a training step in
 the single-process loop's ``retain`` option), and free pages handed back to the OS when an actor goes idle.
-All are no-ops where libc is not glibc, and leave a user's own malloc tuning (environment) alone. A CPU module
-actor's huge pages are set from its environment at start-up (``pipeline.run.scheduler.huge_pages_env``)."""
+All are no-ops where libc is not glibc, and leave a user's own malloc tuning (environment) alone."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -76,39 +75,12 @@ def ensure_ray(address: str | None, cfg: RunConfig) -> bool:
     # that it chose so, printed on every run, is dropped at its logger, like the "Started a local Ray" INFO line.
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_drop_auth_notice)
     # No idle workers started ahead (Ray starts one per CPU for tasks when the first driver connects): this
-    # driver runs no tasks, and its CPU actors carry their own environment (huge_pages_env), so they could not
-    # use them either; on this 2-core machine that was two processes and ~1.8 CPU-s a run, on a 16-core node 16.
+    # driver runs no tasks and starts its actors as it needs them; on this 2-core machine the idle workers were two
+    # processes and ~1.8 CPU-s a run, on a 16-core node 16.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
              object_store_memory=256 * 1024 * 1024, logging_level=logging.WARNING,
              _system_config={"prestart_worker_first_driver": False})
     return True
-
-
-THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def huge_pages_env(thp_enabled: str = THP_ENABLED) -> dict[str, str]:
-    """The environment that backs a CPU module actor's heap with transparent huge pages (glibc >= 2.35's
-    ``glibc.malloc.hugetlb=1``: malloc ``madvise``s its heap and its mmapped blocks), or {} where the kernel
-    has them off, libc is not glibc, or the user tunes malloc (their settings reach the actors unchanged).
-
-    A training step allocates its activations anew (torch's CPU tensors come from malloc; glibc gives each
-    block over 32 MiB its own ``mmap``, returned on free), and with 4 KiB pages the kernel faults and zeroes
-    them page by page: one stl10-gim m2 step (batch 32, 2 threads) took 4.1 million minor faults and 20 s,
-    with huge pages 75 thousand faults and 13 s, at the same 3.8 GB peak. Keeping the freed heap instead
-    (``retain_freed_memory``) was faster still (9-11 s) but held each actor's high-water mark plus a
-    fragmentation that grew step after step (a micro-batched m1: 3.9, 4.6, 5.0 GB over three steps).
-    Read by the dynamic loader at start-up, so it is given to the actor's process as it starts; set here, not
-    imported from pipeline.feed: the driver stays free of torch."""
-    if platform.libc_ver()[0] != "glibc" or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or \
-            any(k.startswith("MALLOC_") for k in os.environ):
-        return {}
-    try:
-        with open(thp_enabled) as f:
-            mode = f.read()
-    except OSError:
-        return {}
-    return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if "[never]" not in mode else {}
 
 
 def _drop_auth_notice(record: logging.LogRecord) -> bool:
@@ -127,8 +99,9 @@ def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generati
                                                                        placement_group_bundle_index=bundle)
     elif res.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"  # best effort: Ray spreads the actors over the nodes that fit them
-    # A CPU actor's steps fault their activations in by huge pages; injected faults reach the actor on any cluster.
-    env = {**(huge_pages_env() if not gpus else {}), **faults.environment()}
+    # Injected faults reach the actor on any cluster. A CPU actor's heap is glibc's as the user set it: huge pages
+    # (glibc.malloc.hugetlb=1) were faster on this machine one day and 1.5-2x slower on another (README).
+    env = faults.environment()
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return opts

@@ -41,19 +41,3 @@ def test_progress_line_names_epoch_loss_upstream_and_rate():
     assert "m2" in line and "2/5" in line and "1.2346" in line and "v3" in line and "812/s" in line and "eta 15s" in line
 
 
-def test_module_actors_get_huge_pages_unless_the_kernel_or_the_user_says_otherwise(tmp_path, monkeypatch):
-    from pipeline.run.scheduler import huge_pages_env
-
-    for var in ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
-                "MALLOC_MMAP_MAX_"):
-        monkeypatch.delenv(var, raising=False)
-    modes = {"madvise": "always [madvise] never\n", "always": "[always] madvise never\n",
-             "never": "always madvise [never]\n"}
-    for name, text in modes.items():
-        (tmp_path / name).write_text(text)
-    assert huge_pages_env(str(tmp_path / "madvise")) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert huge_pages_env(str(tmp_path / "always")) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert huge_pages_env(str(tmp_path / "never")) == {}
-    assert huge_pages_env(str(tmp_path / "absent")) == {}  # no THP in this kernel
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own malloc settings reach the actors unchanged
-    assert huge_pages_env(str(tmp_path / "madvise")) == {}
