@@ -41,3 +41,17 @@ def test_progress_line_names_epoch_loss_upstream_and_rate():
     assert "m2" in line and "2/5" in line and "1.2346" in line and "v3" in line and "812/s" in line and "eta 15s" in line
 
 
+
+
+def test_cpu_module_actors_get_only_the_fault_settings_in_their_environment(monkeypatch):
+    # No malloc policy is forced on an actor (huge pages were 1.5-2x slower on one machine, faster on another);
+    # what an actor's runtime environment carries is the fault injection, which a cluster's raylets do not inherit.
+    from pipeline import faults
+    from pipeline.run.scheduler import _actor_options
+
+    cfg = load_config("digits", ["resources.gpus_per_module=0"])
+    for var in (faults.ENV, faults.DIR_ENV):
+        monkeypatch.delenv(var, raising=False)
+    assert "runtime_env" not in _actor_options(cfg, "r", "m1", 0, 0)
+    monkeypatch.setenv(faults.ENV, "nan_loss:m1:1")
+    assert _actor_options(cfg, "r", "m1", 0, 0)["runtime_env"] == {"env_vars": {faults.ENV: "nan_loss:m1:1"}}
