@@ -118,7 +118,8 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
                     if pending is not None:
                         pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued
                         # Its memory goes back to the OS now: glibc kept every freed chunk output in the heap
-                        # (stl10-gim m1 over 800 rows: +4.5-4.8 GiB by the end, all free; trimmed here +0.44).
+                        # (stl10-gim m1 over 800 rows on huge pages: +4.5-4.8 GiB, all free; trimmed +0.44; over
+                        # 400 rows on glibc's defaults with the feed's heap settings: +2.5 GiB; trimmed +0.36).
                         release_free_memory()
                     pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
                     del z  # the thread holds it now; the next chunk is the only other one alive
