@@ -7,7 +7,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
+
+from pipeline.malloc import malloc_environment
 
 
 @functools.cache
@@ -34,9 +35,8 @@ _retaining = False
 
 
 def _user_tuned() -> bool:
-    return "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-        k in os.environ for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_",
-                                  "MALLOC_ARENA_MAX"))
+    env = malloc_environment()
+    return "glibc.malloc." in env.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in env)
 
 
 @functools.cache

@@ -43,15 +43,22 @@ def test_progress_line_names_epoch_loss_upstream_and_rate():
 
 
 
-def test_cpu_module_actors_get_only_the_fault_settings_in_their_environment(monkeypatch):
-    # No malloc policy is forced on an actor (huge pages were 1.5-2x slower on one machine, faster on another);
-    # what an actor's runtime environment carries is the fault injection, which a cluster's raylets do not inherit.
+def test_module_actors_get_the_fault_and_malloc_settings_of_the_driver_and_no_policy_of_their_own(monkeypatch):
+    # No malloc policy is forced on an actor (huge pages were 1.5-2x slower on one machine, faster on another; a
+    # kept heap trades memory for speed); what its runtime environment carries is the driver's fault injection and
+    # the user's malloc settings, which a cluster's raylets do not inherit.
     from pipeline import faults
+    from pipeline.malloc import MALLOC_VARIABLES
     from pipeline.run.scheduler import _actor_options
 
     cfg = load_config("digits", ["resources.gpus_per_module=0"])
-    for var in (faults.ENV, faults.DIR_ENV):
+    for var in (faults.ENV, faults.DIR_ENV, *MALLOC_VARIABLES):
         monkeypatch.delenv(var, raising=False)
     assert "runtime_env" not in _actor_options(cfg, "r", "m1", 0, 0)
     monkeypatch.setenv(faults.ENV, "nan_loss:m1:1")
     assert _actor_options(cfg, "r", "m1", 0, 0)["runtime_env"] == {"env_vars": {faults.ENV: "nan_loss:m1:1"}}
+    kept = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+    for var, value in kept.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "")  # set but empty: not a setting
+    assert _actor_options(cfg, "r", "m1", 0, 0)["runtime_env"] == {"env_vars": {faults.ENV: "nan_loss:m1:1", **kept}}
