@@ -34,8 +34,8 @@ def _module_name(path: Path) -> str:
 
 def layer_of(module: str) -> int | None:
     """The layer index of a dotted module name of ours; None for third-party names and the package root."""
-    if module == "pipeline.faults":  # fault injection sits beside errors: the store's writer uses it
-        module = "pipeline.errors"
+    if module in ("pipeline.faults", "pipeline.malloc"):  # beside errors: the environment every layer may read
+        module = "pipeline.errors"  # (fault injection: the store's writer; malloc settings: the feed's heap, the driver)
     if module == "pipeline.__main__":
         module = "pipeline.cli"
     best = None
