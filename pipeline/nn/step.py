@@ -47,4 +47,6 @@ def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
         for part, g in zip(parts, grad.split(micro_batch)):
             module(part).backward(g)  # this micro-batch's activations live only through this line
 
-    return loss, backward
+    # The caller gets the loss without its graph: that graph ends in the outputs (a leaf) and holds them and their
+    # gradient, two batch-sized tensors (0.8 GB on a stl10-gim m1 step of 32), for as long as the loss is kept.
+    return loss.detach(), backward

@@ -60,3 +60,16 @@ def test_the_second_pass_holds_one_micro_batch_of_activations():
                             micro_batch=3)
     backward()
     assert seen == [(3, False), (3, False), (3, False), (1, False), (3, True), (3, True), (3, True), (1, True)]
+
+
+def test_a_micro_batched_loss_keeps_no_batch_sized_tensor_after_its_step():
+    """The loss handed back carries no graph: through it the outputs (a leaf) and their gradient stayed alive
+    for as long as the trainer kept the loss (to the next step), two batch-sized tensors."""
+    cfg = ModuleConfig.model_validate(PAIRS)
+    module = build_module(cfg, (1, 12, 12))
+    objective = build_objective(cfg.objective, infer_shape(cfg, (1, 12, 12))[0], None)
+    loss, backward = step_loss(objective, module, torch.rand(5, 1, 12, 12), torch.rand(5, 1, 12, 12), None, None,
+                               micro_batch=3)
+    assert loss.grad_fn is None and not loss.requires_grad
+    backward()
+    assert any(p.grad is not None for p in module.parameters())
