@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pipeline import faults
 from pipeline.errors import TrainingError
-from pipeline.malloc import malloc_environment
+from pipeline.malloc import actor_environment
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
 from pipeline.run.offload import ModuleTrainer  # the actor class; workers.trainer (torch) loads in the actor
@@ -100,10 +100,9 @@ def _actor_options(cfg: RunConfig, run_id: str, name: str, gpus: float, generati
                                                                        placement_group_bundle_index=bundle)
     elif res.placement == "spread":
         opts["scheduling_strategy"] = "SPREAD"  # best effort: Ray spreads the actors over the nodes that fit them
-    # Injected faults and the user's malloc settings reach the actor on any cluster. Otherwise a CPU actor's heap
-    # is glibc's defaults: huge pages were faster on this machine one day and 1.5-2x slower on another, a kept heap
-    # is faster at up to twice the memory (README, Performance).
-    env = faults.environment() | malloc_environment()
+    # Injected faults and the malloc settings (the user's, else a CPU actor's kept heap) reach the actor on any
+    # cluster: a raylet's workers do not inherit the driver's environment.
+    env = faults.environment() | actor_environment(on_cpu=gpus == 0)
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return opts

@@ -128,24 +128,31 @@ def test_an_automatic_shuffle_window_is_sized_for_shuffling_not_to_fill_the_budg
 
 def test_a_cpu_step_too_wide_for_its_budget_is_micro_batched_and_its_memory_planned_so():
     from pipeline.nn.footprint import saved_bytes
+    from pipeline.planning import memory
     from pipeline.planning.plan import build_plan
 
     gim = ["dataset.kind=synthetic_norb", "resources.gpus_per_module=0"]
     roomy = build_plan(load_config("stl10-gim", gim + ["resources.memory_per_module=64"], None),
                        check_paths=False, local_cluster=False)
-    tight = build_plan(load_config("stl10-gim", gim + ["resources.memory_per_module=4"], None),
+    tight = build_plan(load_config("stl10-gim", gim + ["resources.memory_per_module=2.5"], None),
                        check_paths=False, local_cluster=False)
-    assert [m.micro_batch for m in roomy.modules] == [32, 32, 32]  # a whole step fits half of 64 GiB
+    # with room to spare, a CPU micro-batch saves at most CPU_MICRO_BYTES for autograd, and the next one would not
+    for m in roomy.modules:
+        assert m.micro_batch * m.saved_bytes <= memory.CPU_MICRO_BYTES < (m.micro_batch + 1) * m.saved_bytes, m.name
+    assert [m.micro_batch for m in roomy.modules] == [8, 8, 11]
     m1 = tight.module("m1")
-    assert 1 <= m1.micro_batch < 32  # a whole m1 step (about 3 GB) is more than half of 4 GiB
-    assert m1.host_memory["batch"] <= 4 * 2**30 / 2 < roomy.module("m1").host_memory["batch"]
+    assert 1 <= m1.micro_batch < roomy.module("m1").micro_batch  # the budget bites first: half of 2.5 GiB
+    assert m1.host_memory["batch"] <= 2.5 * 2**30 / 2 < roomy.module("m1").host_memory["batch"]
     # what autograd keeps for one m1 sample: 3 bottlenecks' ReLU outputs over 49 patches of 16x16 (46 MiB)
     assert 40 * 2**20 < saved_bytes(load_config("stl10-gim", gim, None).stack["m1"], (1, 64, 64)) < 50 * 2**20
-    # the user's choice wins, on any device
+    # the user's choice wins, on any device; on a GPU the whole batch runs at once
     chosen = build_plan(load_config("stl10-gim", gim + ["resources.memory_per_module=4", "stack.m1.train.micro_batch=4",
                                                         "train.micro_batch=64"], None),
                         check_paths=False, local_cluster=False)
     assert [m.micro_batch for m in chosen.modules] == [4, 32, 32]
+    gpu = build_plan(load_config("stl10-gim", ["dataset.kind=synthetic_norb", "resources.gpus_per_module=1"], None),
+                     check_paths=False, local_cluster=False)
+    assert [m.micro_batch for m in gpu.modules] == [32, 32, 32]
 
 
 def test_the_footprint_counted_on_cpu_is_the_meta_devices_and_leaves_the_rng_alone(monkeypatch):
@@ -180,7 +187,7 @@ def test_a_module_actor_plans_with_the_runs_footprints_instead_of_measuring_them
     footprint.remember_planned(info)
     again = build_plan(cfg, check_paths=False, local_cluster=False)
     assert again.module("m1").saved_bytes == 100 * plan.module("m1").saved_bytes
-    assert again.module("m1").micro_batch < 32 == plan.module("m1").micro_batch  # planned with it
+    assert again.module("m1").micro_batch < 8 == plan.module("m1").micro_batch  # planned with it
     # a retrain that changed m1 (a narrower first layer: another footprint) measures it again
     changed = load_config("stl10-gim", gim + ["stack.m1.layers.0.channels=32"], None)
     assert build_plan(changed, check_paths=False, local_cluster=False).module("m1").saved_bytes < plan.module("m1").saved_bytes

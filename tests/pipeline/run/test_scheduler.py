@@ -43,22 +43,23 @@ def test_progress_line_names_epoch_loss_upstream_and_rate():
 
 
 
-def test_module_actors_get_the_fault_and_malloc_settings_of_the_driver_and_no_policy_of_their_own(monkeypatch):
-    # No malloc policy is forced on an actor (huge pages were 1.5-2x slower on one machine, faster on another; a
-    # kept heap trades memory for speed); what its runtime environment carries is the driver's fault injection and
-    # the user's malloc settings, which a cluster's raylets do not inherit.
+def test_module_actors_get_the_fault_settings_and_the_users_malloc_settings_else_a_kept_heap_on_cpu(monkeypatch):
+    # What a module actor's runtime environment carries: the driver's fault injection and the malloc settings,
+    # which a cluster's raylets do not inherit; the user's where set, else on CPU the kept heap, and on a GPU none.
     from pipeline import faults
-    from pipeline.malloc import MALLOC_VARIABLES
+    from pipeline.malloc import KEPT_HEAP, MALLOC_VARIABLES
     from pipeline.run.scheduler import _actor_options
 
     cfg = load_config("digits", ["resources.gpus_per_module=0"])
     for var in (faults.ENV, faults.DIR_ENV, *MALLOC_VARIABLES):
         monkeypatch.delenv(var, raising=False)
-    assert "runtime_env" not in _actor_options(cfg, "r", "m1", 0, 0)
+    assert _actor_options(cfg, "r", "m1", 0, 0)["runtime_env"] == {"env_vars": KEPT_HEAP}
+    assert KEPT_HEAP == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+    assert "runtime_env" not in _actor_options(cfg, "r", "m1", 1, 0)  # on a GPU: the host heap as it is
     monkeypatch.setenv(faults.ENV, "nan_loss:m1:1")
-    assert _actor_options(cfg, "r", "m1", 0, 0)["runtime_env"] == {"env_vars": {faults.ENV: "nan_loss:m1:1"}}
-    kept = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-    for var, value in kept.items():
-        monkeypatch.setenv(var, value)
+    assert _actor_options(cfg, "r", "m1", 1, 0)["runtime_env"] == {"env_vars": {faults.ENV: "nan_loss:m1:1"}}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     monkeypatch.setenv("MALLOC_TOP_PAD_", "")  # set but empty: not a setting
-    assert _actor_options(cfg, "r", "m1", 0, 0)["runtime_env"] == {"env_vars": {faults.ENV: "nan_loss:m1:1", **kept}}
+    for gpus in (0, 1):  # the user's settings alone, on any device
+        assert _actor_options(cfg, "r", "m1", gpus, 0)["runtime_env"] == \
+            {"env_vars": {faults.ENV: "nan_loss:m1:1", "MALLOC_ARENA_MAX": "4"}}
