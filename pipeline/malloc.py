@@ -16,9 +16,8 @@ KEPT_HEAP = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRE
 
 def malloc_environment() -> dict[str, str]:
     """The malloc settings in this process's environment, for the module actors a driver starts: on a cluster they
-    run under the nodes' raylets, which do not inherit the driver's environment. Keeping the freed heap
-    (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824``) buys CPU steps speed with memory
-    (README, Performance)."""
+    run under the nodes' raylets, which do not inherit the driver's environment. Set, they replace the CPU actors'
+    kept heap (``actor_environment``)."""
     return {k: os.environ[k] for k in MALLOC_VARIABLES if os.environ.get(k)}
 
 
