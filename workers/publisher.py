@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from pipeline.errors import StoreError
-from pipeline.feed.heap import heap_kept, release_free_memory
+from pipeline.feed.heap import release_free_memory
 from pipeline.feed import Source
 from pipeline.planning.memory import publish_shard_rows
 from pipeline.planning.plan import ModulePlan
@@ -120,10 +120,10 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
                         # Its memory goes back to the OS now: glibc kept every freed chunk output in the heap
                         # (stl10-gim m1 over 800 rows on huge pages: +4.5-4.8 GiB, all free; trimmed +0.44; over
                         # 400 rows on glibc's defaults with the feed's heap settings: +2.5 GiB; trimmed +0.36).
-                        # A kept heap (one arena) reuses it for the next chunk: trimmed, each chunk faulted its
-                        # pages in again (m1: 100-150 thousand faults a second, a third of the CPU in the kernel).
-                        if not heap_kept():
-                            release_free_memory()
+                        # A kept heap too: left untrimmed (one arena, no mmap), m1's publish of 800 rows grew its
+                        # process to 5.25 GiB (3.6 GB training) in the N=640 recipe, 1.70x the loop's memory; the
+                        # trim costs faults (m1: 100-150 thousand a second, a third of its CPU in the kernel).
+                        release_free_memory()
                     pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
                     del z  # the thread holds it now; the next chunk is the only other one alive
                 if pending is not None:

@@ -34,13 +34,6 @@ _KEEP_TOP = 1 << 30  # free memory at the heap's top kept up to 1 GiB (2 GiB: a 
 _retaining = False
 
 
-def heap_kept() -> bool:
-    """Whether this process keeps its freed heap for reuse: every block on the heap (no ``mmap`` of its own), by
-    ``retain_freed_memory`` or the environment (a CPU module actor's policy, ``pipeline.malloc.actor_environment``,
-    or the user's). Trimming such a heap after each piece of work only makes the next piece fault its pages in."""
-    return _retaining or malloc_environment().get("MALLOC_MMAP_MAX_") == "0"
-
-
 def _user_tuned() -> bool:
     env = malloc_environment()
     return "glibc.malloc." in env.get("GLIBC_TUNABLES", "") or any(k.startswith("MALLOC_") for k in env)

@@ -52,22 +52,3 @@ def test_retained_heap_reuses_freed_step_memory_and_trim_hands_it_back(monkeypat
     assert all(f > pages // 2 for f in default), default  # glibc's default: every allocation faults in anew
 
 
-
-def test_a_heap_is_kept_where_no_block_gets_an_mmap_of_its_own(monkeypatch):
-    # A CPU module actor's policy (pipeline.malloc.KEPT_HEAP) or a user's equivalent: publishing then leaves the
-    # freed chunk outputs in the heap for the next chunk instead of trimming after each (workers/publisher.py).
-    from pipeline.feed import heap
-    from pipeline.malloc import KEPT_HEAP
-
-    monkeypatch.setattr(heap, "_retaining", False)
-    for var in ("MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"):
-        monkeypatch.delenv(var, raising=False)
-    assert heap.heap_kept() is False
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "4")
-    assert heap.heap_kept() is False
-    for var, value in KEPT_HEAP.items():
-        monkeypatch.setenv(var, value)
-    assert heap.heap_kept() is True
-    monkeypatch.delenv("MALLOC_MMAP_MAX_")
-    monkeypatch.setattr(heap, "_retaining", True)  # retain_freed_memory applied in this process
-    assert heap.heap_kept() is True
