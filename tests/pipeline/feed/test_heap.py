@@ -50,5 +50,3 @@ def test_retained_heap_reuses_freed_step_memory_and_trim_hands_it_back(monkeypat
     assert after_trim > pages // 2, after_trim  # after the trim they were given back and fault in again
     _, default, _ = _run(retain=False)
     assert all(f > pages // 2 for f in default), default  # glibc's default: every allocation faults in anew
-
-
