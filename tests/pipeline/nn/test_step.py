@@ -73,3 +73,24 @@ def test_a_micro_batched_loss_keeps_no_batch_sized_tensor_after_its_step():
     assert loss.grad_fn is None and not loss.requires_grad
     backward()
     assert any(p.grad is not None for p in module.parameters())
+
+
+def test_the_second_pass_no_longer_holds_the_whole_batchs_outputs(monkeypatch):
+    """The outputs of the first pass (the last ``torch.cat`` of the step) are freed before the module runs again
+    with autograd: only their gradient is left of them."""
+    import weakref
+
+    cfg = ModuleConfig.model_validate(PAIRS)
+    module = build_module(cfg, (1, 12, 12))
+    objective = build_objective(cfg.objective, infer_shape(cfg, (1, 12, 12))[0], None)
+    made, cat = [], torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: made.append(weakref.ref(out := cat(*a, **k))) or out)
+    _, backward = step_loss(objective, module, torch.rand(5, 1, 12, 12), torch.rand(5, 1, 12, 12), None, None,
+                            micro_batch=3)
+    monkeypatch.undo()
+    outputs = made[-1]
+    assert outputs() is not None and outputs().shape[0] == 10  # alive until backward, for the objective's gradient
+    alive = []
+    module.register_forward_hook(lambda m, args, out: alive.append(outputs() is not None))
+    backward()
+    assert alive == [False, False, False, False]
