@@ -8,7 +8,7 @@ import ctypes
 import ctypes.util
 import functools
 
-from pipeline.malloc import malloc_environment
+from pipeline.malloc import KEPT_HEAP, malloc_environment
 
 
 @functools.cache
@@ -30,7 +30,8 @@ def release_free_memory() -> None:
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
-_KEEP_TOP = 1 << 30  # free memory at the heap's top kept up to 1 GiB (2 GiB: a higher step peak, 5.2 vs 4.7 GB)
+# free memory at the heap's top kept up to 1 GiB (2 GiB: a higher step peak, 5.2 vs 4.7 GB): the CPU actors' policy
+_KEEP_TOP = int(KEPT_HEAP["MALLOC_TRIM_THRESHOLD_"])
 _retaining = False
 
 
