@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pipeline import faults
 from pipeline.errors import TrainingError
@@ -188,11 +189,41 @@ def format_line(st: ModuleStatus) -> str:
 
 @dataclass
 class Launch:
-    """Ray connected and one actor per module created: each actor's process starts and imports torch as soon as
-    it is created, before anything asks it to train (``launched``)."""
+    """Ray connected and the module actors created (``launched``): each actor's process starts and imports torch as
+    soon as it is created, before anything asks it to train.
+
+    Where the modules share one machine's cores (CPU actors whose threads exceed its cores: the turns of
+    ``workers.runtime.CoreTurns``), an actor whose module reads another of this launch is created only once that
+    one begins to publish (``create_due``): until then it has nothing to train on, and its process (torch loaded,
+    ~0.55 GiB) would only add to the machine's peak. Its start then overlaps its upstream's publish."""
 
     names: list[str]
     actors: dict
+    deferred: list[str] = field(default_factory=list)
+    create: Callable[[str], None] | None = None
+
+    def create_due(self, statuses: dict[str, ModuleStatus]) -> list[str]:
+        """Create the deferred actors whose upstream publishes or has published; the names created. One whose
+        upstream ended without a final version is never created (``deferred_dead``)."""
+        made = []
+        for name in list(self.deferred):
+            below = statuses.get(self.names[self.names.index(name) - 1])
+            if below is not None and (below.published or below.state in (ModuleState.publishing, ModuleState.final)):
+                self.deferred.remove(name)
+                self.create(name)
+                made.append(name)
+        return made
+
+    def deferred_dead(self, statuses: dict[str, ModuleStatus]) -> list[str]:
+        """Deferred modules that can never start: a module below them ended (failed, stopped) without a final
+        version. Dropped from ``deferred``."""
+        dead = []
+        for name in list(self.deferred):
+            below = self.names[:self.names.index(name)]
+            if any(statuses[n].state.done and statuses[n].state != ModuleState.final for n in below if n in statuses):
+                self.deferred.remove(name)
+                dead.append(name)
+        return dead
 
 
 @contextlib.contextmanager
@@ -209,9 +240,24 @@ def launched(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *,
     gpus = resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0))
     _note_cpu_fallback(cfg, gpus, started_here)
     pg = _reserve(cfg, run_id, names, gpus) if cfg.resources.placement == "pack" else None
-    launch = Launch(names=list(names), actors={})
+    stack = list(cfg.stack)
+    # deferred: a module whose upstream is in this launch, when the modules share this machine's cores
+    deferred = [n for n in names[1:] if stack[stack.index(n) - 1] in names] \
+        if started_here and shares_cores(cfg, gpus) else []
+    launch = Launch(names=list(names), actors={}, deferred=deferred)
+    actor_cls, config = ray.remote(ModuleTrainer), cfg.model_dump(mode="json")
+
+    def create(name: str) -> None:
+        gen = generation.get(name, 0)
+        opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
+        launch.actors[name] = actor_cls.options(**opts).remote(
+            store_uri, run_id, name, config, generation=gen, threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
+
+    launch.create = create
     try:
-        _create_actors(ray.remote(ModuleTrainer), launch.actors, cfg, store_uri, run_id, names, generation, gpus, pg)
+        for name in names:
+            if name not in deferred:
+                create(name)
         yield launch
     finally:
         for actor in launch.actors.values():
@@ -234,18 +280,23 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
     if launch.names != list(names):
         raise ValueError(f"the launched actors are for {launch.names}, not {names}")
     actors = launch.actors
-    # Sequential mode: every module after the first sets up now (model build, resume), so that mode does not pay
-    # it between modules; only now, as setup() reads the run from the store, which a refused run never wrote.
-    setups = {name: actors[name].setup.remote() for name in names[1:]} if cfg.schedule.mode == "sequential" else {}
+    sequential = cfg.schedule.mode == "sequential"
+    # Sequential mode: every module after the first sets up as soon as its actor exists (model build, resume), so
+    # that mode does not pay it between modules; only now, as setup() reads the run from the store, which a refused
+    # run never wrote.
+    setups = {name: actors[name].setup.remote() for name in names[1:] if name in actors} if sequential else {}
     statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
     runs = {}
     view = _Progress(names, progress)
-    pending = list(names) if cfg.schedule.mode == "sequential" else []
+    pending = list(names) if sequential else []
     for name in names if not pending else [pending.pop(0)]:
-        runs[name] = actors[name].run.remote()
+        if name in actors:  # async: the deferred ones start when created (Launch.create_due)
+            runs[name] = actors[name].run.remote()
     try:
-        while runs:
-            ready, _ = ray.wait(list(runs.values()), num_returns=1, timeout=1.0)
+        while runs or launch.deferred:
+            if not runs:  # only deferred modules left, their upstream about to publish
+                time.sleep(1.0)
+            ready, _ = ray.wait(list(runs.values()), num_returns=1, timeout=1.0) if runs else ([], [])
             for ref in ready:
                 name = next(n for n, r in runs.items() if r == ref)
                 del runs[name]
@@ -258,9 +309,18 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
                 ray.kill(actors[name], no_restart=True)
                 if pending and statuses[name].state == ModuleState.final:
                     nxt = pending.pop(0)
-                    ray.wait([setups[nxt]], timeout=None)  # never two setup() calls at once in one actor
+                    if nxt not in actors:
+                        launch.deferred.remove(nxt)
+                        launch.create(nxt)
+                    if nxt in setups:
+                        ray.wait([setups[nxt]], timeout=None)  # never two setup() calls at once in one actor
                     runs[nxt] = actors[nxt].run.remote()
             _poll_statuses(actors, runs, statuses)
+            for name in launch.create_due(statuses):
+                if sequential:
+                    setups[name] = actors[name].setup.remote()
+                else:
+                    runs[name] = actors[name].run.remote()
             for d in decide(names, statuses):
                 if d.module in runs:
                     ray.kill(actors[d.module], no_restart=True)
@@ -268,6 +328,14 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
                 statuses[d.module] = statuses[d.module].model_copy(update={"state": ModuleState.stopped, "error": d.reason})
                 if d.module in pending:
                     pending.remove(d.module)
+                if d.module in launch.deferred:
+                    launch.deferred.remove(d.module)
+            for name in launch.deferred_dead(statuses):  # below it stopped, not failed (decide): it never starts
+                if name in pending:
+                    pending.remove(name)
+                if not statuses[name].state.done:
+                    statuses[name] = statuses[name].model_copy(update={
+                        "state": ModuleState.stopped, "error": "a module below it ended without a final version"})
             view.update(statuses)
     finally:
         view.close(statuses)
@@ -284,17 +352,14 @@ def _note_cpu_fallback(cfg: RunConfig, gpus: float, started_here: bool) -> None:
               file=sys.stderr, flush=True)
 
 
-def _create_actors(actor_cls, actors: dict, cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
-                   generation: dict[str, int], gpus: float, pg) -> None:
-    """Create every module actor at once, in both modes: each process starts and imports (the actor's
-    constructor) without touching the store."""
-    config = cfg.model_dump(mode="json")
-    for name in names:
-        gen = generation.get(name, 0)
-        opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
-        actors[name] = actor_cls.options(**opts).remote(
-            store_uri, run_id, name, config, generation=gen,
-            threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
+def shares_cores(cfg: RunConfig, gpus: float) -> bool:
+    """Whether the module actors of ``cfg`` share this machine's cores: on CPU, more threads than its cores (the
+    condition of ``workers.runtime.CoreTurns.for_module``, which imports torch)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return gpus == 0 and cfg.resources.cpus_per_module * len(cfg.stack) > cores
 
 
 def _poll_statuses(actors: dict, runs: dict, statuses: dict[str, ModuleStatus]) -> None:
