@@ -123,12 +123,12 @@ class CoreTurns:
         with self._state:
             if self._held_since is None:
                 self._acquire(on_wait)
-        self._depth = 1
+            self._depth = 1  # under the lock: the idle timer, due now, must see the kept turn in use
         try:
             yield
         finally:
-            self._depth = 0
             with self._state:
+                self._depth = 0
                 if time.perf_counter() - self._held_since >= self._keep and self._others_waiting():
                     self._release()
                 else:

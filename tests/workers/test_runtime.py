@@ -290,3 +290,35 @@ def test_a_dead_runs_turn_files_are_swept_and_a_live_runs_kept(tmp_path):
         os.close(held)
     assert sorted(gone) == sorted(dead + legacy)
     assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in live + recent + [other])
+
+
+class _PreemptedLock:
+    """A lock whose holder, in the thread that made it, is preempted right after each release: the worst moment
+    for whatever waits on it (here the idle timer's thread)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock, self._owner = threading.Lock(), threading.get_ident()
+
+    def __enter__(self):
+        self._lock.acquire()
+
+    def __exit__(self, *exc):
+        import threading
+
+        self._lock.release()
+        if threading.get_ident() == self._owner:
+            time.sleep(0.3)
+
+
+def test_a_kept_turn_taken_up_as_its_idle_timer_fires_stays_held(tmp_path):
+    # The turn is kept after a step; the next turn (a held-out loss at the epoch's end) enters just as the idle
+    # timer finds the turn quiet: the timer must see it in use, not hand it back under the running turn.
+    turns = CoreTurns(f"test-due-{tmp_path}", True, hold=60.0, idle=0.1)
+    with turns.turn():
+        pass
+    turns._state = _PreemptedLock()  # the timer, due in 0.1 s, runs while this thread is preempted
+    with turns.turn():
+        assert turns._held_since is not None and turns._fd is not None
+    turns.close()

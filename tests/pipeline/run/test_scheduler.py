@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 from pipeline.planning.config import load_config
-from pipeline.run.scheduler import decide, format_line, resolve_gpus
+from pipeline.run.scheduler import Launch, decide, format_line, resolve_gpus, shares_cores
 from schemas.status import ModuleState, ModuleStatus
 
 
@@ -41,6 +43,34 @@ def test_progress_line_names_epoch_loss_upstream_and_rate():
     assert "m2" in line and "2/5" in line and "1.2346" in line and "v3" in line and "812/s" in line and "eta 15s" in line
 
 
+def test_on_shared_cores_a_module_actor_is_created_once_its_upstream_begins_to_publish():
+    made = []
+    launch = Launch(names=["m1", "m2", "m3"], actors={}, deferred=["m2", "m3"], create=made.append)
+    statuses = {"m1": _st("m1", ModuleState.training), "m2": _st("m2", ModuleState.created),
+                "m3": _st("m3", ModuleState.created)}
+    assert launch.create_due(statuses) == [] and made == []
+    statuses["m1"] = _st("m1", ModuleState.publishing)
+    assert launch.create_due(statuses) == ["m2"] and made == ["m2"] and launch.deferred == ["m3"]
+    statuses["m2"] = ModuleStatus(module="m2", state=ModuleState.training, published=[1])  # v1 committed, training on
+    assert launch.create_due(statuses) == ["m3"] and launch.deferred == [] and made == ["m2", "m3"]
+
+
+def test_a_deferred_module_whose_upstream_ended_without_a_final_version_is_never_created():
+    made = []
+    launch = Launch(names=["m1", "m2", "m3"], actors={}, deferred=["m2", "m3"], create=made.append)
+    statuses = {"m1": _st("m1", ModuleState.stopped), "m2": _st("m2", ModuleState.created),
+                "m3": _st("m3", ModuleState.created)}
+    assert launch.deferred_dead(statuses) == ["m2", "m3"] and launch.deferred == [] and made == []
+    launch = Launch(names=["m1", "m2"], actors={}, deferred=["m2"], create=made.append)
+    assert launch.deferred_dead({"m1": _st("m1", ModuleState.final), "m2": _st("m2", ModuleState.created)}) == []
+
+
+def test_module_actors_share_the_cores_on_cpu_when_their_threads_exceed_them():
+    cores = len(os.sched_getaffinity(0))
+    cfg = load_config("digits", [f"resources.cpus_per_module={cores}"])
+    assert len(cfg.stack) > 1 and shares_cores(cfg, 0) and not shares_cores(cfg, 1)
+    one = load_config("digits", ["resources.cpus_per_module=1"])
+    assert shares_cores(one, 0) == (len(one.stack) > cores)
 
 
 def test_module_actors_get_the_fault_settings_and_the_users_malloc_settings_else_a_kept_heap_on_cpu(monkeypatch):
