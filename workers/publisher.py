@@ -114,6 +114,7 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish-writer") as pool, torch.inference_mode(), \
                 turns.series():
             try:
+                release_free_memory()  # what the training steps left free: a chunk's blocks would not fit its holes
                 for idx, z in infer_chunks(src, module, device, rows, chunk, dtype, turns):
                     if pending is not None:
                         pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued

@@ -308,8 +308,11 @@ class ModuleTrainer:
         rate = samples / seconds if seconds > 0 else None
         # A forward of a whole batch: in a turn like a step, so that it neither runs beside another actor's step
         # on shared cores nor leaves its freed activations in this actor's kept heap while it waits (the turn's
-        # end hands them back): outside one, a waiting stl10-gim m3 held 1.1-1.4 GiB instead of ~0.6.
+        # end hands them back): outside one, a waiting stl10-gim m3 held 1.1-1.4 GiB instead of ~0.6. The heap the
+        # micro-batched steps left goes back first: the whole batch's blocks do not fit its holes and would grow it
+        # (m2's process to 4.6 GB in the N=320 recipe, 3.8 before the turn).
         with self.turns.turn():
+            release_free_memory()
             heldout = heldout_loss(up, self.module, self.objective,
                                    pairing=getattr(self.mcfg.objective, "pairing", None),
                                    batch_size=self.train_cfg.batch_size, buffer=self.plan.buffer_samples,
