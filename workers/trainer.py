@@ -84,7 +84,7 @@ class ModuleTrainer:
                               "upstream_versions": [], "epochs_on_final": 0, "published": [], "train_seconds": 0.0,
                               "step": 0, "started_at": None, "restarts": 0, "stream_consumed": []}
         self.epoch, self._resume = 0, None
-        last = self._latest_checkpoint()
+        last = checkpoint.resume_point(self.store, self.ckpt_dir)
         if last is not None:
             checkpoint.restore(self.store, last, self.module, self.objective, self.optimizer)
             self.epoch = last.get("epochs_done", last["epoch"])
@@ -306,11 +306,9 @@ class ModuleTrainer:
         if up.manifest.final:
             self.lineage["epochs_on_final"] += 1
         rate = samples / seconds if seconds > 0 else None
-        # A forward of a whole batch: in a turn like a step, so that it neither runs beside another actor's step
-        # on shared cores nor leaves its freed activations in this actor's kept heap while it waits (the turn's
-        # end hands them back): outside one, a waiting stl10-gim m3 held 1.1-1.4 GiB instead of ~0.6. The heap the
-        # micro-batched steps left goes back first: the whole batch's blocks do not fit its holes and would grow it
-        # (m2's process to 4.6 GB in the N=320 recipe, 3.8 before the turn).
+        # A whole batch's forward, in a turn like a step: not beside another actor's step on shared cores, and its
+        # freed activations handed back at the turn's end (outside one, a waiting stl10-gim m3 held 1.1-1.4 GiB, not
+        # ~0.6). The micro-batched steps' heap goes back first: a whole batch's blocks do not fit its holes (m2 4.6 GB).
         with self.turns.turn():
             release_free_memory()
             heldout = heldout_loss(up, self.module, self.objective,
@@ -332,16 +330,6 @@ class ModuleTrainer:
         checkpoint.save(self.store, directory, number, self.module, self.objective, self.optimizer,
                         {**self.lineage, **extra, "epochs_done": self.epoch,
                          "upstream_version": self._upstream.manifest.version})
-
-    def _latest_checkpoint(self) -> dict | None:
-        """The newest checkpoint: an epoch's end, or a mid-epoch one (``feed.checkpoint_every_steps``) after it."""
-        last = checkpoint.latest(self.store, self.ckpt_dir)
-        mid = checkpoint.latest(self.store, f"{self.ckpt_dir}/mid")
-        # A mid-epoch checkpoint is numbered by step; ``epochs_done`` says which epoch it is inside.
-        if mid is not None and mid.get("epochs_done") == (last["epoch"] if last else 0) and \
-                mid["step"] > (last["step"] if last else 0):
-            return mid
-        return last
 
     # ------------------------------------------------------------ streaming (schedule.publish: stream)
 

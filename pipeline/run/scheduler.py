@@ -20,6 +20,7 @@ from pipeline.errors import TrainingError
 from pipeline.malloc import actor_environment
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
+from pipeline.run.progress import Progress
 from pipeline.run.offload import ModuleTrainer  # the actor class; workers.trainer (torch) loads in the actor
 
 
@@ -140,53 +141,6 @@ def _cpus_gpus(resources: dict) -> dict:
     return {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
 
 
-class _Progress:
-    """One live line per module in a terminal; plain periodic lines otherwise."""
-
-    def __init__(self, names: list[str], enabled: bool = True) -> None:
-        self.names, self.enabled = names, enabled
-        self.tty = sys.stdout.isatty()
-        self._live = None
-        self._last_plain = 0.0
-        if enabled and self.tty:
-            from rich.live import Live
-
-            self._live = Live(refresh_per_second=2, transient=False)
-            self._live.start()
-
-    def update(self, statuses: dict[str, ModuleStatus]) -> None:
-        if not self.enabled:
-            return
-        lines = [format_line(statuses.get(n) or ModuleStatus(module=n)) for n in self.names]
-        if self._live is not None:
-            from rich.text import Text
-
-            self._live.update(Text("\n".join(lines)))
-        elif time.monotonic() - self._last_plain > 10:
-            self._last_plain = time.monotonic()
-            print("\n".join(lines), flush=True)
-
-    def close(self, statuses: dict[str, ModuleStatus]) -> None:
-        if self._live is not None:
-            self.update(statuses)
-            self._live.stop()
-        elif self.enabled:
-            print("\n".join(format_line(statuses.get(n) or ModuleStatus(module=n)) for n in self.names), flush=True)
-
-
-def format_line(st: ModuleStatus) -> str:
-    total = st.target_epochs or "?"
-    loss = f"{st.loss:.4f}" if st.loss is not None else "-"
-    rate = f"{st.samples_per_second:,.0f}/s" if st.samples_per_second else "-"
-    up = f"v{st.upstream_version}{'F' if st.upstream_final else ''}" if st.upstream_version else "-"
-    eta = "-"
-    if st.samples_per_second and st.epoch and isinstance(total, int) and st.epoch < total:
-        eta = f"{(st.train_seconds / st.epoch) * (total - st.epoch):.0f}s"
-    tail = f"  {st.error.splitlines()[0][:80]}" if st.error else ""
-    return (f"{st.module:<8} {st.state.value:<16} epoch {st.epoch}/{total:<4} loss {loss:<9} upstream {up:<6} "
-            f"{rate:<10} eta {eta}{tail}")
-
-
 @dataclass
 class Launch:
     """Ray connected and the module actors created (``launched``): each actor's process starts and imports torch as
@@ -287,7 +241,7 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
     setups = {name: actors[name].setup.remote() for name in names[1:] if name in actors} if sequential else {}
     statuses: dict[str, ModuleStatus] = {n: ModuleStatus(module=n) for n in names}
     runs = {}
-    view = _Progress(names, progress)
+    view = Progress(names, progress)
     pending = list(names) if sequential else []
     for name in names if not pending else [pending.pop(0)]:
         if name in actors:  # async: the deferred ones start when created (Launch.create_due)
@@ -300,13 +254,7 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
             for ref in ready:
                 name = next(n for n, r in runs.items() if r == ref)
                 del runs[name]
-                try:
-                    statuses[name] = ModuleStatus.model_validate(ray.get(ref))
-                except Exception as exc:  # noqa: BLE001 - the actor's error becomes its status
-                    statuses[name] = statuses[name].model_copy(update={"state": ModuleState.failed, "error": _cause(exc)})
-                # Its final version is committed: end the actor so its model, optimizer and buffers are freed for
-                # the modules still training (an idle actor kept ~5 GiB of the stl10-gim recipe in sequential mode).
-                ray.kill(actors[name], no_restart=True)
+                statuses[name] = _ended(name, ref, actors[name], statuses[name])
                 if pending and statuses[name].state == ModuleState.final:
                     nxt = pending.pop(0)
                     if nxt not in actors:
@@ -321,27 +269,50 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
                     setups[name] = actors[name].setup.remote()
                 else:
                     runs[name] = actors[name].run.remote()
-            for d in decide(names, statuses):
-                if d.module in runs:
-                    ray.kill(actors[d.module], no_restart=True)
-                    del runs[d.module]
-                statuses[d.module] = statuses[d.module].model_copy(update={"state": ModuleState.stopped, "error": d.reason})
-                if d.module in pending:
-                    pending.remove(d.module)
-                if d.module in launch.deferred:
-                    launch.deferred.remove(d.module)
-            for name in launch.deferred_dead(statuses):  # below it stopped, not failed (decide): it never starts
-                if name in pending:
-                    pending.remove(name)
-                if not statuses[name].state.done:
-                    statuses[name] = statuses[name].model_copy(update={
-                        "state": ModuleState.stopped, "error": "a module below it ended without a final version"})
+            _stop_decided(names, statuses, runs, pending, launch)
             view.update(statuses)
     finally:
         view.close(statuses)
         for actor in actors.values():  # done, failed or interrupted: none of them trains on (the caller gc's)
             ray.kill(actor, no_restart=True)
     return statuses
+
+
+def _ended(name: str, ref, actor, status: ModuleStatus) -> ModuleStatus:
+    """The status a finished ``run()`` returned (its error as a failed status), and the actor ended: its final
+    version is committed, so its model, optimizer and buffers are freed for the modules still training (an idle
+    actor kept ~5 GiB of the stl10-gim recipe in sequential mode)."""
+    import ray
+
+    try:
+        status = ModuleStatus.model_validate(ray.get(ref))
+    except Exception as exc:  # noqa: BLE001 - the actor's error becomes its status
+        status = status.model_copy(update={"state": ModuleState.failed, "error": _cause(exc)})
+    ray.kill(actor, no_restart=True)
+    return status
+
+
+def _stop_decided(names: list[str], statuses: dict[str, ModuleStatus], runs: dict, pending: list[str],
+                  launch: Launch) -> None:
+    """Stop the modules ``decide`` gives up on, and the deferred ones a module below them left without a final
+    version (never created); in place."""
+    import ray
+
+    for d in decide(names, statuses):
+        if d.module in runs:
+            ray.kill(launch.actors[d.module], no_restart=True)
+            del runs[d.module]
+        statuses[d.module] = statuses[d.module].model_copy(update={"state": ModuleState.stopped, "error": d.reason})
+        if d.module in pending:
+            pending.remove(d.module)
+        if d.module in launch.deferred:
+            launch.deferred.remove(d.module)
+    for name in launch.deferred_dead(statuses):  # below it stopped, not failed (decide): it never starts
+        if name in pending:
+            pending.remove(name)
+        if not statuses[name].state.done:
+            statuses[name] = statuses[name].model_copy(update={
+                "state": ModuleState.stopped, "error": "a module below it ended without a final version"})
 
 
 def _note_cpu_fallback(cfg: RunConfig, gpus: float, started_here: bool) -> None:

@@ -70,6 +70,17 @@ def latest(store: Store, directory: str) -> dict | None:
     return None
 
 
+def resume_point(store: Store, directory: str) -> dict | None:
+    """The checkpoint a restarted module resumes from: the newest epoch's end in ``directory``, or a mid-epoch one
+    (``feed.checkpoint_every_steps``, in ``directory/mid``, numbered by step) taken inside the epoch after it."""
+    last = latest(store, directory)
+    mid = latest(store, f"{directory}/mid")
+    if mid is not None and mid.get("epochs_done") == (last["epoch"] if last else 0) and \
+            mid["step"] > (last["step"] if last else 0):
+        return mid
+    return last
+
+
 def load_tensors(store: Store, weights: str) -> dict[str, torch.Tensor]:
     data = store.read_bytes(weights)
     if data is None:

@@ -13,7 +13,7 @@ import time
 
 from pipeline.planning.config import load_config
 from pipeline.run.driver import prepare_run
-from pipeline.run.scheduler import format_line
+from pipeline.run.progress import format_line
 from schemas.status import ModuleStatus
 from tests.conftest import TINY_NORB
 from workers.trainer import ModuleTrainer

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from pipeline.planning.config import load_config
-from pipeline.run.scheduler import Launch, decide, format_line, resolve_gpus, shares_cores
+from pipeline.run.progress import format_line
+from pipeline.run.scheduler import Launch, decide, resolve_gpus, shares_cores
 from schemas.status import ModuleState, ModuleStatus
 
 
