@@ -7,7 +7,9 @@ that Ray restarts does not fail again. Unset, nothing here does anything.
 
 Points: ``nan_loss`` (trainer step), ``kill_before_manifest`` (SIGKILL of the
 writer after its shards, before its manifest), ``enospc_shard`` (disk full
-while writing a shard), ``eacces_manifest`` (permission denied on the commit).
+while writing a shard), ``eacces_manifest`` (permission denied on the commit),
+``slow_commit`` (a store that takes ``STALL_SECONDS`` to commit a version: an
+upstream slow to publish, whatever the machine's speed).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 ENV, DIR_ENV = "ISOSTACK_FAULTS", "ISOSTACK_FAULTS_DIR"
+STALL_SECONDS = 3.0
 
 
 def armed(point: str, stage: str, epoch: int | None = None) -> bool:
@@ -50,6 +54,11 @@ def environment() -> dict[str, str]:
 def maybe_kill(point: str, stage: str) -> None:
     if armed(point, stage):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_stall(point: str, stage: str) -> None:
+    if armed(point, stage):
+        time.sleep(STALL_SECONDS)
 
 
 def maybe_raise(point: str, stage: str) -> None:

@@ -208,3 +208,34 @@ def test_embed_command_writes_parquet(finished_run, tmp_path):
     np.save(tmp_path / "wrong.npy", images[:, :8, :8])
     proc = isostack("embed", "e2e", str(tmp_path / "wrong.npy"), "--store", str(store), check=False)
     assert proc.returncode != 0 and "8x8" in proc.stderr and "(N, 1, 16, 16)" in proc.stderr
+
+
+@pytest.mark.own_ray
+def test_on_shared_cores_a_waiting_module_ends_its_actor_and_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    # schedule.park_bytes=0: every module that waits for its upstream after an epoch parks (a real one's weights
+    # and optimizer must reach 64 MiB: stl10-gim's m3). Threads over the cores: the modules share them. Each of
+    # m1's versions takes 3 s to commit (an injected slow store): m2 waits for m1's final for tens of seconds.
+    import pyarrow.parquet as pq
+
+    per = len(os.sched_getaffinity(0)) // 2 + 1
+    config = split_default_config(tmp_path / "three.yaml", TINY_THREE + [
+        "stack.m1.train.epochs=8", "schedule.settle_epochs=1", "schedule.park_bytes=0",
+        f"resources.cpus_per_module={per}", "resources.gpus_per_module=0"])
+    monkeypatch.setenv("ISOSTACK_FAULTS", "slow_commit:m1")  # no marker directory: every commit of m1
+    monkeypatch.delenv("ISOSTACK_FAULTS_DIR", raising=False)
+    isostack("run", str(config), "--store", str(tmp_path / "store"), "--run-id", "parks", "--no-final-stage")
+    root = tmp_path / "store" / "parks"
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    parked = {}
+    for name, m in summary["modules"].items():
+        status = json.loads((root / "status" / f"{name}.json").read_text())
+        assert status["state"] == "final" and status["restarts"] == 0, (name, status)  # a park is not a crash
+        assert m["epochs"] == (8 if name == "m1" else 2)
+        rows = pq.read_table(root / "metrics" / f"{name}.parquet").to_pylist()
+        parked[name] = [r["epoch"] for r in rows if r["name"] == f"{name}/parked"]
+        last = json.loads((root / "checkpoints" / name / f"{m['epochs']:04d}.json").read_text())
+        assert last["epochs_done"] == m["epochs"] and last["restarts"] == 0
+    # m2 after its first epoch, once: its second is m1's final's, so m1's intermediate versions do not wake it
+    assert parked["m1"] == [] and parked["m2"] == [1], parked
+    assert not list(root.glob("checkpoints/*/parked.json"))  # each mark taken up as its module resumed

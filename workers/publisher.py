@@ -29,6 +29,8 @@ from pipeline.store.stream import StreamRing, chunk_rows
 from pipeline.store.writer import VersionWriter
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
+from schemas.status import ModuleStatus
+from workers.epochs import reader_may_use
 from workers.runtime import NO_TURNS, CoreTurns
 
 # Codecs whose stored values are a plain float dtype: the cast happens on the device (int8 calibrates on float32).
@@ -189,3 +191,17 @@ class ChunkProducer:
                                 codec=self.cfg.module_codec(self.name), rows=len(rows), total_rows=len(up),
                                 rows_per_shard=self.cfg.store.rows_per_shard, zstd_level=store_cfg.zstd_level,
                                 producer=producer, upstream=upstream)
+
+
+def wanted_above(store: Store, readers: list, settle: int) -> bool:
+    """Whether an intermediate version now could be trained on: no module reads this one's versions (the plan
+    alone decides), or one of ``readers`` (their ``ModulePlan``) may still train an epoch on a non-final version
+    by its last status."""
+    if not readers:
+        return True
+    for reader in readers:
+        data = store.read_json(f"status/{reader.name}.json")
+        if reader_may_use(ModuleStatus.model_validate(data).epoch if data else 0, reader.epochs, settle):
+            return True
+    return False
+

@@ -1,13 +1,11 @@
 """The module trainer: one per module, owned by one Ray actor.
 
-A plain class with a fixed lifecycle (``setup / run / shutdown``, plus the
-idempotent ``train_until`` and ``publish`` that ``run`` is made of). The
-scheduler applies ``ray.remote`` where it starts it, so the class runs in a
-unit test without Ray. It reaches the store only by URI, streams the newest
-committed upstream version through ``pipeline.feed`` (bounded memory), checkpoints
-every epoch (and every ``feed.checkpoint_every_steps`` steps, with the feed's
-position), publishes versions (``workers.publisher``), records metrics in a
-``MetricLog`` and reports its progress as a ``ModuleStatus``.
+A plain class with a fixed lifecycle (``setup / run / shutdown``, plus the idempotent ``train_until`` and
+``publish`` that ``run`` is made of). The scheduler applies ``ray.remote`` where it starts it, so the class runs
+in a unit test without Ray. It reaches the store only by URI, streams the newest committed upstream version
+through ``pipeline.feed`` (bounded memory), checkpoints every epoch (and every ``feed.checkpoint_every_steps``
+steps, with the feed's position), publishes versions (``workers.publisher``), records metrics in a ``MetricLog``
+and reports its progress as a ``ModuleStatus``. On shared cores it may end as it waits (``_parks``).
 """
 
 from __future__ import annotations
@@ -36,10 +34,10 @@ from pipeline.store.stream import StreamRing
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
-from workers.epochs import Boundary, Step, next_step, publishes_after, reader_may_use
+from workers.epochs import Boundary, Step, next_step, parks, publishes_after
 from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
-from workers.publisher import ChunkProducer, publish_version
+from workers.publisher import ChunkProducer, publish_version, wanted_above
 from workers.runtime import CoreTurns, device_text, node_name, peak_memory
 
 
@@ -89,7 +87,8 @@ class ModuleTrainer:
             checkpoint.restore(self.store, last, self.module, self.objective, self.optimizer)
             self.epoch = last.get("epochs_done", last["epoch"])
             self.lineage.update({k: last[k] for k in self.lineage if k in last})
-            self.lineage["restarts"] = int(last.get("restarts", 0)) + 1
+            parked = checkpoint.unpark(self.store, self.ckpt_dir, self.epoch)  # ended on purpose: not a restart
+            self.lineage["restarts"] = int(last.get("restarts", 0)) + (0 if parked else 1)
             if last.get("feed_step"):  # killed mid-epoch: continue that epoch's order on the same upstream
                 self._resume = {"step": int(last["feed_step"]), "upstream_version": last["upstream_version"]}
             # A version committed after that checkpoint (the crash came between) is in the store: keep it listed.
@@ -121,6 +120,8 @@ class ModuleTrainer:
                 step = next_step(self._boundary())
                 if step == Step.wait:
                     if self._status.state != ModuleState.waiting_upstream:
+                        if self._parks():
+                            return self.status()
                         release_free_memory()  # what the epoch's end freed outside a turn (checkpoint, metrics)
                     self._update(state=ModuleState.waiting_upstream)
                     time.sleep(self.cfg.schedule.poll_seconds)
@@ -128,20 +129,18 @@ class ModuleTrainer:
                 if step == Step.finish:
                     break
                 self.train_until(self.epoch + 1)
+                wanted = wanted_above(self.store, self.readers, self.cfg.schedule.settle_epochs)
                 if publishes_after(self.epoch, self.train_cfg.epochs, self.plan.publish_every,
-                                   self._upstream.manifest.final, self._wanted_above()) and self._chunks is None:
+                                   self._upstream.manifest.final, wanted) and self._chunks is None:
                     self.publish(final=False)
             if self._stop.is_set():
-                self._update(state=ModuleState.stopped)
-                self._write_status()
+                self._write_status(state=ModuleState.stopped)
                 return self.status()
             manifest = self.publish(final=True)
-            self._update(state=ModuleState.final, final_version=manifest.version, finished_at=now_iso())
-            self._write_status()
+            self._write_status(state=ModuleState.final, final_version=manifest.version, finished_at=now_iso())
             return self.status()
         except BaseException as exc:
-            self._update(state=ModuleState.failed, error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
-            self._write_status()
+            self._write_status(state=ModuleState.failed, error=getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self.turns.close()  # the last module of the run on this node removes the turn's files
@@ -156,8 +155,7 @@ class ModuleTrainer:
         return self.status()
 
     def publish(self, final: bool) -> Manifest:
-        """Run inference with the current weights on the upstream in use and commit a version
-        (its weights instead when the module is not materialized: ``store.materialize: false``)."""
+        """Commit a version: the current weights' outputs on the upstream in use (``store.materialize: false``: the weights)."""
         self._update(state=ModuleState.publishing)
         manifest = publish_version(
             self.store, self.cfg, self.plan, self._upstream, self.module, self.device, final=final, epoch=self.epoch,
@@ -166,11 +164,23 @@ class ModuleTrainer:
             upstream={"stage": self.plan.upstream, "version": self._upstream.manifest.version}, turns=self.turns)
         return self._published(manifest)
 
+    def _parks(self) -> bool:
+        """Whether this actor ends as it waits (``workers.epochs.parks``): its status stays waiting, not done."""
+        sch, up = self.cfg.schedule, self._upstream
+        if not parks(shared=self.turns.shared, mode=sch.mode, publish=sch.publish, epoch=self.epoch, park_bytes=sch.park_bytes,
+                     upstream_final=up is not None and up.manifest.final,
+                     state_bytes=checkpoint.state_bytes(self.module, self.objective, self.optimizer)):
+            return False
+        checkpoint.mark_parked(self.store, self.ckpt_dir, self.epoch)
+        self._record(f"{self.name}/parked", self.epoch)
+        self.metrics.write()
+        self._write_status(state=ModuleState.waiting_upstream)
+        return True
+
     def _published(self, manifest):
         self.lineage["published"].append(manifest.version)
         self._record(f"{self.name}/publish/version", manifest.version)
-        self._update(published=list(self.lineage["published"]), state=ModuleState.training)
-        self._write_status()
+        self._write_status(published=list(self.lineage["published"]), state=ModuleState.training)
         return manifest
 
     def status(self) -> dict:
@@ -191,18 +201,6 @@ class ModuleTrainer:
                         # a stream window is drawn afresh each epoch, so it is never "already trained on"
                         trained_on_loaded=bool(up is not None and used and not self._reads_stream
                                                and used[-1][1] == up.manifest.version))
-
-    def _wanted_above(self) -> bool:
-        """Whether an intermediate version now could be trained on: no module reads this one's versions (the plan
-        alone decides), or one of them may still train an epoch on a non-final version by its last status."""
-        if not self.readers:
-            return True
-        for reader in self.readers:
-            data = self.store.read_json(f"status/{reader.name}.json")
-            done = ModuleStatus.model_validate(data).epoch if data else 0
-            if reader_may_use(done, reader.epochs, self.cfg.schedule.settle_epochs):
-                return True
-        return False
 
     def _switch_upstream(self, block: bool = False) -> None:
         """At an epoch boundary, move to the newest committed upstream version (or the one a resume pins)."""
@@ -259,8 +257,8 @@ class ModuleTrainer:
                     return
                 step += 1
                 samples += len(batch.x)
-                # handed over in a list the step empties: this frame would keep the stored copy (float16: half the
-                # float32 features, 205 MB for the stl10-gim m2) alive through the step's forward and backward
+                # in a list the step empties: this frame would keep the stored copy (float16, 205 MB for the
+                # stl10-gim m2) alive through the step's forward and backward
                 held, batch = [batch], None
                 loss = self._step(held, pairing, gen, step, batches.features)
             self._stream_tick()  # outside the turn: a stream chunk is read before it takes its own
@@ -306,9 +304,8 @@ class ModuleTrainer:
         if up.manifest.final:
             self.lineage["epochs_on_final"] += 1
         rate = samples / seconds if seconds > 0 else None
-        # A whole batch's forward, in a turn like a step: not beside another actor's step on shared cores, and its
-        # freed activations handed back at the turn's end (outside one, a waiting stl10-gim m3 held 1.1-1.4 GiB, not
-        # ~0.6). The micro-batched steps' heap goes back first: a whole batch's blocks do not fit its holes (m2 4.6 GB).
+        # In a turn like a step (not beside another's step; its heap handed back at the end: a waiting m3 held 1.1-1.4
+        # GiB, not ~0.6), the steps' heap returned first: a whole batch's blocks do not fit its holes (m2 4.6 GB).
         with self.turns.turn():
             release_free_memory()
             heldout = heldout_loss(up, self.module, self.objective,
@@ -389,7 +386,10 @@ class ModuleTrainer:
     def _record(self, name: str, value) -> None:
         self.metrics.record(name, value, epoch=self.epoch, step=self.lineage["step"])
 
-    def _write_status(self) -> None:
+    def _write_status(self, **fields) -> None:
+        """Write the status to the store (``status/<module>.json``), with ``fields`` changed first."""
+        if fields:
+            self._update(**fields)
         self.store.write_json(f"status/{self.name}.json", self.status())
 
     def _update(self, **fields) -> None:

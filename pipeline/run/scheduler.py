@@ -21,6 +21,7 @@ from pipeline.malloc import actor_environment
 from schemas.config import RunConfig
 from schemas.status import ModuleState, ModuleStatus
 from pipeline.run.progress import Progress
+from workers.epochs import reader_may_use
 from pipeline.run.offload import ModuleTrainer  # the actor class; workers.trainer (torch) loads in the actor
 
 
@@ -155,18 +156,36 @@ class Launch:
     actors: dict
     deferred: list[str] = field(default_factory=list)
     create: Callable[[str], None] | None = None
+    after: dict[str, tuple[int, bool, bool]] = field(default_factory=dict)  # parked (``park``)
 
     def create_due(self, statuses: dict[str, ModuleStatus]) -> list[str]:
-        """Create the deferred actors whose upstream publishes or has published; the names created. One whose
-        upstream ended without a final version is never created (``deferred_dead``)."""
+        """Create the deferred actors whose upstream publishes or has published (a parked one's: a version more
+        than when it parked, or a publish begun since; the final one where it trains on no other); the names
+        created. One whose upstream ended without a final version is never created (``deferred_dead``)."""
         made = []
         for name in list(self.deferred):
             below = statuses.get(self.names[self.names.index(name) - 1])
-            if below is not None and (below.published or below.state in (ModuleState.publishing, ModuleState.final)):
+            count, was_publishing, final_only = self.after.get(name, (0, False, False))
+            if below is None:
+                continue
+            if was_publishing and below.state != ModuleState.publishing:  # that publish is over: the next one counts
+                self.after[name] = (count, False, final_only)
+            publishes = below.state == ModuleState.publishing and not was_publishing and \
+                (not final_only or below.epoch >= (below.target_epochs or 0))
+            if below.state == ModuleState.final or publishes or not final_only and len(below.published) > count:
                 self.deferred.remove(name)
+                self.after.pop(name, None)
                 self.create(name)
                 made.append(name)
         return made
+
+    def park(self, name: str, statuses: dict[str, ModuleStatus], *, final_only: bool) -> None:
+        """``name``'s actor ended as it waited for its upstream (``workers.epochs.parks``): create it again, to
+        resume from its checkpoint, when the upstream begins to publish a next version (``final_only``: its
+        final version, the only one the module's next epochs may train on)."""
+        below = statuses.get(self.names[self.names.index(name) - 1]) or ModuleStatus(module="")
+        self.after[name] = (len(below.published), below.state == ModuleState.publishing, final_only)
+        self.deferred.append(name)
 
     def deferred_dead(self, statuses: dict[str, ModuleStatus]) -> list[str]:
         """Deferred modules that can never start: a module below them ended (failed, stopped) without a final
@@ -201,9 +220,13 @@ def launched(cfg: RunConfig, store_uri: str, run_id: str, names: list[str], *,
     launch = Launch(names=list(names), actors={}, deferred=deferred)
     actor_cls, config = ray.remote(ModuleTrainer), cfg.model_dump(mode="json")
 
+    made: dict[str, int] = {}
+
     def create(name: str) -> None:
-        gen = generation.get(name, 0)
+        gen, made[name] = generation.get(name, 0), made.get(name, 0) + 1
         opts = _actor_options(cfg, run_id, name, gpus, gen, pg=pg, bundle=names.index(name))
+        if made[name] > 1:  # again after a park: the ended actor's name may not be free yet
+            opts["name"] += f"/{made[name]}"
         launch.actors[name] = actor_cls.options(**opts).remote(
             store_uri, run_id, name, config, generation=gen, threads=cfg.resources.cpus_per_module, use_gpu=gpus > 0)
 
@@ -255,6 +278,11 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
                 name = next(n for n, r in runs.items() if r == ref)
                 del runs[name]
                 statuses[name] = _ended(name, ref, actors[name], statuses[name])
+                if not statuses[name].state.done:  # parked as it waited: created again when its upstream publishes
+                    st = statuses[name]
+                    launch.park(name, statuses, final_only=not reader_may_use(
+                        st.epoch, st.target_epochs or 0, cfg.schedule.settle_epochs))
+                    continue
                 if pending and statuses[name].state == ModuleState.final:
                     nxt = pending.pop(0)
                     if nxt not in actors:

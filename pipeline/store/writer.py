@@ -186,6 +186,7 @@ class VersionWriter:
         if self._fs.local:
             self._fs.fsync_dir(self._fs.path(self.dir))  # the shard renames, before the commit
         faults.maybe_kill("kill_before_manifest", self.stage)
+        faults.maybe_stall("slow_commit", self.stage)
         with self._fs.errors("commit", f"{self.dir}/{MANIFEST}"):
             faults.maybe_raise("eacces_manifest", self.stage)
         self._fs.write_atomic(f"{self.dir}/{MANIFEST}", json.dumps(manifest.model_dump(mode="json"), indent=1).encode())

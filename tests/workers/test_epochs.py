@@ -110,3 +110,14 @@ def test_a_version_is_wanted_while_the_module_above_may_train_on_one():
     assert not reader_may_use(0, budget=2, settle=5)  # settle over the budget: every epoch is the final's
     assert reader_may_use(3, budget=4, settle=0)
     assert not publishes_after(3, budget=8, publish_every=1, upstream_final=True, wanted=False)
+
+
+def test_a_waiting_module_parks_only_on_shared_cores_in_async_mode_after_an_epoch_with_state_worth_freeing():
+    from workers.epochs import parks
+
+    due = dict(shared=True, mode="async", publish="full", epoch=1, upstream_final=False, state_bytes=2**26,
+               park_bytes=2**26)
+    assert parks(**due)
+    for change in ({"shared": False}, {"mode": "sequential"}, {"publish": "stream"}, {"epoch": 0},
+                   {"upstream_final": True}, {"state_bytes": 2**26 - 1}, {"park_bytes": None}):
+        assert not parks(**{**due, **change}), change

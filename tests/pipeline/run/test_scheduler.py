@@ -94,3 +94,29 @@ def test_module_actors_get_the_fault_settings_and_the_users_malloc_settings_else
     for gpus in (0, 1):  # the user's settings alone, on any device
         assert _actor_options(cfg, "r", "m1", gpus, 0)["runtime_env"] == \
             {"env_vars": {faults.ENV: "nan_loss:m1:1", "MALLOC_ARENA_MAX": "4"}}
+
+
+def test_a_parked_module_is_created_again_when_its_upstream_publishes_a_version_it_can_train_on():
+    def m2(state, published, epoch=1):
+        return ModuleStatus(module="m2", state=state, published=published, epoch=epoch, target_epochs=4)
+
+    made = []
+    launch = Launch(names=["m1", "m2", "m3"], actors={}, create=made.append)
+    statuses = {"m1": _st("m1", ModuleState.final), "m3": _st("m3", ModuleState.waiting_upstream),
+                "m2": m2(ModuleState.publishing, [1])}
+    launch.park("m3", statuses, final_only=False)  # m2 was publishing as m3 parked: that publish does not wake it
+    assert launch.deferred == ["m3"] and launch.create_due(statuses) == [] and made == []
+    statuses["m2"] = m2(ModuleState.training, [1])
+    assert launch.create_due(statuses) == []
+    statuses["m2"] = m2(ModuleState.publishing, [1])  # a next publish begins
+    assert launch.create_due(statuses) == ["m3"] and made == ["m3"] and launch.deferred == [] and launch.after == {}
+    launch.park("m3", statuses, final_only=False)
+    statuses["m2"] = m2(ModuleState.training, [1, 2])  # committed since
+    assert launch.create_due(statuses) == ["m3"]
+    # Its next epochs are the final version's: m2's intermediate versions leave it parked, its last epoch's wakes it.
+    launch.park("m3", statuses, final_only=True)
+    for st in (m2(ModuleState.publishing, [1, 2], epoch=3), m2(ModuleState.training, [1, 2, 3], epoch=3)):
+        assert launch.create_due({**statuses, "m2": st}) == []
+    assert launch.create_due({**statuses, "m2": m2(ModuleState.publishing, [1, 2, 3], epoch=4)}) == ["m3"]
+    launch.park("m3", statuses, final_only=True)
+    assert launch.create_due({**statuses, "m2": m2(ModuleState.final, [1, 2, 3, 4], epoch=4)}) == ["m3"]
