@@ -191,11 +191,11 @@ class ScheduleConfig(Strict):
         "way the epochs stay within train.epochs and the last settle_epochs wait for the upstream's final version.")
     poll_seconds: float = Field(0.5, gt=0, description="How often a waiting module looks for a new upstream version.")
     keep_versions: int = Field(3, ge=1, description="Retention: newest N versions per stage kept (plus final and pinned ones).")
-    park_bytes: int | None = Field(
-        64 * 2**20, ge=0, description="Where the modules share one machine's cores (CPU actors whose threads exceed "
-        "them), a module that has trained an epoch and waits for its upstream's next version ends its actor when its "
-        "weights and optimizer state reach this many bytes; the driver creates it again, resuming from that epoch's "
-        "checkpoint, when the upstream begins to publish. null: never (async, schedule.publish=full only).")
+    park_seconds: float | None = Field(
+        60.0, ge=0, description="Where the modules share one machine's cores (CPU actors whose threads exceed them), "
+        "a module that has trained an epoch and must wait for its upstream's next version ends its actor when that "
+        "wait is expected to last this long (from the upstream's epoch times); the driver creates it again, resuming "
+        "from that epoch's checkpoint, when the upstream begins to publish. null: never (async, publish=full only).")
     publish: Literal["full", "stream"] = Field(
         "full", description="full: intermediate versions cover the samples (publish_fraction); stream: a module appends "
         "shards continuously to a bounded ring (store.window_samples) that the module above samples from. Final versions "

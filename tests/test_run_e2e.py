@@ -212,14 +212,14 @@ def test_embed_command_writes_parquet(finished_run, tmp_path):
 
 @pytest.mark.own_ray
 def test_on_shared_cores_a_waiting_module_ends_its_actor_and_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    # schedule.park_bytes=0: every module that waits for its upstream after an epoch parks (a real one's weights
-    # and optimizer must reach 64 MiB: stl10-gim's m3). Threads over the cores: the modules share them. Each of
+    # schedule.park_seconds=0: every module that waits for its upstream after an epoch parks (by default only a
+    # wait expected to last a minute, as stl10-gim's modules' do). Threads over the cores: the modules share them. Each of
     # m1's versions takes 3 s to commit (an injected slow store): m2 waits for m1's final for tens of seconds.
     import pyarrow.parquet as pq
 
     per = len(os.sched_getaffinity(0)) // 2 + 1
     config = split_default_config(tmp_path / "three.yaml", TINY_THREE + [
-        "stack.m1.train.epochs=8", "schedule.settle_epochs=1", "schedule.park_bytes=0",
+        "stack.m1.train.epochs=8", "schedule.settle_epochs=1", "schedule.park_seconds=0",
         f"resources.cpus_per_module={per}", "resources.gpus_per_module=0"])
     monkeypatch.setenv("ISOSTACK_FAULTS", "slow_commit:m1")  # no marker directory: every commit of m1
     monkeypatch.delenv("ISOSTACK_FAULTS_DIR", raising=False)

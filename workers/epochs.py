@@ -68,14 +68,25 @@ def reader_may_use(done: int, budget: int, settle: int) -> bool:
     return done < budget - min(settle, budget)
 
 
-def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: bool, state_bytes: int,
-          park_bytes: int | None) -> bool:
+def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: bool, wait_seconds: float | None,
+          park_seconds: float | None) -> bool:
     """Whether a module about to wait for its upstream ends its actor instead, to be created again by the driver
     when the upstream begins to publish (``pipeline.run.scheduler.Launch``) and resume from the checkpoint of the
-    epoch it ended: where the modules share one machine's cores (its wait is the upstream's turns, minutes, not
-    an idle device), in async mode, once it has a checkpoint (an epoch trained) and its upstream is not final,
-    and when its weights and optimizer state reach ``schedule.park_bytes`` (with the heap its steps left, what
-    a waiting actor holds beyond a bare process: stl10-gim's m3 0.99 GiB against a bare actor's 0.58 at the
-    recipe's peak; a small module's restart would cost more than it frees). Stream mode keeps its actors."""
-    return park_bytes is not None and shared and mode == "async" and publish != "stream" and epoch > 0 \
-        and not upstream_final and state_bytes >= park_bytes
+    epoch it ended: where the modules share one machine's cores (its wait is the upstream's turns on them), in
+    async mode, once it has a checkpoint (an epoch trained) and its upstream is not final, and when the wait is
+    expected to last ``schedule.park_seconds`` or more (``upstream_wait``), many times an actor's start (~10 s
+    here). A waiting actor holds its process (~0.6 GiB with torch), its state and its heap: stl10-gim's m3 0.99
+    GiB at the recipe's peak. Stream mode keeps its actors."""
+    return park_seconds is not None and wait_seconds is not None and shared and mode == "async" \
+        and publish != "stream" and epoch > 0 and not upstream_final and wait_seconds >= park_seconds
+
+
+def upstream_wait(status: dict | None, *, final_only: bool) -> float | None:
+    """Seconds until the upstream publishes what a waiting module needs, from the upstream's last status (its
+    epochs' mean duration): its final version after its remaining epochs (``final_only``), else its next version
+    after one more epoch. None while it has no finished epoch to go by."""
+    if not status or not status.get("epoch") or not status.get("train_seconds"):
+        return None
+    per_epoch = status["train_seconds"] / status["epoch"]
+    remaining = max(1, (status.get("target_epochs") or status["epoch"]) - status["epoch"]) if final_only else 1
+    return remaining * per_epoch

@@ -34,7 +34,7 @@ from pipeline.store.stream import StreamRing
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
-from workers.epochs import Boundary, Step, next_step, parks, publishes_after
+from workers.epochs import Boundary, Step, next_step, parks, publishes_after, reader_may_use, upstream_wait
 from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version, wanted_above
@@ -167,9 +167,10 @@ class ModuleTrainer:
     def _parks(self) -> bool:
         """Whether this actor ends as it waits (``workers.epochs.parks``): its status stays waiting, not done."""
         sch, up = self.cfg.schedule, self._upstream
-        if not parks(shared=self.turns.shared, mode=sch.mode, publish=sch.publish, epoch=self.epoch, park_bytes=sch.park_bytes,
-                     upstream_final=up is not None and up.manifest.final,
-                     state_bytes=checkpoint.state_bytes(self.module, self.objective, self.optimizer)):
+        wait = upstream_wait(self.store.read_json(f"status/{self.plan.upstream}.json"),
+                             final_only=not reader_may_use(self.epoch, self.train_cfg.epochs, sch.settle_epochs))
+        if not parks(shared=self.turns.shared, mode=sch.mode, publish=sch.publish, epoch=self.epoch, wait_seconds=wait,
+                     upstream_final=up is not None and up.manifest.final, park_seconds=sch.park_seconds):
             return False
         checkpoint.mark_parked(self.store, self.ckpt_dir, self.epoch)
         self._record(f"{self.name}/parked", self.epoch)

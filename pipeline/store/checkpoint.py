@@ -104,19 +104,6 @@ def module_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
 
 
-def state_bytes(*parts) -> int:
-    """Bytes of the tensors a checkpoint holds: the parameters and buffers of each module, the state of each
-    optimizer."""
-    total = 0
-    for part in parts:
-        if isinstance(part, torch.optim.Optimizer):
-            tensors = [t for state in part.state.values() for t in state.values() if torch.is_tensor(t)]
-        else:
-            tensors = list(part.parameters()) + list(part.buffers())
-        total += sum(t.numel() * t.element_size() for t in tensors)
-    return total
-
-
 def mark_parked(store: Store, directory: str, epoch: int) -> None:
     """Record that the module ended its actor on purpose after ``epoch`` (``workers.epochs.parks``)."""
     store.write_json(f"{directory}/parked.json", {"epoch": epoch})

@@ -115,9 +115,18 @@ def test_a_version_is_wanted_while_the_module_above_may_train_on_one():
 def test_a_waiting_module_parks_only_on_shared_cores_in_async_mode_after_an_epoch_with_state_worth_freeing():
     from workers.epochs import parks
 
-    due = dict(shared=True, mode="async", publish="full", epoch=1, upstream_final=False, state_bytes=2**26,
-               park_bytes=2**26)
+    due = dict(shared=True, mode="async", publish="full", epoch=1, upstream_final=False, wait_seconds=60.0,
+               park_seconds=60.0)
     assert parks(**due)
     for change in ({"shared": False}, {"mode": "sequential"}, {"publish": "stream"}, {"epoch": 0},
-                   {"upstream_final": True}, {"state_bytes": 2**26 - 1}, {"park_bytes": None}):
+                   {"upstream_final": True}, {"wait_seconds": 59.0}, {"wait_seconds": None}, {"park_seconds": None}):
         assert not parks(**{**due, **change}), change
+
+
+def test_the_expected_wait_for_an_upstream_follows_its_epoch_times_to_the_version_needed():
+    from workers.epochs import upstream_wait
+
+    up = {"epoch": 2, "target_epochs": 6, "train_seconds": 100.0}  # 50 s an epoch, 4 to go
+    assert upstream_wait(up, final_only=True) == 200.0 and upstream_wait(up, final_only=False) == 50.0
+    assert upstream_wait({**up, "epoch": 6, "train_seconds": 300.0}, final_only=True) == 50.0  # publishing its final
+    assert upstream_wait(None, final_only=True) is None and upstream_wait({**up, "epoch": 0}, final_only=False) is None
