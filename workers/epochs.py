@@ -78,15 +78,15 @@ def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: 
     here). A waiting actor holds its process (~0.6 GiB with torch), its state and its heap: stl10-gim's m3 0.99
     GiB at the recipe's peak. Stream mode keeps its actors."""
     return park_seconds is not None and wait_seconds is not None and shared and mode == "async" \
-        and publish != "stream" and epoch > 0 and not upstream_final and wait_seconds >= park_seconds
+        and publish != "stream" and epoch > 0 and not upstream_final and 0 < wait_seconds and park_seconds <= wait_seconds
 
 
 def upstream_wait(status: dict | None, *, final_only: bool) -> float | None:
     """Seconds until the upstream publishes what a waiting module needs, from the upstream's last status (its
-    epochs' mean duration): its final version after its remaining epochs (``final_only``), else its next version
-    after one more epoch. None while it has no finished epoch to go by."""
+    epochs' mean duration): its final version after its remaining epochs (``final_only``; none left: it is
+    publishing it, 0), else its next version after one more epoch. None while it has no finished epoch to go by."""
     if not status or not status.get("epoch") or not status.get("train_seconds"):
         return None
     per_epoch = status["train_seconds"] / status["epoch"]
-    remaining = max(1, (status.get("target_epochs") or status["epoch"]) - status["epoch"]) if final_only else 1
+    remaining = max(0, (status.get("target_epochs") or status["epoch"]) - status["epoch"]) if final_only else 1
     return remaining * per_epoch

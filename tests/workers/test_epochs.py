@@ -121,6 +121,7 @@ def test_a_waiting_module_parks_only_on_shared_cores_in_async_mode_after_an_epoc
     for change in ({"shared": False}, {"mode": "sequential"}, {"publish": "stream"}, {"epoch": 0},
                    {"upstream_final": True}, {"wait_seconds": 59.0}, {"wait_seconds": None}, {"park_seconds": None}):
         assert not parks(**{**due, **change}), change
+    assert parks(**{**due, "park_seconds": 0.0}) and not parks(**{**due, "park_seconds": 0.0, "wait_seconds": 0.0})
 
 
 def test_the_expected_wait_for_an_upstream_follows_its_epoch_times_to_the_version_needed():
@@ -128,5 +129,6 @@ def test_the_expected_wait_for_an_upstream_follows_its_epoch_times_to_the_versio
 
     up = {"epoch": 2, "target_epochs": 6, "train_seconds": 100.0}  # 50 s an epoch, 4 to go
     assert upstream_wait(up, final_only=True) == 200.0 and upstream_wait(up, final_only=False) == 50.0
-    assert upstream_wait({**up, "epoch": 6, "train_seconds": 300.0}, final_only=True) == 50.0  # publishing its final
+    # its epochs done, it is publishing its final version: a module re-created for it must not park again
+    assert upstream_wait({**up, "epoch": 6, "train_seconds": 300.0}, final_only=True) == 0.0
     assert upstream_wait(None, final_only=True) is None and upstream_wait({**up, "epoch": 0}, final_only=False) is None
