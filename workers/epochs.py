@@ -71,7 +71,7 @@ def reader_may_use(done: int, budget: int, settle: int) -> bool:
 def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: bool, wait_seconds: float | None,
           park_seconds: float | None) -> bool:
     """Whether a module about to wait for its upstream ends its actor instead, to be created again by the driver
-    when the upstream begins to publish (``pipeline.run.scheduler.Launch``) and resume from the checkpoint of the
+    when the upstream commits a version it can train on (``pipeline.run.scheduler.Launch``) and resume from the checkpoint of the
     epoch it ended: where the modules share one machine's cores (its wait is the upstream's turns on them), in
     async mode, once it has a checkpoint (an epoch trained) and its upstream is not final, and when the wait is
     expected to last ``schedule.park_seconds`` or more (``upstream_wait``), many times an actor's start (~10 s

@@ -149,42 +149,40 @@ class Launch:
 
     Where the modules share one machine's cores (CPU actors whose threads exceed its cores: the turns of
     ``workers.runtime.CoreTurns``), an actor whose module reads another of this launch is created only once that
-    one begins to publish (``create_due``): until then it has nothing to train on, and its process (torch loaded,
-    ~0.55 GiB) would only add to the machine's peak. Its start then overlaps its upstream's publish."""
+    one has committed a version (``create_due``): until then it has nothing to train on, and its process (torch
+    loaded, ~0.55 GiB) would only add to the machine's peak. Created as the publish began, it sat beside the
+    module stepping and the one publishing (the N=640 recipe's peak: m1 stepping 3.0, m2 publishing 0.7, m3 idle
+    0.54 GiB); its start costs the same cores either way, since they are busy with that publish."""
 
     names: list[str]
     actors: dict
     deferred: list[str] = field(default_factory=list)
     create: Callable[[str], None] | None = None
-    after: dict[str, tuple[int, bool, bool]] = field(default_factory=dict)  # parked (``park``)
+    after: dict[str, tuple[int, bool]] = field(default_factory=dict)  # parked (``park``): version seen, final only
 
     def create_due(self, statuses: dict[str, ModuleStatus]) -> list[str]:
-        """Create the deferred actors whose upstream publishes or has published (a parked one's: a version more
-        than when it parked, or a publish begun since; the final one where it trains on no other); the names
-        created. One whose upstream ended without a final version is never created (``deferred_dead``)."""
+        """Create the deferred actors whose upstream has committed a version they can train on (a parked one's:
+        newer than the one it trained on last; the final one where it trains on no other); the names created. One
+        whose upstream ended without a final version is never created (``deferred_dead``)."""
         made = []
         for name in list(self.deferred):
             below = statuses.get(self.names[self.names.index(name) - 1])
-            count, was_publishing, final_only = self.after.get(name, (0, False, False))
             if below is None:
                 continue
-            if was_publishing and below.state != ModuleState.publishing:  # that publish is over: the next one counts
-                self.after[name] = (count, False, final_only)
-            publishes = below.state == ModuleState.publishing and not was_publishing and \
-                (not final_only or below.epoch >= (below.target_epochs or 0))
-            if below.state == ModuleState.final or publishes or not final_only and len(below.published) > count:
+            seen, final_only = self.after.get(name, (0, False))
+            final = below.state == ModuleState.final or below.final_version is not None
+            if final or not final_only and max(below.published, default=0) > seen:
                 self.deferred.remove(name)
                 self.after.pop(name, None)
                 self.create(name)
                 made.append(name)
         return made
 
-    def park(self, name: str, statuses: dict[str, ModuleStatus], *, final_only: bool) -> None:
-        """``name``'s actor ended as it waited for its upstream (``workers.epochs.parks``): create it again, to
-        resume from its checkpoint, when the upstream begins to publish a next version (``final_only``: its
-        final version, the only one the module's next epochs may train on)."""
-        below = statuses.get(self.names[self.names.index(name) - 1]) or ModuleStatus(module="")
-        self.after[name] = (len(below.published), below.state == ModuleState.publishing, final_only)
+    def park(self, name: str, seen: int, *, final_only: bool) -> None:
+        """``name``'s actor ended as it waited for its upstream (``workers.epochs.parks``) after training on the
+        upstream's version ``seen``: create it again, to resume from its checkpoint, when the upstream commits a
+        newer version (``final_only``: its final version, the only one the module's next epochs may train on)."""
+        self.after[name] = (seen, final_only)
         self.deferred.append(name)
 
     def deferred_dead(self, statuses: dict[str, ModuleStatus]) -> list[str]:
@@ -271,16 +269,16 @@ def train_modules(cfg: RunConfig, store_uri: str, run_id: str, names: list[str],
             runs[name] = actors[name].run.remote()
     try:
         while runs or launch.deferred:
-            if not runs:  # only deferred modules left, their upstream about to publish
+            if not runs:  # only deferred modules left, waiting for their upstream's next version
                 time.sleep(1.0)
             ready, _ = ray.wait(list(runs.values()), num_returns=1, timeout=1.0) if runs else ([], [])
             for ref in ready:
                 name = next(n for n, r in runs.items() if r == ref)
                 del runs[name]
                 statuses[name] = _ended(name, ref, actors[name], statuses[name])
-                if not statuses[name].state.done:  # parked as it waited: created again when its upstream publishes
+                if not statuses[name].state.done:  # parked as it waited: created again when its upstream commits
                     st = statuses[name]
-                    launch.park(name, statuses, final_only=not reader_may_use(
+                    launch.park(name, st.upstream_version or 0, final_only=not reader_may_use(
                         st.epoch, st.target_epochs or 0, cfg.schedule.settle_epochs))
                     continue
                 if pending and statuses[name].state == ModuleState.final:

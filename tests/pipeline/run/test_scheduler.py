@@ -44,13 +44,15 @@ def test_progress_line_names_epoch_loss_upstream_and_rate():
     assert "m2" in line and "2/5" in line and "1.2346" in line and "v3" in line and "812/s" in line and "eta 15s" in line
 
 
-def test_on_shared_cores_a_module_actor_is_created_once_its_upstream_begins_to_publish():
+def test_on_shared_cores_a_module_actor_is_created_once_its_upstream_has_committed_a_version():
     made = []
     launch = Launch(names=["m1", "m2", "m3"], actors={}, deferred=["m2", "m3"], create=made.append)
     statuses = {"m1": _st("m1", ModuleState.training), "m2": _st("m2", ModuleState.created),
                 "m3": _st("m3", ModuleState.created)}
     assert launch.create_due(statuses) == [] and made == []
-    statuses["m1"] = _st("m1", ModuleState.publishing)
+    statuses["m1"] = _st("m1", ModuleState.publishing)  # publishing is not yet a version to read
+    assert launch.create_due(statuses) == [] and made == []
+    statuses["m1"] = ModuleStatus(module="m1", state=ModuleState.training, published=[1])
     assert launch.create_due(statuses) == ["m2"] and made == ["m2"] and launch.deferred == ["m3"]
     statuses["m2"] = ModuleStatus(module="m2", state=ModuleState.training, published=[1])  # v1 committed, training on
     assert launch.create_due(statuses) == ["m3"] and launch.deferred == [] and made == ["m2", "m3"]
@@ -96,27 +98,25 @@ def test_module_actors_get_the_fault_settings_and_the_users_malloc_settings_else
             {"env_vars": {faults.ENV: "nan_loss:m1:1", "MALLOC_ARENA_MAX": "4"}}
 
 
-def test_a_parked_module_is_created_again_when_its_upstream_publishes_a_version_it_can_train_on():
-    def m2(state, published, epoch=1):
-        return ModuleStatus(module="m2", state=state, published=published, epoch=epoch, target_epochs=4)
+def test_a_parked_module_is_created_again_when_its_upstream_commits_a_version_it_can_train_on():
+    def m2(state, published, epoch=1, final=None):
+        return ModuleStatus(module="m2", state=state, published=published, epoch=epoch, target_epochs=4,
+                            final_version=final)
 
     made = []
     launch = Launch(names=["m1", "m2", "m3"], actors={}, create=made.append)
-    statuses = {"m1": _st("m1", ModuleState.final), "m3": _st("m3", ModuleState.waiting_upstream),
-                "m2": m2(ModuleState.publishing, [1])}
-    launch.park("m3", statuses, final_only=False)  # m2 was publishing as m3 parked: that publish does not wake it
-    assert launch.deferred == ["m3"] and launch.create_due(statuses) == [] and made == []
-    statuses["m2"] = m2(ModuleState.training, [1])
-    assert launch.create_due(statuses) == []
-    statuses["m2"] = m2(ModuleState.publishing, [1])  # a next publish begins
-    assert launch.create_due(statuses) == ["m3"] and made == ["m3"] and launch.deferred == [] and launch.after == {}
-    launch.park("m3", statuses, final_only=False)
-    statuses["m2"] = m2(ModuleState.training, [1, 2])  # committed since
-    assert launch.create_due(statuses) == ["m3"]
-    # Its next epochs are the final version's: m2's intermediate versions leave it parked, its last epoch's wakes it.
-    launch.park("m3", statuses, final_only=True)
-    for st in (m2(ModuleState.publishing, [1, 2], epoch=3), m2(ModuleState.training, [1, 2, 3], epoch=3)):
+    statuses = {"m1": _st("m1", ModuleState.final), "m3": _st("m3", ModuleState.waiting_upstream)}
+    launch.park("m3", 1, final_only=False)  # trained its last epoch on m2's version 1
+    for st in (m2(ModuleState.publishing, [1]), m2(ModuleState.training, [1]), m2(ModuleState.publishing, [1], 2)):
+        assert launch.create_due({**statuses, "m2": st}) == [] and made == []
+    assert launch.create_due({**statuses, "m2": m2(ModuleState.training, [1, 2], 2)}) == ["m3"]
+    assert made == ["m3"] and launch.deferred == [] and launch.after == {}
+    launch.park("m3", 1, final_only=False)  # m2's version 2 was committed before it parked: it is due at once
+    assert launch.create_due({**statuses, "m2": m2(ModuleState.training, [1, 2], 2)}) == ["m3"]
+    # Its next epochs are the final version's: m2's intermediate versions leave it parked, the final wakes it.
+    launch.park("m3", 2, final_only=True)
+    for st in (m2(ModuleState.training, [1, 2, 3], epoch=3), m2(ModuleState.publishing, [1, 2, 3], epoch=4)):
         assert launch.create_due({**statuses, "m2": st}) == []
-    assert launch.create_due({**statuses, "m2": m2(ModuleState.publishing, [1, 2, 3], epoch=4)}) == ["m3"]
-    launch.park("m3", statuses, final_only=True)
-    assert launch.create_due({**statuses, "m2": m2(ModuleState.final, [1, 2, 3, 4], epoch=4)}) == ["m3"]
+    assert launch.create_due({**statuses, "m2": m2(ModuleState.publishing, [1, 2, 3, 4], 4, final=4)}) == ["m3"]
+    launch.park("m3", 3, final_only=True)
+    assert launch.create_due({**statuses, "m2": m2(ModuleState.final, [1, 2, 3, 4], epoch=4, final=4)}) == ["m3"]
