@@ -12,6 +12,7 @@ cluster's own temp dir. `ray stop` is never used: it stops every Ray on the mach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,10 +38,14 @@ ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked (one at a time, the kernel may hand
+    out a port just released again: two of a head's components got the same one)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # a fresh shell's PATH: no venv in it
@@ -108,10 +113,10 @@ def ray_head():
     # TMPDIR: the dashboard's module processes make multiprocessing folders (/tmp/pymp-*) that outlive them when
     # they are killed; in here they go with the rest of this head.
     env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=SYSTEM_PATH, TMPDIR=temp)
-    dashboard = free_port()
-    ports = {name: free_port() for name in ("port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                             "metrics-export-port", "runtime-env-agent-port")}
+    names = ("port", "ray-client-server-port", "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")
+    dashboard, *numbers = free_ports(1 + len(names))
+    ports = dict(zip(names, numbers))
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4", f"--temp-dir={temp}",
            f"--object-store-memory={100 * MIB}", "--disable-usage-stats",
