@@ -195,7 +195,8 @@ class ScheduleConfig(Strict):
         60.0, ge=0, description="Where the modules share one machine's cores (CPU actors whose threads exceed them), "
         "a module that has trained an epoch and must wait for its upstream's next version ends its actor when that "
         "wait is expected to last this long (from the upstream's epoch times); the driver creates it again, resuming "
-        "from that epoch's checkpoint, when the upstream begins to publish. null: never (async, publish=full only).")
+        "from that epoch's checkpoint, when the upstream commits a version it can train on. null: never (async, "
+        "publish=full only).")
     publish: Literal["full", "stream"] = Field(
         "full", description="full: intermediate versions cover the samples (publish_fraction); stream: a module appends "
         "shards continuously to a bounded ring (store.window_samples) that the module above samples from. Final versions "

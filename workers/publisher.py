@@ -204,4 +204,3 @@ def wanted_above(store: Store, readers: list, settle: int) -> bool:
         if reader_may_use(ModuleStatus.model_validate(data).epoch if data else 0, reader.epochs, settle):
             return True
     return False
-

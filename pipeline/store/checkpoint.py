@@ -116,4 +116,3 @@ def unpark(store: Store, directory: str, epoch: int) -> bool:
         return False
     store.delete(f"{directory}/parked.json")
     return mark.get("epoch") == epoch
-

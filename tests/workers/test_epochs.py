@@ -112,7 +112,7 @@ def test_a_version_is_wanted_while_the_module_above_may_train_on_one():
     assert not publishes_after(3, budget=8, publish_every=1, upstream_final=True, wanted=False)
 
 
-def test_a_waiting_module_parks_only_on_shared_cores_in_async_mode_after_an_epoch_with_state_worth_freeing():
+def test_a_waiting_module_parks_only_on_shared_cores_in_async_mode_after_an_epoch_when_the_wait_is_long_enough():
     from workers.epochs import parks
 
     due = dict(shared=True, mode="async", publish="full", epoch=1, upstream_final=False, wait_seconds=60.0,
