@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRU", "Flatten", "GlobalPool", "Linear", "PreActBlock", "PreActBottleneck"]
+__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "PreActBlock", "PreActBottleneck", "nhwc_in", "nhwc_out"]
 
 
 class GlobalPool(nn.Module):
@@ -108,3 +108,26 @@ class PreActBottleneck(nn.Module):
         out = self.conv2(F.relu(self.conv1(out), inplace=True))
         out = self.conv3(F.relu(out, inplace=True))
         return out.add_(skip)
+
+
+class ContiguousOut(torch.autograd.Function):
+    """y in the usual (contiguous) layout; its gradient handed back channels-last, the layout the module's
+    convolutions compute in."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def nhwc_in(x: torch.Tensor) -> torch.Tensor:
+    """A module's input map channels-last, turned once (else each conv reading it turns it, forward and backward)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def nhwc_out(y: torch.Tensor) -> torch.Tensor:
+    """A module's output map in the usual layout; under autograd its gradient comes back channels-last."""
+    return ContiguousOut.apply(y) if y.ndim == 4 and y.requires_grad else y.contiguous()
