@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "PreActBlock", "PreActBottleneck", "nhwc_in", "nhwc_out"]
+__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "PreActBlock", "PreActBottleneck", "PatchMean", "nhwc_in", "nhwc_out"]
 
 
 class GlobalPool(nn.Module):
@@ -131,3 +131,19 @@ def nhwc_in(x: torch.Tensor) -> torch.Tensor:
 def nhwc_out(y: torch.Tensor) -> torch.Tensor:
     """A module's output map in the usual layout; under autograd its gradient comes back channels-last."""
     return ContiguousOut.apply(y) if y.ndim == 4 and y.requires_grad else y.contiguous()
+
+
+class PatchMean(torch.autograd.Function):
+    """(B, P, C, h, w) -> (B, P, C): each patch's map averaged, as ``z.mean((3, 4))``. Its gradient is handed back
+    as a broadcast view, so the module's edge (``nhwc_out``) writes the map-sized gradient once; mean's own
+    backward divides the whole map and then copies it for the module's view (two passes over m1's 0.4 GB)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.shape = z.shape
+        return z.mean(dim=(3, 4))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        h, w = ctx.shape[3:]
+        return (grad.contiguous() / (h * w))[..., None, None].expand(ctx.shape)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.nn.blocks import GRU, Flatten, GlobalPool, Linear, PreActBlock, PreActBottleneck, nhwc_in, nhwc_out
+from pipeline.nn.blocks import (GRU, Flatten, GlobalPool, Linear, PreActBlock, PreActBottleneck, PatchMean, nhwc_in,
+                               nhwc_out)
 from pipeline.errors import IsostackError, TrainingError
 from schemas.config import (
     Conv1dLayer,
@@ -114,7 +115,7 @@ def grid_features(z: torch.Tensor) -> torch.Tensor:
     g = math.isqrt(p)
     if g * g != p:
         raise TrainingError(f"{p} patches do not form a square grid", "use square images for patch objectives")
-    pooled = z.mean(dim=(3, 4))  # (B, P, C)
+    pooled = PatchMean.apply(z)  # (B, P, C)
     return pooled.reshape(b, g, g, c).permute(0, 3, 1, 2)  # (B, C, g, g)
 
 

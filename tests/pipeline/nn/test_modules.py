@@ -139,6 +139,7 @@ def test_channels_last_inside_computes_what_nchw_computes(cfg, in_shape):
     plain = build_module(cfg, in_shape)
     plain.load_state_dict(mod.state_dict())
     plain.to(memory_format=torch.contiguous_format)
+    plain.nhwc = False  # its input and output gradient not turned at the edges either
     convs = [p for p in mod.parameters() if p.ndim == 4 and p.shape[1] > 1]
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     assert any(not p.is_contiguous() for p in convs)  # (a 1x1 kernel's weight is both)
@@ -154,6 +155,26 @@ def test_channels_last_inside_computes_what_nchw_computes(cfg, in_shape):
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
     for (name, p), p_plain in zip(mod.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, p_plain.grad, rtol=1e-4, atol=1e-4, msg=name)
+    if y.ndim == 5:  # through the grid objective's pooling too, whose gradient arrives as a broadcast view
+        for t in (x, x_plain, *mod.parameters(), *plain.parameters()):
+            t.grad = None
+        (grid_features(mod(x)) ** 2).sum().backward()
+        (grid_features(plain(x_plain)) ** 2).sum().backward()
+        torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-4, atol=1e-5)
+        for (name, p), p_plain in zip(mod.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, p_plain.grad, rtol=1e-4, atol=1e-4, msg=name)
     fresh = build_module(cfg, in_shape)
     fresh.load_state_dict({k: v.contiguous() for k, v in mod.state_dict().items()})  # as a checkpoint stores them
     torch.testing.assert_close(fresh(x.detach()), y.detach())
+
+
+def test_patch_mean_gradient_is_the_mean_s():
+    """grid_features pools each patch with PatchMean, whose gradient is a broadcast view: the same values as
+    mean's, and viewable as the module's (B*P, C, h, w) map without a copy."""
+    z = torch.rand(2, 9, 3, 4, 4, requires_grad=True)
+    z_ref = z.detach().clone().requires_grad_(True)
+    w = torch.rand(2, 3, 3, 3)
+    (grid_features(z) * w).sum().backward()
+    (z_ref.mean(dim=(3, 4)).reshape(2, 3, 3, 3).permute(0, 3, 1, 2) * w).sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    torch.testing.assert_close(grid_features(z), grid_features(z_ref))
