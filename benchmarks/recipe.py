@@ -101,6 +101,8 @@ class PssSampler:
         self.at_peak: dict[int, int] = {}  # pid -> its PSS in the sample of the summed peak (what adds up to it)
         self.names: dict[int, str] = {}  # pid -> its title when first seen (Ray retitles an actor per task)
         self.loads: list[float] = []  # the machine's 1-minute load average at each sample (others' work included)
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds (user + system) when last seen: where the cores went
+        self.busy0 = machine_busy_seconds()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -111,6 +113,7 @@ class PssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.machine_busy = machine_busy_seconds() - self.busy0
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -124,6 +127,7 @@ class PssSampler:
         for pid, size in zip(pids, sizes):
             self.names.setdefault(pid, process_name(pid))
             self.by_process[pid] = max(size, self.by_process.get(pid, 0))
+            self.cpu[pid] = cpu_seconds(pid) or self.cpu.get(pid, 0.0)
         self.samples += 1
         self.loads.append(load_average())
         if total > self.peak:
@@ -134,6 +138,23 @@ class PssSampler:
 def load_average() -> float:
     with open("/proc/loadavg") as f:
         return float(f.read().split()[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (0 when it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle since boot (all cores; /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
 def descendants(root: int) -> list[int]:
@@ -195,6 +216,12 @@ def measured(cmd: list[str], log_path: str, timeout: float, interval: float) -> 
                               for pid, peak in sorted(mem.by_process.items(), key=lambda kv: -kv[1])[:12]},
             "at_peak": {f"{pid} {mem.names[pid]}": size
                         for pid, size in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])[:12]},
+            # CPU seconds of the side's processes (each as last sampled, so a process's last half second is missed)
+            # and of the whole machine, against wall x cores: how much of the cores the side used.
+            "cpu_seconds": round(sum(mem.cpu.values()), 1), "machine_busy_seconds": round(mem.machine_busy, 1),
+            "cores": os.cpu_count(),
+            "cpu_by_process": {f"{pid} {mem.names[pid]}": round(sec, 1)
+                               for pid, sec in sorted(mem.cpu.items(), key=lambda kv: -kv[1])[:12]},
             "load_average": {"mean": float(np.mean(mem.loads)) if mem.loads else None,
                              "max": max(mem.loads, default=None)}}
 
@@ -219,8 +246,13 @@ def isostack_side(mode: str, sets: list[str], store: str, log: str, *, timeout: 
     if res["rc"] != 0 or not mods or any(not m.get("finished_at") for m in mods.values()):
         res["cause"] = summary.get("cause") or f"exit {res['rc']}; see {log}"
         return res
-    res["train_span_s"] = (max(iso_seconds(m["finished_at"]) for m in mods.values())
-                           - min(iso_seconds(m["started_at"]) for m in mods.values()))
+    span = (max(iso_seconds(m["finished_at"]) for m in mods.values())
+            - min(iso_seconds(m["started_at"]) for m in mods.values()))
+    # The span comes from the summary's wall-clock times, the CLI's wall from a monotonic clock. A span longer than
+    # the whole CLI run means the wall clock was stepped (or the machine paused) during it (one N=640 run: span 1,581
+    # s, CLI 1,491 s): the CLI's wall, which holds the span, is then the time counted.
+    res["clock_stepped"] = span > res["wall_s"]
+    res["train_span_s"] = min(span, res["wall_s"])
     res["module_seconds"] = {n: m.get("train_seconds") for n, m in mods.items()}
     res["module_epochs"] = {n: m.get("epochs") for n, m in mods.items()}  # must equal train.epochs
     res["module_final_version"] = {n: m.get("final_version") for n, m in mods.items()}
@@ -288,6 +320,11 @@ def measure(n: int, epochs: int, workdir: str, *, batch_size: int = 32, cpus: in
             "overrides": sets[2:], "sides": sides}
 
 
+def _busy(side: dict) -> str:
+    wall, cores = side.get("wall_s"), side.get("cores")
+    return f"{side['machine_busy_seconds'] / (wall * cores):.0%}" if wall and cores and "machine_busy_seconds" in side else "?"
+
+
 def rows(m: dict) -> list[Row]:
     loop, gib = m["sides"]["loop"], 2**30
     tag = f"stl10-gim N={m['n']}, {m['epochs']} ep"
@@ -302,7 +339,8 @@ def rows(m: dict) -> list[Row]:
         goal = mode == "async"
         out.append(goal_row("recipe", f"{tag}: img/s, {mode} vs single-process loop", side["img_per_s"],
                             loop.get("img_per_s") or 0, at_least=1.0 if goal else None,
-                            note=f"train span {side['train_span_s']:.0f} s (CLI wall {side['wall_s']:.0f} s) vs "
+                            note=f"train span {side['train_span_s']:.0f} s (CLI wall {side['wall_s']:.0f} s"
+                                 f"{'; the wall clock stepped: the CLI wall counted' if side.get('clock_stepped') else ''}) vs "
                                  f"loop {loop.get('seconds', 0):.0f} s; epochs per module "
                                  f"{'/'.join(str(e) for e in side.get('module_epochs', {}).values())}; load average "
                                  f"{_load(side)} vs {_load(loop)}"))
@@ -313,6 +351,10 @@ def rows(m: dict) -> list[Row]:
                                 work / side["train_span_s"], m["n"] * m["epochs"] / loop["seconds"],
                                 note="images each module trained on: " + " / ".join(f"{n} {v:,}" for n, v in images.items())
                                      + f" (the loop: {m['n'] * m['epochs']:,} each); the row above counts N x epochs"))
+        if side.get("cpu_seconds") and loop.get("cpu_seconds"):
+            out.append(goal_row("recipe", f"{tag}: CPU seconds (all processes), {mode} vs loop", side["cpu_seconds"],
+                                loop["cpu_seconds"], note=f"cores busy {_busy(side)} vs {_busy(loop)} of the CLI's "
+                                                          f"wall (the whole machine, all cores)"))
         out.append(goal_row("recipe", f"{tag}: peak PSS GiB (all processes), {mode} vs loop", side["peak_pss_bytes"] / gib,
                             loop["peak_pss_bytes"] / gib, at_most=1.0 if goal else None,
                             note=f"largest process {side['largest_process_bytes'] / gib:.1f} vs "

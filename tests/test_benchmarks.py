@@ -83,6 +83,10 @@ def test_recipe_counts_the_images_each_module_trained_on(tmp_path):
     work = got["stl10-gim N=100, 2 ep: images trained per module per s, async vs loop"]
     assert work.isostack == 170 / 200 and work.baseline == 1.0 and abs(work.ratio - 0.85) < 1e-9
     assert "m2 140" in work.note
+    assert "stepped" not in got["stl10-gim N=100, 2 ep: img/s, async vs single-process loop"].note
+    side["clock_stepped"] = True  # a span read from wall-clock times came out longer than the CLI's own run
+    got = {r.measure: r for r in rows({"n": 100, "epochs": 2, "sides": {"async": side, "loop": loop}})}
+    assert "the CLI wall counted" in got["stl10-gim N=100, 2 ep: img/s, async vs single-process loop"].note
 
 
 def test_recipe_data_reads_as_small_norb(tmp_path):
