@@ -26,7 +26,7 @@ from pipeline.nn.footprint import remember_planned
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
 from pipeline.nn.pairing import augment_views
-from pipeline.nn.step import step_loss
+from pipeline.nn.step import micro_batched, step_loss
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store, checkpoint
 from pipeline.store.runs import now_iso
@@ -246,8 +246,8 @@ class ModuleTrainer:
         self._update(state=ModuleState.training, started_at=self.lineage["started_at"])
         losses, samples, t0 = [], 0, time.perf_counter()
         step = batches.start_step - 1
-        # Sharing the node's cores, a module takes its batch inside its turn and holds no rows while it waits for
-        # one; alone on its cores, batches are prefetched on the feed's thread while it steps.
+        # Sharing the node's cores, a module takes its batch in its turn and holds no rows while it waits for one;
+        # alone on its cores, batches are prefetched on the feed's thread while it steps.
         feed = batches.on_demand() if self.turns.shared else batches.stored()
         for _ in range(len(batches)):  # counted: no turn is taken only to find the epoch over
             with self.turns.turn(on_wait=batches.release):  # the step's own turn inside it is the same turn
@@ -258,8 +258,7 @@ class ModuleTrainer:
                     return
                 step += 1
                 samples += len(batch.x)
-                # in a list the step empties: this frame would keep the stored copy (float16, 205 MB for the
-                # stl10-gim m2) alive through the step's forward and backward
+                # in a list the step empties: this frame would keep the stored batch (205 MB on stl10-gim's m2) alive
                 held, batch = [batch], None
                 loss = self._step(held, pairing, gen, step, batches.features)
             self._stream_tick()  # outside the turn: a stream chunk is read before it takes its own
@@ -274,10 +273,14 @@ class ModuleTrainer:
     def _step(self, held: list, pairing: str | None, gen: torch.Generator, step: int, features) -> torch.Tensor:
         """One optimizer step on the batch in ``held`` (as stored; ``features`` makes it float32); the loss."""
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
-            batch = features(held.pop())  # float32 only now, inside the turn
+            batch, micro = held.pop(), self.plan.micro_batch or None
+            # float32 only in the turn: per micro-batch where micro-batched (held as stored: float16, half the bytes)
+            lazy = pairing != "augment" and micro_batched(self.objective, batch.x, batch.x_pos, micro)
+            prepare = self._upstream.step_input(self.device) if lazy else None
+            batch = batch if prepare else features(batch)  # else the whole batch now, the stored copy dropped
             x, x_pos = augment_views(batch.x, gen) if pairing == "augment" else (batch.x, batch.x_pos)
             loss, backward = step_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups,
-                                       micro_batch=self.plan.micro_batch or None)
+                                       micro_batch=micro, prepare=prepare)
             del batch, x, x_pos  # a micro-batched step holds its inputs through `backward` only
             if faults.armed("nan_loss", self.name, self.epoch + 1):
                 loss = loss * float("nan")
@@ -319,10 +322,9 @@ class ModuleTrainer:
                              else None), ("feed/rows_held", batches.max_rows_held)):
             self._record(f"{self.name}/{name}", value)
         self._checkpoint(self.ckpt_dir, self.epoch, loss=mean_loss)
-        self._update(epoch=self.epoch, step=self.lineage["step"], loss=mean_loss, samples_per_second=rate,
-                     train_seconds=self.lineage["train_seconds"], peak_memory_bytes=peak_memory(self.device))
         self.metrics.write()
-        self._write_status()
+        self._write_status(epoch=self.epoch, step=self.lineage["step"], loss=mean_loss, samples_per_second=rate,
+                           train_seconds=self.lineage["train_seconds"], peak_memory_bytes=peak_memory(self.device))
 
     def _checkpoint(self, directory: str, number: int, **extra) -> None:
         checkpoint.save(self.store, directory, number, self.module, self.objective, self.optimizer,
@@ -373,9 +375,8 @@ class ModuleTrainer:
 
     def _stream_tick(self) -> None:
         """Stream mode: after every few training steps, commit a chunk of activations with the current weights."""
-        if self._chunks is None or self._upstream is None:
+        if self._chunks is None or (up := self._upstream) is None:
             return
-        up = self._upstream
         manifest = self._chunks.tick(
             up, self.module, self.device, step=self.lineage["step"],
             producer={"module": self.name, "epoch": self.epoch, "step": self.lineage["step"], "generation": self.generation,
@@ -389,8 +390,7 @@ class ModuleTrainer:
 
     def _write_status(self, **fields) -> None:
         """Write the status to the store (``status/<module>.json``), with ``fields`` changed first."""
-        if fields:
-            self._update(**fields)
+        self._update(**fields)
         self.store.write_json(f"status/{self.name}.json", self.status())
 
     def _update(self, **fields) -> None:

@@ -10,8 +10,9 @@ stream window): a sample in several keeps its newest row.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -86,6 +87,12 @@ class Source:
 
     def features(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         return stored_features(x, self.recompute, device)
+
+    def step_input(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What a training step makes of each micro-batch as stored (``pipeline.nn.step.step_loss``'s ``prepare``),
+        so that it holds the batch as stored (float16: half the float32 bytes): the float32 features; None for a
+        recomputed stage, whose frozen chain would run twice a micro-batch (the whole batch is made float32 first)."""
+        return None if self.recompute is not None else functools.partial(to_float, device=device)
 
     def unit_rows(self) -> np.ndarray:
         """(U,) kept rows in each unit."""

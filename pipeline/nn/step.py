@@ -5,9 +5,11 @@ gradient over a batch can be taken in micro-batches without changing the loss, w
 batch (its negatives, its pairs). The step runs the module once without autograd to get every output,
 takes the loss and its gradient with respect to those outputs, and then runs the module again micro-batch
 by micro-batch with autograd, back-propagating each micro-batch's slice of that gradient (the "gradient
-cache" of Gao et al. 2021, arXiv:2101.06983). The gradients are the ones of the whole batch (up to float
-summation order); a step costs one more forward, and holds one micro-batch's activations instead of the
-whole batch's: the outputs and their gradient are the only batch-sized tensors left.
+cache" of Gao et al. 2021, arXiv:2101.06983). The last micro-batch runs with autograd in the first pass
+already and keeps its graph through the loss, so it is not run again: a step costs one more forward of all
+but one micro-batch, and holds one micro-batch's activations instead of the whole batch's; the outputs and
+their gradient are the only batch-sized tensors left. The gradients are the ones of the whole batch (up to
+float summation order).
 """
 
 from __future__ import annotations
@@ -19,35 +21,56 @@ import torch
 from pipeline.nn.objectives import local_loss
 
 
+def micro_batched(objective: torch.nn.Module, x: torch.Tensor, x_pos: torch.Tensor | None, micro_batch: int | None) -> bool:
+    """Whether ``step_loss`` runs the module a micro-batch at a time on these inputs."""
+    forward = len(x) * (2 if x_pos is not None else 1)
+    return micro_batch is not None and micro_batch < forward and not getattr(objective, "needs_input", False)
+
+
 def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tensor, x_pos: torch.Tensor | None,
               labels: torch.Tensor | None, groups: torch.Tensor | None, *,
-              micro_batch: int | None) -> tuple[torch.Tensor, Callable[[], None]]:
+              micro_batch: int | None, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              ) -> tuple[torch.Tensor, Callable[[], None]]:
     """(loss, backward): the step's loss and the call that back-propagates it into the module and the objective.
 
     x: (B, *in_shape), x_pos: (B, *in_shape) or None. ``micro_batch`` None, or not smaller than the module's
     forward batch (2B with pairs), or an objective that runs the module itself (``needs_input``: autoencoder,
     aet, moco): the plain step, ``loss.backward``. Otherwise the module runs ``micro_batch`` samples at a time.
+    ``prepare``: what makes stored inputs (``x``, ``x_pos`` as stored) the module's float32 inputs, applied to each
+    micro-batch as it runs, so that the batch is held as stored (float16: half the bytes) through the step.
     """
+    prepare = prepare or (lambda t: t)
     inputs = torch.cat([x, x_pos]) if x_pos is not None else x
-    if micro_batch is None or micro_batch >= len(inputs) or getattr(objective, "needs_input", False):
-        loss, _ = local_loss(objective, module, x, x_pos, labels, groups)
+    if not micro_batched(objective, x, x_pos, micro_batch):
+        loss, _ = local_loss(objective, module, prepare(x), prepare(x_pos) if x_pos is not None else None, labels, groups)
         return loss, loss.backward
     parts = inputs.split(micro_batch)
     with torch.no_grad():
-        outputs = torch.cat([module(p) for p in parts])  # (2B or B, *out_shape), no graph
+        head = [module(prepare(p)) for p in parts[:-1]]  # no graph: run again in ``backward``
+    last = module(prepare(parts[-1]))  # its graph kept through the loss: one micro-batch's activations
+    outputs = torch.cat(head + [last.detach()])  # (2B or B, *out_shape), a leaf
+    del head
     outputs.requires_grad_(True)
     z, z_pos = outputs.chunk(2) if x_pos is not None else (outputs, None)
     loss, _ = objective(z, z_pos, labels, groups=groups)
-    # The loss's graph ends in the outputs (a leaf) and holds them and their gradient. Both lists are emptied by
-    # backward, and the caller gets the loss detached: the outputs are not kept through the second pass, nor the
-    # gradient after it (each as large as the batch's outputs: 0.4 GB on a stl10-gim m1 step of 32).
-    held, graph = [outputs], [loss]
-    del outputs, z, z_pos
+    # The loss's graph ends in the outputs (a leaf) and holds them. The lists are emptied by backward, and the
+    # caller gets the loss detached: the outputs (0.4 GB on a stl10-gim m1 step of 32) are not kept through the
+    # second pass.
+    held, graph, kept = [outputs], [loss], [last]
+    del outputs, z, z_pos, last
 
     def backward() -> None:
-        graph.pop().backward()  # the objective's own parameters, and d loss / d outputs; the graph goes with it
-        grad = held.pop().grad
-        for part, g in zip(parts, grad.split(micro_batch)):
-            module(part).backward(g)  # this micro-batch's activations live only through this line
+        # d loss / d outputs as autograd makes it, not accumulated into ``outputs.grad``, which would copy it
+        # whole: a patch-pooling objective's is a broadcast view (``blocks.PatchMean``), no map-sized tensor.
+        params = [p for p in (*objective.parameters(), *module.parameters()) if p.requires_grad]
+        grads = torch.autograd.grad(graph.pop(), [held.pop(), *params], allow_unused=True)
+        for p, g in zip(params, grads[1:]):  # the objective's own parameters (any other the loss reaches)
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        out_grads = grads[0].split(micro_batch)
+        del grads
+        kept.pop().backward(out_grads[-1])  # the last micro-batch's graph from the first pass, freed by this
+        for part, g in zip(parts[:-1], out_grads[:-1]):
+            module(prepare(part)).backward(g)  # this micro-batch's activations live only through this line
 
     return loss.detach(), backward

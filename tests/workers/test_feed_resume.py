@@ -31,8 +31,8 @@ class Recording(ModuleTrainer):
         return super()._step(held, pairing, gen, step, features)
 
 
-def _run(tmp_path, name="m1"):
-    cfg = load_config(None, STACK, str(tmp_path / "store"))
+def _run(tmp_path, name="m1", extra=()):
+    cfg = load_config(None, STACK + list(extra), str(tmp_path / "store"))
     cfg = cfg.model_copy(update={"stack": {"m1": cfg.stack["m1"]}})
     store, _, _ = prepare_run(cfg, "r")
     return store, cfg.model_dump(mode="json")
@@ -104,3 +104,30 @@ def test_a_step_holds_no_stored_copy_of_its_batch(tmp_path):
     trainer.module.register_forward_pre_hook(lambda *_: alive_at_forward.append(stored[-1]() is not None))
     trainer.train_until(1)
     assert len(alive_at_forward) >= 4 and not any(alive_at_forward), alive_at_forward
+
+
+def test_a_micro_batched_step_holds_its_batch_as_stored(tmp_path):
+    """Micro-batched, a step holds the batch as stored and makes each micro-batch float32 as it runs: the whole
+    batch is never made float32 (the feed's features() is not called), and the module sees float32 micro-batches."""
+    torch.set_num_threads(1)
+    store, config = _run(tmp_path, extra=["train.micro_batch=3"])
+    trainer = ModuleTrainer(store.uri, "r", "m1", config)
+    trainer.setup()
+    assert trainer.plan.micro_batch == 3
+    made, seen = [], []
+    original = ModuleTrainer._step
+
+    def step(self, held, pairing, gen, step_no, feed_features):
+        return original(self, held, pairing, gen, step_no, lambda b: made.append(len(b.x)) or feed_features(b))
+
+    trainer._step = step.__get__(trainer)
+
+    def watch(m, args) -> None:  # in training mode: the epoch's held-out loss (eval mode) runs its one batch whole
+        if m.training:
+            seen.append((len(args[0]), args[0].dtype))
+
+    trainer.module.register_forward_pre_hook(watch)
+    trainer.train_until(1)
+    steps = [n for n, _ in seen]
+    assert made == [] and len(steps) >= 4 and max(steps) <= 3, (made, seen[:8])
+    assert all(dtype == torch.float32 for _, dtype in seen)

@@ -50,7 +50,8 @@ def test_an_objective_that_runs_the_module_itself_takes_the_plain_step():
 
 
 def test_the_second_pass_holds_one_micro_batch_of_activations():
-    """Every forward with autograd in the second pass sees at most micro_batch samples."""
+    """Every forward with autograd sees at most micro_batch samples; the last micro-batch runs with autograd in the
+    first pass and keeps its graph through the loss, so only the others run again."""
     cfg = ModuleConfig.model_validate(PAIRS)
     module = build_module(cfg, (1, 12, 12))
     objective = build_objective(cfg.objective, infer_shape(cfg, (1, 12, 12))[0], None)
@@ -59,7 +60,7 @@ def test_the_second_pass_holds_one_micro_batch_of_activations():
     _, backward = step_loss(objective, module, torch.rand(5, 1, 12, 12), torch.rand(5, 1, 12, 12), None, None,
                             micro_batch=3)
     backward()
-    assert seen == [(3, False), (3, False), (3, False), (1, False), (3, True), (3, True), (3, True), (1, True)]
+    assert seen == [(3, False), (3, False), (3, False), (1, True), (3, True), (3, True), (3, True)]
 
 
 def test_a_micro_batched_loss_keeps_no_batch_sized_tensor_after_its_step():
@@ -93,4 +94,43 @@ def test_the_second_pass_no_longer_holds_the_whole_batchs_outputs(monkeypatch):
     alive = []
     module.register_forward_hook(lambda m, args, out: alive.append(outputs() is not None))
     backward()
-    assert alive == [False, False, False, False]
+    assert alive == [False, False, False]
+
+
+def test_inputs_held_as_stored_are_made_float32_a_micro_batch_at_a_time():
+    """``prepare`` turns each micro-batch of the stored (float16) batch into float32 as it runs: the module only
+    sees float32 micro-batches, and the gradients are those of the batch made float32 first."""
+    cfg = ModuleConfig.model_validate(PAIRS)
+    torch.manual_seed(0)
+    module = build_module(cfg, (1, 12, 12))
+    objective = build_objective(cfg.objective, infer_shape(cfg, (1, 12, 12))[0], None)
+    stored = torch.rand(5, 1, 12, 12).half(), torch.rand(5, 1, 12, 12).half()
+    grads = []
+    for micro, prepare, (x, x_pos) in ((None, None, [t.float() for t in stored]), (3, torch.Tensor.float, stored)):
+        seen = []
+        hook = module.register_forward_hook(lambda m, args, out: seen.append((len(args[0]), args[0].dtype)))
+        module.zero_grad()
+        _, backward = step_loss(objective, module, x, x_pos, None, None, micro_batch=micro, prepare=prepare)
+        backward()
+        hook.remove()
+        grads.append([p.grad.clone() for p in module.parameters()])
+        assert all(dtype == torch.float32 for _, dtype in seen) and (micro is None or max(n for n, _ in seen) <= 3)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_a_patch_pooling_objective_hands_back_a_broadcast_gradient():
+    """The gradient a micro-batch back-propagates is autograd's own (a broadcast view of the pooled patches'), not a
+    map-sized copy accumulated into the outputs' ``.grad``."""
+    cfg = ModuleConfig.model_validate(GRID)
+    module = build_module(cfg, (1, 20, 20))
+    objective = build_objective(cfg.objective, infer_shape(cfg, (1, 20, 20))[0], None)
+    strides = []
+
+    def watch(m, args, out) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda g: strides.append(g.stride()))
+
+    module.register_forward_hook(watch)
+    _, backward = step_loss(objective, module, torch.rand(6, 1, 20, 20), None, None, None, micro_batch=4)
+    backward()
+    assert len(strides) == 2 and all(s[-1] == s[-2] == 0 for s in strides)
