@@ -301,14 +301,17 @@ def reference_side(sets: list[str], store: str, run_id: str, workdir: str, log: 
 
 
 def measure(n: int, epochs: int, workdir: str, *, batch_size: int = 32, cpus: int | None = None,
-            modes=MODES, timeout: float = 6 * 3600, interval: float = 0.5, loop_retained: bool = False) -> dict:
+            modes=MODES, timeout: float = 6 * 3600, interval: float = 0.5, loop_retained: bool = False,
+            extra: tuple[str, ...] = ()) -> dict:
     """Both isostack modes and the loop on the same files (and, ``loop_retained``, the loop again with its freed
-    heap kept, ``pipeline.feed.heap.retain_freed_memory``, for context); returns the raw measurements."""
+    heap kept, ``pipeline.feed.heap.retain_freed_memory``, for context); returns the raw measurements. ``extra``:
+    more isostack overrides (``KEY=VALUE``, e.g. a trial of ``train.micro_batch``); the loop has none to take."""
     cpus = cpus or cpu_threads()
     data, store, log = (os.path.join(workdir, p) for p in ("norb", "store", "runs.log"))
     write_norb(data, n, max(n // 4, 4))
     sets = overrides(data, epochs=epochs, batch_size=batch_size, cpus=cpus)
-    sides = {mode: isostack_side(mode, sets, store, log, timeout=timeout, interval=interval) for mode in modes}
+    sides = {mode: isostack_side(mode, sets + list(extra), store, log, timeout=timeout, interval=interval)
+             for mode in modes}
     sides["loop"] = reference_side(sets, store, f"recipe-{modes[0]}", workdir, log, timeout=timeout, interval=interval)
     if loop_retained:
         sides["loop_retained"] = reference_side(sets, store, f"recipe-{modes[0]}", workdir, log, timeout=timeout,
@@ -317,7 +320,7 @@ def measure(n: int, epochs: int, workdir: str, *, batch_size: int = 32, cpus: in
         seconds = side.get("train_span_s", side.get("seconds"))
         side["img_per_s"] = n * epochs / seconds if seconds else None
     return {"n": n, "epochs": epochs, "batch_size": batch_size, "cpus_per_module": cpus, "loop_threads": cpu_threads(),
-            "overrides": sets[2:], "sides": sides}
+            "overrides": sets[2:] + list(extra), "sides": sides}
 
 
 def _busy(side: dict) -> str:
@@ -411,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the loop with its freed C heap kept (context: what a kept heap alone buys it)")
     p.add_argument("--keep", default=None, metavar="DIR",
                    help="work in DIR and keep it (data, stores with each run's metrics and summary, runs.log)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more isostack override (repeatable), e.g. train.micro_batch=16")
     args = p.parse_args(argv)
     size = dict(QUICK) if args.quick else {"n": args.n, "epochs": args.epochs, "batch_size": 32}
     if args.keep:
@@ -418,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="isostack-recipe-")) \
             as workdir:
         m = measure(size["n"], size["epochs"], workdir, batch_size=size["batch_size"], cpus=args.cpus_per_module,
-                    modes=tuple(x for x in args.modes.split(",") if x), loop_retained=args.loop_retained)
+                    modes=tuple(x for x in args.modes.split(",") if x), loop_retained=args.loop_retained,
+                    extra=tuple(args.extra))
         result = {"rows": [r.as_dict() for r in rows(m)], "details": m,
                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with open(os.path.join(workdir, "runs.log")) as f:
