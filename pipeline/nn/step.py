@@ -21,7 +21,8 @@ import torch
 from pipeline.nn.objectives import local_loss
 
 
-def micro_batched(objective: torch.nn.Module, x: torch.Tensor, x_pos: torch.Tensor | None, micro_batch: int | None) -> bool:
+def micro_batched(objective: torch.nn.Module, x: torch.Tensor, x_pos: torch.Tensor | None,
+                  micro_batch: int | None) -> bool:
     """Whether ``step_loss`` runs the module a micro-batch at a time on these inputs."""
     forward = len(x) * (2 if x_pos is not None else 1)
     return micro_batch is not None and micro_batch < forward and not getattr(objective, "needs_input", False)
@@ -40,11 +41,10 @@ def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
     micro-batch as it runs, so that the batch is held as stored (float16: half the bytes) through the step.
     """
     prepare = prepare or (lambda t: t)
-    inputs = torch.cat([x, x_pos]) if x_pos is not None else x
     if not micro_batched(objective, x, x_pos, micro_batch):
         loss, _ = local_loss(objective, module, prepare(x), prepare(x_pos) if x_pos is not None else None, labels, groups)
         return loss, loss.backward
-    parts = inputs.split(micro_batch)
+    parts = (torch.cat([x, x_pos]) if x_pos is not None else x).split(micro_batch)  # the plain step copies nothing
     with torch.no_grad():
         head = [module(prepare(p)) for p in parts[:-1]]  # no graph: run again in ``backward``
     last = module(prepare(parts[-1]))  # its graph kept through the loss: one micro-batch's activations
