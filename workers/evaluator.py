@@ -190,7 +190,8 @@ class Evaluator:
         tr, te = split == "train", split == "test"
         az, el = (np.asarray(meta.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in ("azimuth", "elevation"))
         az_pred, el_pred = knn_pose_predict(emb[tr], az[tr], el[tr], emb[te], k=self.cfg.evaluate.knn_k)
-        return exports_io.pose_table(meta.filter(pa.array(te)), plots.pose_coordinates(emb[te]), az_pred, el_pred, provenance)
+        xyz, how = plots.project_3d(emb[te], self.cfg.evaluate.pose_projection)
+        return exports_io.pose_table(meta.filter(pa.array(te)), xyz, az_pred, el_pred, provenance, projection=how)
 
     def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict[str, str]:
         made: dict[str, str] = {}
@@ -211,7 +212,8 @@ class Evaluator:
             if self.caps.has_pose:
                 az = np.asarray(meta.column("azimuth").to_numpy(zero_copy_only=False), dtype=np.float64)
                 el = np.asarray(meta.column("elevation").to_numpy(zero_copy_only=False), dtype=np.float64)
-                made["pose.png"] = plots.pose_views(emb[test], az[test], el[test], out("pose.png"))
+                made["pose.png"] = plots.pose_views(emb[test], az[test], el[test], out("pose.png"),
+                                                    projection=self.cfg.evaluate.pose_projection)
             curves = self._loss_curves()
             if curves:
                 made["loss.png"] = plots.loss_curves(curves, out("loss.png"))

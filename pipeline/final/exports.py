@@ -48,11 +48,12 @@ def sample_embeddings(meta: pa.Table, emb: np.ndarray, provenance: dict) -> pa.T
 
 
 def pose_table(meta: pa.Table, xyz: np.ndarray, azimuth_pred: np.ndarray, elevation_pred: np.ndarray,
-               provenance: dict) -> pa.Table:
+               provenance: dict, *, projection: str = "") -> pa.Table:
     """``pose.parquet``: what the pose figure draws, one row per test sample.
 
-    meta: the test rows (META_COLUMNS); xyz: (M, 3) the figure's coordinates (the embedding, or its PCA to 3
-    dimensions); azimuth_pred / elevation_pred: (M,) degrees, the kNN pose prediction from the train split.
+    meta: the test rows (META_COLUMNS); xyz: (M, 3) the figure's coordinates (``plots.project_3d``: the
+    embedding, or ``projection`` "PCA" / "spectral" of it to 3 dimensions); azimuth_pred / elevation_pred: (M,)
+    degrees, the kNN pose prediction from the train split.
     """
     columns = {c: meta.column(c) for c in META_COLUMNS}
     xyz = np.asarray(xyz, dtype=np.float32)
@@ -60,8 +61,10 @@ def pose_table(meta: pa.Table, xyz: np.ndarray, azimuth_pred: np.ndarray, elevat
         columns[axis] = pa.array(xyz[:, j])
     columns["azimuth_pred"] = pa.array(np.asarray(azimuth_pred, dtype=np.float32))
     columns["elevation_pred"] = pa.array(np.asarray(elevation_pred, dtype=np.float32))
-    return _with_metadata(pa.table(columns), {**provenance, "coordinates": "x, y, z: PCA of the test embeddings "
-                                              "to 3 dimensions (the embedding itself when it has 3 or fewer)"})
+    how = {"PCA": "the PCA of the test embeddings to 3 dimensions",
+           "spectral": "a spectral embedding (Laplacian eigenmaps) of the test embeddings' nearest-neighbour graph "
+                       "to 3 dimensions"}.get(projection, "the embedding itself")
+    return _with_metadata(pa.table(columns), {**provenance, "coordinates": f"x, y, z: {how}"})
 
 
 def parquet_bytes(table: pa.Table) -> bytes:

@@ -1,7 +1,9 @@
 """The final stage's figures, drawn with matplotlib's Agg backend (no display needed).
 
 Each function takes arrays or plain dicts, writes one PNG and returns its path. Embeddings with more
-than three columns are projected to 3-D with PCA (fit on the points drawn), so the axes are PC1..PC3.
+than three columns are projected to 3-D: the class scatter with PCA (axes PC1..PC3), the pose figure by
+default with a spectral embedding (Laplacian eigenmaps of the points' nearest-neighbour graph, axes S1..S3),
+which unrolls a curved pose manifold that a linear projection flattens into a cloud; see ``project_3d``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ _VIEWS = (("oblique", 25, -60), ("top (axes 1-2)", 90, -90), ("side (axes 1-3)",
 _DPI = 110
 
 
-def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, seed: int = 0) -> str:
+def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, seed: int = 0,
+               projection: str = "spectral") -> str:
     """A 2x3 figure: oblique, top and side views of the 3-D embedding; row 1 coloured by azimuth
     (cyclic 'twilight' map, so 0 and 340 degrees look alike as they should), row 2 by elevation.
 
     emb3: (N, D), azimuth and elevation (N,) in degrees. At most ``max_points`` points (a fixed random
-    subset) are drawn, so dense test sets stay readable.
+    subset) are drawn, so dense test sets stay readable. ``projection``: how more than 3 columns are drawn
+    (``project_3d``), computed on all N points.
     """
-    xyz, keep = _to_3d(emb3, max_points, seed)
+    (xyz, how), keep = _to_3d(emb3, max_points, seed, projection)
     az, el = np.asarray(azimuth, dtype=float)[keep], np.asarray(elevation, dtype=float)[keep]
     fig = plt.figure(figsize=(14, 9))
     fig.subplots_adjust(left=0.02, right=0.88, top=0.93, bottom=0.03, wspace=0.15, hspace=0.12)
@@ -43,19 +47,19 @@ def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, s
                             s=size, alpha=0.8, linewidths=0, depthshade=False)
             ax.view_init(elev=ve, azim=va)
             ax.set_title(f"{view}, colour = {name.split()[0]}", fontsize=10)
-            _label_axes(ax, view, emb3)
+            _label_axes(ax, view, how)
         box = ax.get_position()  # one colour bar per row, in the margin right of the row's last panel
         cbar = fig.colorbar(sc, cax=fig.add_axes((0.9, box.y0 + 0.1 * box.height, 0.012, 0.8 * box.height)))
         cbar.set_label(name)
         if r == 0:
             cbar.set_ticks([0, 90, 180, 270, 360])
-    fig.suptitle(f"pose embedding ({len(xyz)} test samples{_pca_note(emb3)})")
+    fig.suptitle(f"pose embedding ({len(xyz)} test samples{_projection_note(emb3, how)})")
     return _save(fig, path)
 
 
 def class_scatter(emb, labels, class_names, path: str, *, max_points: int = 6000, seed: int = 0) -> str:
     """One 3-D scatter (oblique view), one colour and legend entry per class; labels index class_names."""
-    xyz, keep = _to_3d(emb, max_points, seed)
+    (xyz, how), keep = _to_3d(emb, max_points, seed, "pca")
     labels = np.asarray(labels)[keep]
     fig = plt.figure(figsize=(8, 7))
     ax = fig.add_subplot(1, 1, 1, projection="3d")
@@ -65,9 +69,9 @@ def class_scatter(emb, labels, class_names, path: str, *, max_points: int = 6000
         ax.scatter(xyz[m, 0], xyz[m, 1], xyz[m, 2], s=_marker_size(len(xyz)), alpha=0.7, linewidths=0, depthshade=False,
                    color=cmap(i % cmap.N), label=_class_name(label, class_names))
     ax.view_init(elev=25, azim=-60)
-    _label_axes(ax, "oblique", emb)
+    _label_axes(ax, "oblique", how)
     ax.legend(loc="upper left", fontsize=8, markerscale=2.5, frameon=False)
-    ax.set_title(f"embedding by class ({len(xyz)} test samples{_pca_note(emb)})")
+    ax.set_title(f"embedding by class ({len(xyz)} test samples{_projection_note(emb, how)})")
     return _save(fig, path)
 
 
@@ -172,45 +176,83 @@ def accuracy_by_depth(rows: list[dict], path: str) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def pose_coordinates(emb, seed: int = 0) -> np.ndarray:
-    """(N, D) -> (N, 3) coordinates the pose figure draws (and pose.parquet holds): PCA to 3 dimensions,
-    the embedding itself (zero-padded) when it has 3 or fewer."""
+def pose_coordinates(emb, seed: int = 0, projection: str = "spectral") -> np.ndarray:
+    """(N, D) -> (N, 3) coordinates the pose figure draws (and pose.parquet holds): ``project_3d``'s."""
+    return project_3d(emb, projection, seed)[0]
+
+
+def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str]:
+    """(N, D) -> ((N, 3) coordinates, how they were made: "", "PCA" or "spectral").
+
+    Three or fewer columns: the embedding itself ("", zero-padded to 3). More: ``method`` "pca", the first three
+    principal components; "spectral", scikit-learn's SpectralEmbedding (Laplacian eigenmaps, Belkin & Niyogi
+    2003) of the points' ``SPECTRAL_NEIGHBOURS``-nearest-neighbour graph: the three smoothest functions on the
+    graph, so a closed ring of poses curled through 64 dimensions comes out as a ring (the eigenfunctions SFA's
+    slow features approximate; the scale of the axes carries no meaning). It uses no labels. A graph that falls
+    apart into pieces (separate objects) has no one such map, so it and too few points get PCA instead.
+    """
+    if method not in ("pca", "spectral"):
+        raise ValueError(f"projection {method!r}: expected 'pca' or 'spectral'")
     x = np.asarray(emb, dtype=np.float64)
     x = x.reshape(len(x), -1)
-    if x.shape[1] > 3:
-        from sklearn.decomposition import PCA
+    how = ""
+    if x.shape[1] > 3 and len(x) >= 3:
+        how = "spectral" if method == "spectral" and _one_piece(x) else "PCA"
+        if how == "spectral":
+            from sklearn.manifold import SpectralEmbedding
 
-        x = PCA(n_components=3, random_state=seed).fit_transform(x) if len(x) >= 3 else x[:, :3]
+            x = SpectralEmbedding(n_components=3, n_neighbors=SPECTRAL_NEIGHBOURS, random_state=seed).fit_transform(x)
+        else:
+            from sklearn.decomposition import PCA
+
+            x = PCA(n_components=3, random_state=seed).fit_transform(x)
+    elif x.shape[1] > 3:
+        x = x[:, :3]
     if x.shape[1] < 3:  # pad a 1-D or 2-D embedding with zeros so every view still draws
         x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
-    return x
+    return x, how
 
 
-def _to_3d(emb, max_points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3) coordinates (`pose_coordinates` of every row) of at most max_points rows and the row indices kept."""
-    x = pose_coordinates(emb, seed)
+SPECTRAL_NEIGHBOURS = 10
+
+
+def _one_piece(x: np.ndarray) -> bool:
+    """Whether the points' nearest-neighbour graph (as SpectralEmbedding builds it) is connected."""
+    if len(x) <= SPECTRAL_NEIGHBOURS + 1:
+        return False
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.neighbors import kneighbors_graph
+
+    return connected_components(kneighbors_graph(x, SPECTRAL_NEIGHBOURS), directed=False)[0] == 1
+
+
+def _to_3d(emb, max_points: int, seed: int, method: str) -> tuple[tuple[np.ndarray, str], np.ndarray]:
+    """(``project_3d`` of every row, restricted to at most max_points rows; the row indices kept)."""
+    x, how = project_3d(emb, method, seed)
     keep = np.arange(len(x))
     if len(x) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
-    return x[keep], keep
+    return (x[keep], how), keep
 
 
 def _marker_size(n: int) -> float:
     return float(np.clip(3000.0 / max(n, 1), 2.0, 16.0))  # bigger dots when few, so sparse sets stay visible
 
 
-def _pca_note(emb) -> str:
+def _projection_note(emb, how: str) -> str:
     d = int(np.prod(np.shape(emb)[1:]))
-    return f", PCA {d} -> 3" if d > 3 else ""
+    if how == "spectral":
+        return f", spectral embedding {d} -> 3 of the {SPECTRAL_NEIGHBOURS}-NN graph"
+    return f", PCA {d} -> 3" if how else ""
 
 
-def _label_axes(ax, view: str, emb) -> None:
+def _label_axes(ax, view: str, how: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.set_proj_type("ortho")  # top and side views then show true proportions, no perspective
     for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
         axis.set_major_locator(MaxNLocator(4))
-    names = ("PC1", "PC2", "PC3") if _pca_note(emb) else ("e0", "e1", "e2")
+    names = {"PCA": ("PC1", "PC2", "PC3"), "spectral": ("S1", "S2", "S3")}.get(how, ("e0", "e1", "e2"))
     ax.set_xlabel(names[0], fontsize=8, labelpad=-2)
     ax.set_ylabel(names[1], fontsize=8, labelpad=-2)
     ax.set_zlabel(names[2], fontsize=8, labelpad=-4)

@@ -33,6 +33,42 @@ def test_pose_views_png(tmp_path, ring_pose):
     assert is_png(plots.pose_views(emb[:, :2], az, el, str(tmp_path / "pose2.png")))  # 2 columns: padded
 
 
+def _centroid_ring(xyz, az) -> float:
+    """Fraction of azimuth centroids whose two nearest other centroids are its two azimuth neighbours."""
+    values = np.unique(az)
+    c = np.stack([xyz[az == v].mean(axis=0) for v in values])
+    d = np.linalg.norm(c[:, None] - c[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    n = len(values)
+    return float(np.mean([set(np.argsort(d[i])[:2]) == {(i - 1) % n, (i + 1) % n} for i in range(n)]))
+
+
+def test_spectral_projection_unrolls_a_ring_curled_through_many_dimensions(ring_pose):
+    _, az, el = ring_pose
+    r = np.radians(az)
+    rng = np.random.default_rng(0)
+    # a cylinder of poses bent through 64 dimensions by random Fourier features: no 3 directions hold the ring
+    w, b = rng.normal(scale=3.0, size=(3, 64)), rng.uniform(0, 2 * np.pi, 64)
+    emb = np.sin(np.column_stack([np.cos(r), np.sin(r), (el - 50) / 20]) @ w + b)
+    xyz, how = plots.project_3d(emb, "spectral")
+    assert how == "spectral" and xyz.shape == (len(az), 3)
+    assert _centroid_ring(xyz, az) == 1.0
+    pca, how = plots.project_3d(emb, "pca")
+    assert how == "PCA" and _centroid_ring(pca, az) < 1.0  # the linear view tangles the same ring
+    assert np.allclose(plots.pose_coordinates(emb), xyz)  # the pose figure and pose.parquet draw the spectral one
+
+
+def test_spectral_projection_falls_back_to_pca_when_the_graph_is_in_pieces():
+    rng = np.random.default_rng(0)
+    two_objects = np.concatenate([rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 100.0])
+    xyz, how = plots.project_3d(two_objects, "spectral")
+    assert how == "PCA" and xyz.shape == (80, 3)
+    assert plots.project_3d(two_objects[:5], "spectral")[1] == "PCA"  # too few points for a 10-NN graph
+    assert plots.project_3d(two_objects[:, :2], "spectral")[1] == ""  # narrow enough to draw as it is
+    with pytest.raises(ValueError, match="expected 'pca' or 'spectral'"):
+        plots.project_3d(two_objects, "tsne")
+
+
 def test_other_plots_png(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 20)
