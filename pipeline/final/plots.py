@@ -197,15 +197,13 @@ def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str
     x = x.reshape(len(x), -1)
     how = ""
     if x.shape[1] > 3 and len(x) >= 3:
-        how = "spectral" if method == "spectral" and _one_piece(x) else "PCA"
-        if how == "spectral":
-            from sklearn.manifold import SpectralEmbedding
-
-            x = SpectralEmbedding(n_components=3, n_neighbors=SPECTRAL_NEIGHBOURS, random_state=seed).fit_transform(x)
+        spectral = _spectral(x, seed) if method == "spectral" and _one_piece(x) else None
+        if spectral is not None:
+            x, how = spectral, "spectral"
         else:
             from sklearn.decomposition import PCA
 
-            x = PCA(n_components=3, random_state=seed).fit_transform(x)
+            x, how = PCA(n_components=3, random_state=seed).fit_transform(x), "PCA"
     elif x.shape[1] > 3:
         x = x[:, :3]
     if x.shape[1] < 3:  # pad a 1-D or 2-D embedding with zeros so every view still draws
@@ -214,6 +212,18 @@ def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str
 
 
 SPECTRAL_NEIGHBOURS = 10
+
+
+def _spectral(x: np.ndarray, seed: int) -> np.ndarray | None:
+    """SpectralEmbedding's 3-D coordinates, or None where its eigensolver gives none (a figure never fails a run)."""
+    from scipy.sparse.linalg import ArpackError
+    from sklearn.manifold import SpectralEmbedding
+
+    try:
+        y = SpectralEmbedding(n_components=3, n_neighbors=SPECTRAL_NEIGHBOURS, random_state=seed).fit_transform(x)
+    except (ArpackError, ValueError, np.linalg.LinAlgError):  # ArpackNoConvergence is an ArpackError
+        return None
+    return y if np.isfinite(y).all() else None
 
 
 def _one_piece(x: np.ndarray) -> bool:

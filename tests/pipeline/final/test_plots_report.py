@@ -65,6 +65,8 @@ def test_spectral_projection_falls_back_to_pca_when_the_graph_is_in_pieces():
     assert how == "PCA" and xyz.shape == (80, 3)
     assert plots.project_3d(two_objects[:5], "spectral")[1] == "PCA"  # too few points for a 10-NN graph
     assert plots.project_3d(two_objects[:, :2], "spectral")[1] == ""  # narrow enough to draw as it is
+    collapsed, _ = plots.project_3d(np.ones((50, 8)), "spectral")  # a dead embedding still draws
+    assert collapsed.shape == (50, 3) and np.isfinite(collapsed).all()
     with pytest.raises(ValueError, match="expected 'pca' or 'spectral'"):
         plots.project_3d(two_objects, "tsne")
 
