@@ -75,3 +75,6 @@ def test_pose_table_holds_the_figure_s_coordinates_and_predictions():
     assert table.column("y").to_pylist() == xyz[:, 1].tolist()
     assert table.column("azimuth_pred").to_pylist() == [40.0] * 6
     assert b"isostack.coordinates" in table.schema.metadata
+    assert b"the embedding itself" in table.schema.metadata[b"isostack.coordinates"]
+    spectral = exports.pose_table(meta, xyz, np.full(6, 40.0), np.full(6, 35.0), {"run_id": "r1"}, projection="spectral")
+    assert b"spectral embedding" in spectral.schema.metadata[b"isostack.coordinates"]

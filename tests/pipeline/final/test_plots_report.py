@@ -29,7 +29,7 @@ def ring_pose():
 
 def test_pose_views_png(tmp_path, ring_pose):
     emb, az, el = ring_pose
-    assert is_png(plots.pose_views(emb, az, el, str(tmp_path / "pose.png")))  # 4 columns: PCA to 3-D
+    assert is_png(plots.pose_views(emb, az, el, str(tmp_path / "pose.png")))  # 4 columns: projected to 3-D
     assert is_png(plots.pose_views(emb[:, :2], az, el, str(tmp_path / "pose2.png")))  # 2 columns: padded
 
 
