@@ -17,11 +17,13 @@ matplotlib.use("Agg")  # before pyplot: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["accuracy_by_depth", "class_scatter", "confusion_matrix_plot", "loss_curves", "pose_views"]
+__all__ = ["accuracy_by_depth", "class_scatter", "confusion_matrix_plot", "loss_curves", "pose_views", "project_3d"]
 
 # (title, elevation, azimuth) of the camera for matplotlib's 3-D axes.
 _VIEWS = (("oblique", 25, -60), ("top (axes 1-2)", 90, -90), ("side (axes 1-3)", 0, -90))
 _DPI = 110
+# Neighbours a point joins in the graph the pose figure's spectral embedding is made of (``project_3d``).
+SPECTRAL_NEIGHBOURS = 10
 
 
 def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, seed: int = 0,
@@ -176,11 +178,6 @@ def accuracy_by_depth(rows: list[dict], path: str) -> str:
 # ---------------------------------------------------------------- helpers
 
 
-def pose_coordinates(emb, seed: int = 0, projection: str = "spectral") -> np.ndarray:
-    """(N, D) -> (N, 3) coordinates the pose figure draws (and pose.parquet holds): ``project_3d``'s."""
-    return project_3d(emb, projection, seed)[0]
-
-
 def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str]:
     """(N, D) -> ((N, 3) coordinates, how they were made: "", "PCA" or "spectral").
 
@@ -209,9 +206,6 @@ def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str
     if x.shape[1] < 3:  # pad a 1-D or 2-D embedding with zeros so every view still draws
         x = np.pad(x, ((0, 0), (0, 3 - x.shape[1])))
     return x, how
-
-
-SPECTRAL_NEIGHBOURS = 10
 
 
 def _spectral(x: np.ndarray, seed: int) -> np.ndarray | None:
