@@ -223,10 +223,11 @@ class ResourcesConfig(Strict):
 class EvaluateConfig(Strict):
     per_module: bool = Field(False, description="Also evaluate every module's final activations (accuracy by depth).")
     knn_k: int = Field(5, ge=1, description="Neighbours for the kNN classifier and kNN pose regression.")
-    pose_projection: Literal["spectral", "pca"] = Field(
-        "spectral", description="How plots/pose.png and pose.parquet's x, y, z show an embedding wider than 3: 'spectral' "
-        "(Laplacian eigenmaps of the test points' 10-nearest-neighbour graph, no labels used: a pose ring curled through "
-        "many dimensions comes out a ring; PCA where the graph falls apart into pieces) or 'pca' (a linear view).")
+    pose_projection: Literal["auto", "spectral", "pca"] = Field(
+        "auto", description="How plots/pose.png and pose.parquet's x, y, z show an embedding wider than 3: 'spectral' "
+        "(Laplacian eigenmaps of the test points' 10-nearest-neighbour graph, no labels used: one object's pose ring "
+        "curled through many dimensions comes out a ring; PCA where the graph falls apart into pieces), 'pca' (a linear "
+        "view) or 'auto': spectral when the test split is one object, PCA for several (the graph then splits by object).")
     linear_probe_epochs: int = Field(100, ge=1, description="Iterations of the logistic-regression probe.")
     baselines: bool = Field(True, description="Also score raw pixels as the baseline row.")
     fit_rows: int = Field(

@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from pipeline.errors import UndefinedMetricError
 from pipeline.planning.config import dump_yaml
 from pipeline.data import capabilities
+from pipeline.data.base import object_ids
 from pipeline.final.encoder import compose_from_store, save_model
 from pipeline.final.evaluation import READINGS, classify, expected_warnings_ignored, standardize
 from pipeline.feed import open_source
@@ -190,8 +191,14 @@ class Evaluator:
         tr, te = split == "train", split == "test"
         az, el = (np.asarray(meta.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in ("azimuth", "elevation"))
         az_pred, el_pred = knn_pose_predict(emb[tr], az[tr], el[tr], emb[te], k=self.cfg.evaluate.knn_k)
-        xyz, how = plots.project_3d(emb[te], self.cfg.evaluate.pose_projection)
+        xyz, how = plots.project_3d(emb[te], self._pose_projection(meta, te))
         return exports_io.pose_table(meta.filter(pa.array(te)), xyz, az_pred, el_pred, provenance, projection=how)
+
+    def _pose_projection(self, meta: pa.Table, rows: np.ndarray) -> str:
+        """``evaluate.pose_projection`` for these rows, ``auto`` decided by how many objects they hold."""
+        label, instance = (np.asarray(meta.column(c).fill_null(-1).to_numpy(zero_copy_only=False))[rows]
+                           for c in ("label", "instance"))
+        return plots.pose_projection(self.cfg.evaluate.pose_projection, object_ids(label, instance))
 
     def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict[str, str]:
         made: dict[str, str] = {}
@@ -213,7 +220,7 @@ class Evaluator:
                 az = np.asarray(meta.column("azimuth").to_numpy(zero_copy_only=False), dtype=np.float64)
                 el = np.asarray(meta.column("elevation").to_numpy(zero_copy_only=False), dtype=np.float64)
                 made["pose.png"] = plots.pose_views(emb[test], az[test], el[test], out("pose.png"),
-                                                    projection=self.cfg.evaluate.pose_projection)
+                                                    projection=self._pose_projection(meta, test))
             curves = self._loss_curves()
             if curves:
                 made["loss.png"] = plots.loss_curves(curves, out("loss.png"))

@@ -17,7 +17,8 @@ matplotlib.use("Agg")  # before pyplot: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["accuracy_by_depth", "class_scatter", "confusion_matrix_plot", "loss_curves", "pose_views", "project_3d"]
+__all__ = ["accuracy_by_depth", "class_scatter", "confusion_matrix_plot", "loss_curves", "pose_projection", "pose_views",
+           "project_3d"]
 
 # (title, elevation, azimuth) of the camera for matplotlib's 3-D axes.
 _VIEWS = (("oblique", 25, -60), ("top (axes 1-2)", 90, -90), ("side (axes 1-3)", 0, -90))
@@ -176,6 +177,15 @@ def accuracy_by_depth(rows: list[dict], path: str) -> str:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def pose_projection(setting: str, objects: np.ndarray) -> str:
+    """The ``project_3d`` method for ``evaluate.pose_projection`` over rows of these objects (one id per row):
+    ``auto`` is spectral for one object's poses (one manifold), PCA for several (a neighbour graph's smoothest
+    functions then tell the objects apart before any pose: arms, one per cluster of objects)."""
+    if setting != "auto":
+        return setting
+    return "spectral" if len(np.unique(objects)) == 1 else "pca"
 
 
 def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str]:

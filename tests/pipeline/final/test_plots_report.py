@@ -70,6 +70,13 @@ def test_spectral_projection_falls_back_to_pca_when_the_graph_is_in_pieces():
         plots.project_3d(two_objects, "tsne")
 
 
+def test_auto_projection_is_spectral_for_one_object_only():
+    assert plots.pose_projection("auto", np.zeros(30, dtype=np.int64)) == "spectral"
+    assert plots.pose_projection("auto", np.repeat([0, 1], 15)) == "pca"  # objects split a neighbour graph first
+    assert plots.pose_projection("spectral", np.repeat([0, 1], 15)) == "spectral"  # a setting is kept
+    assert plots.pose_projection("pca", np.zeros(30, dtype=np.int64)) == "pca"
+
+
 def test_other_plots_png(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 20)
