@@ -171,36 +171,45 @@ class Evaluator:
         provenance = {"run_id": self.run_id, "stage": self.names[-1], "version": top.version, "codec": top.codec}
         self.store.write_bytes("embeddings.parquet", exports_io.parquet_bytes(exports_io.sample_embeddings(meta, emb, provenance)))
         exports["embeddings"] = f"{self.store.root_uri}/embeddings.parquet"
-        if self.caps.has_pose:
-            self.store.write_bytes("pose.parquet", exports_io.parquet_bytes(self._pose_export(meta, emb, provenance)))
+        # the pose figure's 3-D coordinates of the test rows, made once for pose.parquet and plots/pose.png
+        pose_xyz = self._pose_coordinates(meta, emb) if self.caps.has_pose else None
+        if pose_xyz is not None:
+            self.store.write_bytes("pose.parquet",
+                                   exports_io.parquet_bytes(self._pose_export(meta, emb, provenance, pose_xyz)))
             exports["pose"] = f"{self.store.root_uri}/pose.parquet"
         if self.cfg.export.model:
             encoder, versions = compose_from_store(self.store, self.cfg)
             save_model(self.store, self.cfg, encoder, versions)
             exports["model"] = f"{self.store.root_uri}/model"
-        images = self._plots(meta, emb, results) if self.cfg.export.plots else {}
+        images = self._plots(meta, emb, results, pose_xyz) if self.cfg.export.plots else {}
         exports["plots"] = {k: f"{self.store.root_uri}/{v}" for k, v in images.items()}
         if self.cfg.export.report:
             exports["report"] = f"{self.store.root_uri}/report.html"
             self._report(results, images)
         return exports
 
-    def _pose_export(self, meta: pa.Table, emb: np.ndarray, provenance: dict) -> pa.Table:
-        """The test rows as the pose figure draws them, with the kNN pose prediction from the train split."""
+    def _pose_export(self, meta: pa.Table, emb: np.ndarray, provenance: dict,
+                     pose_xyz: tuple[np.ndarray, str]) -> pa.Table:
+        """The test rows as the pose figure draws them (``pose_xyz``), with the kNN pose prediction from the train
+        split."""
         split = np.asarray(meta.column("split").to_pylist())
         tr, te = split == "train", split == "test"
         az, el = (np.asarray(meta.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in ("azimuth", "elevation"))
         az_pred, el_pred = knn_pose_predict(emb[tr], az[tr], el[tr], emb[te], k=self.cfg.evaluate.knn_k)
-        xyz, how = plots.project_3d(emb[te], self._pose_projection(meta, te))
+        xyz, how = pose_xyz
         return exports_io.pose_table(meta.filter(pa.array(te)), xyz, az_pred, el_pred, provenance, projection=how)
 
-    def _pose_projection(self, meta: pa.Table, rows: np.ndarray) -> str:
-        """``evaluate.pose_projection`` for these rows, ``auto`` decided by how many objects they hold."""
-        label, instance = (np.asarray(meta.column(c).fill_null(-1).to_numpy(zero_copy_only=False))[rows]
+    def _pose_coordinates(self, meta: pa.Table, emb: np.ndarray) -> tuple[np.ndarray, str]:
+        """``plots.project_3d`` of the test rows under ``evaluate.pose_projection`` (``auto`` decided by how many
+        objects they hold)."""
+        te = np.asarray(meta.column("split").to_pylist()) == "test"
+        label, instance = (np.asarray(meta.column(c).fill_null(-1).to_numpy(zero_copy_only=False))[te]
                            for c in ("label", "instance"))
-        return plots.pose_projection(self.cfg.evaluate.pose_projection, object_ids(label, instance))
+        method = plots.pose_projection(self.cfg.evaluate.pose_projection, object_ids(label, instance))
+        return plots.project_3d(emb[te], method)
 
-    def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict[str, str]:
+    def _plots(self, meta: pa.Table, emb: np.ndarray, results: dict,
+               pose_xyz: tuple[np.ndarray, str] | None) -> dict[str, str]:
         made: dict[str, str] = {}
         with tempfile.TemporaryDirectory() as tmp:
             def out(name):
@@ -216,11 +225,10 @@ class Evaluator:
                 made["confusion.png"] = plots.confusion_matrix_plot(ev["nearest_centroid"]["confusion"], names,
                                                                     out("confusion.png"),
                                                                     labels=ev["nearest_centroid"]["labels"])
-            if self.caps.has_pose:
+            if pose_xyz is not None:
                 az = np.asarray(meta.column("azimuth").to_numpy(zero_copy_only=False), dtype=np.float64)
                 el = np.asarray(meta.column("elevation").to_numpy(zero_copy_only=False), dtype=np.float64)
-                made["pose.png"] = plots.pose_views(emb[test], az[test], el[test], out("pose.png"),
-                                                    projection=self._pose_projection(meta, test))
+                made["pose.png"] = plots.pose_views(emb[test], az[test], el[test], out("pose.png"), projected=pose_xyz)
             curves = self._loss_curves()
             if curves:
                 made["loss.png"] = plots.loss_curves(curves, out("loss.png"))

@@ -28,15 +28,15 @@ SPECTRAL_NEIGHBOURS = 10
 
 
 def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, seed: int = 0,
-               projection: str = "spectral") -> str:
+               projection: str = "spectral", projected: tuple[np.ndarray, str] | None = None) -> str:
     """A 2x3 figure: oblique, top and side views of the 3-D embedding; row 1 coloured by azimuth
     (cyclic 'twilight' map, so 0 and 340 degrees look alike as they should), row 2 by elevation.
 
     emb3: (N, D), azimuth and elevation (N,) in degrees. At most ``max_points`` points (a fixed random
     subset) are drawn, so dense test sets stay readable. ``projection``: how more than 3 columns are drawn
-    (``project_3d``), computed on all N points.
+    (``project_3d``), computed on all N points; ``projected``: that ``project_3d`` result, where the caller has it.
     """
-    (xyz, how), keep = _to_3d(emb3, max_points, seed, projection)
+    (xyz, how), keep = _to_3d(projected or project_3d(emb3, projection, seed), max_points, seed)
     az, el = np.asarray(azimuth, dtype=float)[keep], np.asarray(elevation, dtype=float)[keep]
     fig = plt.figure(figsize=(14, 9))
     fig.subplots_adjust(left=0.02, right=0.88, top=0.93, bottom=0.03, wspace=0.15, hspace=0.12)
@@ -62,7 +62,7 @@ def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, s
 
 def class_scatter(emb, labels, class_names, path: str, *, max_points: int = 6000, seed: int = 0) -> str:
     """One 3-D scatter (oblique view), one colour and legend entry per class; labels index class_names."""
-    (xyz, how), keep = _to_3d(emb, max_points, seed, "pca")
+    (xyz, how), keep = _to_3d(project_3d(emb, "pca", seed), max_points, seed)
     labels = np.asarray(labels)[keep]
     fig = plt.figure(figsize=(8, 7))
     ax = fig.add_subplot(1, 1, 1, projection="3d")
@@ -204,7 +204,7 @@ def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str
     x = x.reshape(len(x), -1)
     how = ""
     if x.shape[1] > 3 and len(x) >= 3:
-        spectral = _spectral(x, seed) if method == "spectral" and _one_piece(x) else None
+        spectral = _spectral(x, seed) if method == "spectral" else None
         if spectral is not None:
             x, how = spectral, "spectral"
         else:
@@ -219,30 +219,30 @@ def project_3d(emb, method: str = "pca", seed: int = 0) -> tuple[np.ndarray, str
 
 
 def _spectral(x: np.ndarray, seed: int) -> np.ndarray | None:
-    """SpectralEmbedding's 3-D coordinates, or None where its eigensolver gives none (a figure never fails a run)."""
+    """SpectralEmbedding's 3-D coordinates of the points' symmetrised ``SPECTRAL_NEIGHBOURS``-NN graph (the graph its
+    ``nearest_neighbors`` affinity builds, built once here), or None where there is no one such map: too few points,
+    a graph in pieces, or an eigensolver that gives none (a figure never fails a run)."""
+    if len(x) <= SPECTRAL_NEIGHBOURS + 1:
+        return None
+    from scipy.sparse.csgraph import connected_components
     from scipy.sparse.linalg import ArpackError
     from sklearn.manifold import SpectralEmbedding
+    from sklearn.neighbors import kneighbors_graph
 
+    graph = kneighbors_graph(x, SPECTRAL_NEIGHBOURS, include_self=True)
+    graph = 0.5 * (graph + graph.T)
+    if connected_components(graph, directed=False)[0] != 1:
+        return None
     try:
-        y = SpectralEmbedding(n_components=3, n_neighbors=SPECTRAL_NEIGHBOURS, random_state=seed).fit_transform(x)
+        y = SpectralEmbedding(n_components=3, affinity="precomputed", random_state=seed).fit_transform(graph)
     except (ArpackError, ValueError, np.linalg.LinAlgError):  # ArpackNoConvergence is an ArpackError
         return None
     return y if np.isfinite(y).all() else None
 
 
-def _one_piece(x: np.ndarray) -> bool:
-    """Whether the points' nearest-neighbour graph (as SpectralEmbedding builds it) is connected."""
-    if len(x) <= SPECTRAL_NEIGHBOURS + 1:
-        return False
-    from scipy.sparse.csgraph import connected_components
-    from sklearn.neighbors import kneighbors_graph
-
-    return connected_components(kneighbors_graph(x, SPECTRAL_NEIGHBOURS), directed=False)[0] == 1
-
-
-def _to_3d(emb, max_points: int, seed: int, method: str) -> tuple[tuple[np.ndarray, str], np.ndarray]:
-    """(``project_3d`` of every row, restricted to at most max_points rows; the row indices kept)."""
-    x, how = project_3d(emb, method, seed)
+def _to_3d(projected: tuple[np.ndarray, str], max_points: int, seed: int) -> tuple[tuple[np.ndarray, str], np.ndarray]:
+    """(a ``project_3d`` result restricted to at most max_points rows, the row indices kept)."""
+    x, how = projected
     keep = np.arange(len(x))
     if len(x) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(x), max_points, replace=False))
