@@ -103,6 +103,16 @@ class Conv1dLayer(Strict):
     activation: Literal["relu", "none"] = Field("relu", description="Non-linearity after the convolution.")
 
 
+class NormalizeLayer(Strict):
+    type: Literal["normalize"] = "normalize"
+    mode: Literal["local", "image"] = Field(
+        "local", description="Contrast normalisation of each sample, no weights. local: subtract a Gaussian-weighted mean "
+        "of the window around each pixel (over all channels) and divide by the window's standard deviation, floored at "
+        "its mean over the image (local contrast normalisation, Jarrett et al. 2009, for NORB); needs a map (C, H, W). "
+        "image: subtract the sample's mean and divide by its standard deviation; any input.")
+    kernel: int = Field(9, ge=3, description="local: the window's side in pixels, odd; the Gaussian's sigma is (kernel - 1) / 4.")
+
+
 class GRULayer(Strict):
     type: Literal["gru"] = "gru"
     hidden: int = Field(256, ge=1, description="Hidden size; the layer outputs every step's state, (hidden, T) "
@@ -111,7 +121,8 @@ class GRULayer(Strict):
 
 
 Layer = Annotated[
-    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer, Conv1dLayer, GRULayer],
+    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer, Conv1dLayer, GRULayer,
+          NormalizeLayer],
     Field(discriminator="type"),
 ]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "PreActBlock", "PreActBottleneck", "PatchMean", "nhwc_in", "nhwc_out"]
+__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck", "PatchMean", "nhwc_in", "nhwc_out"]
 
 
 class GlobalPool(nn.Module):
@@ -25,6 +25,33 @@ class GlobalPool(nn.Module):
         dims = tuple(range(2, x.ndim))
         y = x.amax(dim=dims) if self.mode == "max" else x.mean(dim=dims)
         return y[:, :, None, None] if self.keep_map else y
+
+
+class Normalize(nn.Module):
+    """Contrast normalisation of each sample, no weights (``NormalizeLayer``). ``kernel`` None: the sample minus its
+    mean over its standard deviation, any shape. Otherwise (N, C, H, W) maps, local contrast normalisation: minus
+    the Gaussian-weighted mean of the kernel x kernel window around each pixel (all channels), over the window's
+    standard deviation floored at its mean over the map (so flat regions are not blown up)."""
+
+    def __init__(self, channels: int, kernel: int | None) -> None:
+        super().__init__()
+        self.kernel = kernel
+        if kernel is not None:
+            r = torch.arange(kernel, dtype=torch.float32) - kernel // 2
+            g = torch.exp(-r**2 / (2 * ((kernel - 1) / 4) ** 2))
+            window = g[:, None] * g[None]
+            self.register_buffer("window", (window / window.sum() / channels).expand(1, channels, kernel, kernel).clone(),
+                                 persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.ndim))
+        if self.kernel is None:
+            return (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True).clamp_min(1e-5)
+        w, pad = self.window.to(x.dtype), (self.kernel // 2,) * 4
+        local_mean = lambda t: F.conv2d(F.pad(t, pad, mode="reflect"), w)  # noqa: E731  (N, 1, H, W)
+        centred = x - local_mean(x)
+        sd = local_mean(centred * centred).clamp_min(0).sqrt()
+        return centred / torch.maximum(sd, sd.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-4)
 
 
 class Flatten(nn.Module):

@@ -22,21 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.nn.blocks import (GRU, Flatten, GlobalPool, Linear, PreActBlock, PreActBottleneck, PatchMean, nhwc_in,
+from pipeline.nn.blocks import (GRU, Flatten, GlobalPool, Linear, Normalize, PreActBlock, PreActBottleneck, PatchMean, nhwc_in,
                                nhwc_out)
 from pipeline.errors import IsostackError, TrainingError
-from schemas.config import (
-    Conv1dLayer,
-    ConvLayer,
-    FlattenLayer,
-    GlobalPoolLayer,
-    GRULayer,
-    LinearLayer,
-    ModuleConfig,
-    PoolLayer,
-    ResNetStage,
-    StemLayer,
-)
+from schemas.config import (Conv1dLayer, ConvLayer, FlattenLayer, GlobalPoolLayer, GRULayer, LinearLayer, ModuleConfig,
+                            NormalizeLayer, PoolLayer, ResNetStage, StemLayer)
 
 __all__ = [
     "ShapeError",
@@ -281,6 +271,14 @@ def _linear(layer: LinearLayer, inp: _Input) -> _Act:
     return inp.vec(layer.features)
 
 
+def _normalize(layer: NormalizeLayer, inp: _Input) -> _Act:
+    if layer.mode == "local":
+        c, h, w = inp.need_map("normalize (mode local)")
+        if layer.kernel % 2 == 0 or layer.kernel // 2 >= min(h, w):
+            inp.fail(f"normalize kernel must be odd and its half smaller than the map, found {layer.kernel} on {h}x{w}")
+    return inp.act
+
+
 def _stem(layer: StemLayer, inp: _Input) -> _Act:
     c, h, w = inp.need_map("stem")
     return _Act((layer.channels, h, w), False)
@@ -294,7 +292,7 @@ def _resnet_stage(layer: ResNetStage, inp: _Input) -> _Act:
 
 _SHAPE_RULES = ((ConvLayer, _conv), (Conv1dLayer, _conv1d), (GRULayer, _gru), (PoolLayer, _pool),
                 (GlobalPoolLayer, _global_pool), (FlattenLayer, _flatten), (LinearLayer, _linear), (StemLayer, _stem),
-                (ResNetStage, _resnet_stage))
+                (ResNetStage, _resnet_stage), (NormalizeLayer, _normalize))
 
 
 def shape_text(shape) -> str:
@@ -351,6 +349,8 @@ def _layer(layer, act: _Act, patched: bool) -> nn.Module:
         return Flatten(keep_map=patched)
     if isinstance(layer, LinearLayer):
         return Linear(c_in, layer.features, layer.activation == "relu", keep_map=patched)
+    if isinstance(layer, NormalizeLayer):
+        return Normalize(c_in, layer.kernel if layer.mode == "local" else None)
     if isinstance(layer, StemLayer):
         # No ReLU here: every pre-activation block starts with one.
         return nn.Conv2d(c_in, layer.channels, 3, padding=1)
