@@ -103,16 +103,6 @@ class Conv1dLayer(Strict):
     activation: Literal["relu", "none"] = Field("relu", description="Non-linearity after the convolution.")
 
 
-class NormalizeLayer(Strict):
-    type: Literal["normalize"] = "normalize"
-    mode: Literal["local", "image"] = Field(
-        "local", description="Contrast normalisation of each sample, no weights. local: subtract a Gaussian-weighted mean "
-        "of the window around each pixel (over all channels) and divide by the window's standard deviation, floored at "
-        "its mean over the image (local contrast normalisation, Jarrett et al. 2009, for NORB); needs a map (C, H, W). "
-        "image: subtract the sample's mean and divide by its standard deviation; any input.")
-    kernel: int = Field(9, ge=3, description="local: the window's side in pixels, odd; the Gaussian's sigma is (kernel - 1) / 4.")
-
-
 class GRULayer(Strict):
     type: Literal["gru"] = "gru"
     hidden: int = Field(256, ge=1, description="Hidden size; the layer outputs every step's state, (hidden, T) "
@@ -121,8 +111,7 @@ class GRULayer(Strict):
 
 
 Layer = Annotated[
-    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer, Conv1dLayer, GRULayer,
-          NormalizeLayer],
+    Union[ConvLayer, PoolLayer, GlobalPoolLayer, FlattenLayer, LinearLayer, ResNetStage, StemLayer, Conv1dLayer, GRULayer],
     Field(discriminator="type"),
 ]
 
@@ -160,6 +149,15 @@ class PatchConfig(Strict):
     stride: int = Field(8, ge=1, description="Step between patches (16 with stride 8 on 64x64 gives the 7x7 GIM grid).")
 
 
+class NormalizeConfig(Strict):
+    mode: Literal["local", "image"] = Field(
+        "local", description="Contrast normalisation of each input, no weights. local: subtract a Gaussian-weighted mean "
+        "of the window around each pixel (over all channels) and divide by the window's standard deviation, floored at "
+        "its mean over the image (local contrast normalisation, Jarrett et al. 2009, for NORB); needs images or maps. "
+        "image: subtract each input's mean and divide by its standard deviation; any input.")
+    kernel: int = Field(9, ge=3, description="local: the window's side in pixels, odd; the Gaussian's sigma is (kernel - 1) / 4.")
+
+
 class StageStoreConfig(Strict):
     codec: Literal["float16", "bfloat16", "float32", "int8"] | None = Field(
         None, description="How this module's activations are stored (null = store.codec). int8: per-channel affine "
@@ -175,6 +173,9 @@ class ModuleConfig(Strict):
     layers: list[Layer] = Field(..., min_length=1, description="The module's layers, applied in order.")
     objective: Objective = Field(default_factory=InfoNCEPair, description="The module's local loss.")
     train: TrainOverrides = Field(default_factory=TrainOverrides, description="Per-module overrides of the train defaults.")
+    normalize: NormalizeConfig | None = Field(
+        None, description="Normalise the module's input before its layers (and before cutting patches): lighting then "
+        "need not be learned away. null: the input as it comes.")
     patches: PatchConfig | None = Field(
         None, description="First module only: cut each image into a grid of overlapping patches, each encoded separately (GIM)."
     )

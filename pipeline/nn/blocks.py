@@ -28,7 +28,7 @@ class GlobalPool(nn.Module):
 
 
 class Normalize(nn.Module):
-    """Contrast normalisation of each sample, no weights (``NormalizeLayer``). ``kernel`` None: the sample minus its
+    """Contrast normalisation of each sample, no weights (a module's ``normalize``). ``kernel`` None: the sample minus its
     mean over its standard deviation, any shape. Otherwise (N, C, H, W) maps, local contrast normalisation: minus
     the Gaussian-weighted mean of the kernel x kernel window around each pixel (all channels), over the window's
     standard deviation floored at its mean over the map (so flat regions are not blown up)."""

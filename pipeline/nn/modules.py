@@ -26,7 +26,7 @@ from pipeline.nn.blocks import (GRU, Flatten, GlobalPool, Linear, Normalize, Pre
                                nhwc_out)
 from pipeline.errors import IsostackError, TrainingError
 from schemas.config import (Conv1dLayer, ConvLayer, FlattenLayer, GlobalPoolLayer, GRULayer, LinearLayer, ModuleConfig,
-                            NormalizeLayer, PoolLayer, ResNetStage, StemLayer)
+                            NormalizeConfig, PoolLayer, ResNetStage, StemLayer)
 
 __all__ = [
     "ShapeError",
@@ -142,6 +142,8 @@ def _walk(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[int | None, lis
     in_shape = tuple(int(s) for s in in_shape)
     if any(s < 1 for s in in_shape) or len(in_shape) not in (1, 2, 3, 4):
         raise ShapeError([(None, f"input shape {in_shape} is not (D,), (C, T), (C, H, W) or (P, C, H, W)")])
+    if cfg.normalize is not None:
+        _check_normalize(cfg.normalize, in_shape)
     n_patches: int | None = None
     if cfg.patches is not None:
         size, stride = cfg.patches.size, cfg.patches.stride
@@ -167,6 +169,14 @@ def _walk(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[int | None, lis
         act = _step(i, layer, act, patched)
         acts.append(act)
     return n_patches, acts
+
+
+def _check_normalize(norm: NormalizeConfig, in_shape: tuple[int, ...]) -> None:
+    if norm.mode == "local" and len(in_shape) not in (3, 4):
+        raise ShapeError([(None, f"normalize mode local needs images or maps (C, H, W), the input is {in_shape}; use mode image")])
+    if norm.mode == "local" and (norm.kernel % 2 == 0 or norm.kernel // 2 >= min(in_shape[-2:])):
+        raise ShapeError([(None, f"normalize.kernel must be odd and its half smaller than the {in_shape[-2]}x{in_shape[-1]} "
+                                 f"input, found {norm.kernel}")])
 
 
 @dataclass(frozen=True)
@@ -271,14 +281,6 @@ def _linear(layer: LinearLayer, inp: _Input) -> _Act:
     return inp.vec(layer.features)
 
 
-def _normalize(layer: NormalizeLayer, inp: _Input) -> _Act:
-    if layer.mode == "local":
-        c, h, w = inp.need_map("normalize (mode local)")
-        if layer.kernel % 2 == 0 or layer.kernel // 2 >= min(h, w):
-            inp.fail(f"normalize kernel must be odd and its half smaller than the map, found {layer.kernel} on {h}x{w}")
-    return inp.act
-
-
 def _stem(layer: StemLayer, inp: _Input) -> _Act:
     c, h, w = inp.need_map("stem")
     return _Act((layer.channels, h, w), False)
@@ -292,7 +294,7 @@ def _resnet_stage(layer: ResNetStage, inp: _Input) -> _Act:
 
 _SHAPE_RULES = ((ConvLayer, _conv), (Conv1dLayer, _conv1d), (GRULayer, _gru), (PoolLayer, _pool),
                 (GlobalPoolLayer, _global_pool), (FlattenLayer, _flatten), (LinearLayer, _linear), (StemLayer, _stem),
-                (ResNetStage, _resnet_stage), (NormalizeLayer, _normalize))
+                (ResNetStage, _resnet_stage))
 
 
 def shape_text(shape) -> str:
@@ -349,11 +351,8 @@ def _layer(layer, act: _Act, patched: bool) -> nn.Module:
         return Flatten(keep_map=patched)
     if isinstance(layer, LinearLayer):
         return Linear(c_in, layer.features, layer.activation == "relu", keep_map=patched)
-    if isinstance(layer, NormalizeLayer):
-        return Normalize(c_in, layer.kernel if layer.mode == "local" else None)
     if isinstance(layer, StemLayer):
-        # No ReLU here: every pre-activation block starts with one.
-        return nn.Conv2d(c_in, layer.channels, 3, padding=1)
+        return nn.Conv2d(c_in, layer.channels, 3, padding=1)  # no ReLU: every pre-activation block starts with one
     if isinstance(layer, ResNetStage):
         block = PreActBottleneck if layer.block == "bottleneck" else PreActBlock
         blocks, c = [], c_in
@@ -365,11 +364,11 @@ def _layer(layer, act: _Act, patched: bool) -> nn.Module:
 
 
 class StackModule(nn.Module):
-    """One module of the stack: optional patch cutting, then its layers applied per sample or per patch."""
+    """One module of the stack: optional input normalisation and patch cutting, then its layers per sample or per patch."""
 
-    def __init__(self, layers: list[nn.Module], patches: tuple[int, int] | None) -> None:
+    def __init__(self, layers: list[nn.Module], patches: tuple[int, int] | None, normalize: nn.Module | None = None) -> None:
         super().__init__()
-        self.patches = patches
+        self.patches, self.normalize = patches, normalize
         self.layers = nn.Sequential(*layers)
         # Maps and weights channels-last inside (oneDNN's CPU convs work in NHWC without reordering each map; cuDNN
         # takes either); the input and the output's gradient turned once at the module's edges, not by every conv
@@ -384,6 +383,8 @@ class StackModule(nn.Module):
         return nhwc_out(y) if self.nhwc else y.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize is not None:  # per image (the whole image before cutting patches), per patch above one
+            x = self.normalize(x.flatten(0, 1)).unflatten(0, x.shape[:2]) if x.ndim == 5 else self.normalize(x)
         if self.patches is not None:
             x = to_patches(x, *self.patches)  # (B, P, C, s, s)
         if x.ndim == 5:
@@ -397,4 +398,5 @@ def _build(cfg: ModuleConfig, n_patches: int | None, acts: list[_Act]) -> StackM
     patched = n_patches is not None
     layers = [_layer(layer, act, patched) for layer, act in zip(cfg.layers, acts)]
     patches = (cfg.patches.size, cfg.patches.stride) if cfg.patches is not None else None
-    return StackModule(layers, patches)
+    norm = cfg.normalize and Normalize(acts[0].shape[0], cfg.normalize.kernel if cfg.normalize.mode == "local" else None)
+    return StackModule(layers, patches, norm)
