@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck", "PatchMean", "nhwc_in", "nhwc_out"]
+__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck", "PatchMean", "nhwc_in", "nhwc_out", "normalize_problem"]
 
 
 class GlobalPool(nn.Module):
@@ -52,6 +52,15 @@ class Normalize(nn.Module):
         centred = x - local_mean(x)
         sd = local_mean(centred * centred).clamp_min(0).sqrt()
         return centred / torch.maximum(sd, sd.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-4)
+
+
+def normalize_problem(mode: str, kernel: int, in_shape: tuple[int, ...]) -> str | None:
+    """Why ``Normalize`` cannot take per-sample inputs of ``in_shape`` (None when it can)."""
+    if mode == "local" and len(in_shape) not in (3, 4):
+        return f"normalize mode local needs images or maps (C, H, W), the input is {in_shape}; use mode image"
+    if mode == "local" and (kernel % 2 == 0 or kernel // 2 >= min(in_shape[-2:])):
+        return f"normalize.kernel must be odd and its half smaller than the {in_shape[-2]}x{in_shape[-1]} input, found {kernel}"
+    return None
 
 
 class Flatten(nn.Module):

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from pipeline.nn.blocks import (GRU, Flatten, GlobalPool, Linear, Normalize, PreActBlock, PreActBottleneck, PatchMean, nhwc_in,
-                               nhwc_out)
+                               nhwc_out, normalize_problem)
 from pipeline.errors import IsostackError, TrainingError
 from schemas.config import (Conv1dLayer, ConvLayer, FlattenLayer, GlobalPoolLayer, GRULayer, LinearLayer, ModuleConfig,
-                            NormalizeConfig, PoolLayer, ResNetStage, StemLayer)
+                            PoolLayer, ResNetStage, StemLayer)
 
 __all__ = [
     "ShapeError",
@@ -142,8 +142,8 @@ def _walk(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[int | None, lis
     in_shape = tuple(int(s) for s in in_shape)
     if any(s < 1 for s in in_shape) or len(in_shape) not in (1, 2, 3, 4):
         raise ShapeError([(None, f"input shape {in_shape} is not (D,), (C, T), (C, H, W) or (P, C, H, W)")])
-    if cfg.normalize is not None:
-        _check_normalize(cfg.normalize, in_shape)
+    if cfg.normalize is not None and (problem := normalize_problem(cfg.normalize.mode, cfg.normalize.kernel, in_shape)):
+        raise ShapeError([(None, problem)])
     n_patches: int | None = None
     if cfg.patches is not None:
         size, stride = cfg.patches.size, cfg.patches.stride
@@ -169,14 +169,6 @@ def _walk(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[int | None, lis
         act = _step(i, layer, act, patched)
         acts.append(act)
     return n_patches, acts
-
-
-def _check_normalize(norm: NormalizeConfig, in_shape: tuple[int, ...]) -> None:
-    if norm.mode == "local" and len(in_shape) not in (3, 4):
-        raise ShapeError([(None, f"normalize mode local needs images or maps (C, H, W), the input is {in_shape}; use mode image")])
-    if norm.mode == "local" and (norm.kernel % 2 == 0 or norm.kernel // 2 >= min(in_shape[-2:])):
-        raise ShapeError([(None, f"normalize.kernel must be odd and its half smaller than the {in_shape[-2]}x{in_shape[-1]} "
-                                 f"input, found {norm.kernel}")])
 
 
 @dataclass(frozen=True)
