@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck", "PatchMean", "nhwc_in", "nhwc_out", "normalize_problem"]
+__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck", "PatchMean", "blur_matrix", "nhwc_in", "nhwc_out", "normalize_problem"]
 
 
 class GlobalPool(nn.Module):
@@ -31,27 +31,43 @@ class Normalize(nn.Module):
     """Contrast normalisation of each sample, no weights (a module's ``normalize``). ``kernel`` None: the sample minus its
     mean over its standard deviation, any shape. Otherwise (N, C, H, W) maps, local contrast normalisation: minus
     the Gaussian-weighted mean of the kernel x kernel window around each pixel (all channels), over the window's
-    standard deviation floored at its mean over the map (so flat regions are not blown up)."""
+    standard deviation floored at its mean over the map (so flat regions are not blown up). The window is
+    separable and the map small, so each blur is two matmuls with (H, H) and (W, W) matrices that hold the
+    Gaussian and the reflected border (a 1-channel conv is ~9x slower on CPU: 37 against 4.2 ms for 256 32x32 images, one thread)."""
 
-    def __init__(self, channels: int, kernel: int | None) -> None:
+    def __init__(self, kernel: int | None, size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.kernel = kernel
-        if kernel is not None:
-            r = torch.arange(kernel, dtype=torch.float32) - kernel // 2
-            g = torch.exp(-r**2 / (2 * ((kernel - 1) / 4) ** 2))
-            window = g[:, None] * g[None]
-            self.register_buffer("window", (window / window.sum() / channels).expand(1, channels, kernel, kernel).clone(),
-                                 persistent=False)
+        if kernel is not None and size is not None:
+            self.register_buffer("blur_h", blur_matrix(size[0], kernel), persistent=False)
+            self.register_buffer("blur_w", blur_matrix(size[1], kernel), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, x.ndim))
         if self.kernel is None:
             return (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True).clamp_min(1e-5)
-        w, pad = self.window.to(x.dtype), (self.kernel // 2,) * 4
-        local_mean = lambda t: F.conv2d(F.pad(t, pad, mode="reflect"), w)  # noqa: E731  (N, 1, H, W)
+        h, w = x.shape[-2:]
+        bh = self.blur_h if hasattr(self, "blur_h") and self.blur_h.shape[0] == h else blur_matrix(h, self.kernel)
+        bw = self.blur_w if hasattr(self, "blur_w") and self.blur_w.shape[0] == w else blur_matrix(w, self.kernel)
+        bh, bw = bh.to(x.device, x.dtype), bw.to(x.device, x.dtype)
+        local_mean = lambda t: bh @ t.mean(dim=1, keepdim=True) @ bw.T  # noqa: E731  (N, 1, H, W)
         centred = x - local_mean(x)
         sd = local_mean(centred * centred).clamp_min(0).sqrt()
         return centred / torch.maximum(sd, sd.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-4)
+
+
+def blur_matrix(n: int, kernel: int) -> torch.Tensor:
+    """(n, n): row i holds the weights of a 1-D Gaussian window (sigma (kernel - 1) / 4) centred on i, with the
+    taps that fall outside reflected back in (``F.pad(mode="reflect")``'s border)."""
+    half = kernel // 2
+    r = torch.arange(kernel, dtype=torch.float64) - half
+    g = torch.exp(-r**2 / (2 * ((kernel - 1) / 4) ** 2))
+    g = g / g.sum()
+    src = torch.arange(n)[:, None] + r.long()[None]  # (n, kernel) source index of each tap
+    src = torch.where(src < 0, -src, torch.where(src >= n, 2 * (n - 1) - src, src))
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.scatter_add_(1, src, g.expand(n, kernel).clone())
+    return m.float()
 
 
 def normalize_problem(mode: str, kernel: int, in_shape: tuple[int, ...]) -> str | None:

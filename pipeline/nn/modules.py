@@ -306,14 +306,14 @@ def infer_shape(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> tuple[tuple[int
     """
     n_patches, acts = _walk(cfg, in_shape)
     with torch.device("meta"):
-        module = _build(cfg, n_patches, acts)
+        module = _build(cfg, n_patches, acts, _map_size(in_shape))
     return _out_shape(n_patches, acts[-1]), sum(p.numel() for p in module.parameters())
 
 
 def build_module(cfg: ModuleConfig, in_shape: tuple[int, ...]) -> nn.Module:
     """The module as a torch network: forward(x: (B, *in_shape)) -> (B, *out_shape). Raises ShapeError."""
     n_patches, acts = _walk(cfg, in_shape)
-    return _build(cfg, n_patches, acts)
+    return _build(cfg, n_patches, acts, _map_size(in_shape))
 
 
 # ---------------------------------------------------------------- layers
@@ -386,9 +386,13 @@ class StackModule(nn.Module):
         return self._out(self.layers(self._in(x)))
 
 
-def _build(cfg: ModuleConfig, n_patches: int | None, acts: list[_Act]) -> StackModule:
+def _map_size(in_shape) -> tuple[int, int] | None:
+    return tuple(int(s) for s in in_shape[-2:]) if len(in_shape) in (3, 4) else None
+
+
+def _build(cfg: ModuleConfig, n_patches: int | None, acts: list[_Act], in_size: tuple[int, int] | None) -> StackModule:
     patched = n_patches is not None
     layers = [_layer(layer, act, patched) for layer, act in zip(cfg.layers, acts)]
     patches = (cfg.patches.size, cfg.patches.stride) if cfg.patches is not None else None
-    norm = cfg.normalize and Normalize(acts[0].shape[0], cfg.normalize.kernel if cfg.normalize.mode == "local" else None)
+    norm = cfg.normalize and Normalize(cfg.normalize.kernel if cfg.normalize.mode == "local" else None, in_size)
     return StackModule(layers, patches, norm)

@@ -213,3 +213,24 @@ def test_normalize_removes_gain_and_offset(mode):
         ratio = lambda t: (t[..., 2:14, 2:5].std() / t[..., 2:14, 11:14].std()).item()  # noqa: E731
         assert ratio(lit) < 0.25 and ratio(z) > 1.5 * ratio(lit)
     assert sum(p.numel() for p in mod.parameters()) == 0 and not mod.state_dict()
+
+
+def test_local_normalize_matmuls_equal_the_reflect_padded_gaussian_conv():
+    """The blur as two matmuls (blocks.blur_matrix) is the 2-D Gaussian window over a reflect-padded map, for the
+    configured size and for another one (built on the fly)."""
+    import torch.nn.functional as F
+
+    from pipeline.nn.blocks import Normalize
+
+    torch.manual_seed(0)
+    for c, h, w in ((3, 20, 20), (1, 11, 7)):
+        x = torch.rand(4, c, h, w)
+        r = torch.arange(9, dtype=torch.float32) - 4
+        g = torch.exp(-r**2 / 8)  # sigma (9 - 1) / 4 = 2
+        window = (g[:, None] * g[None] / (g.sum() ** 2 * c)).expand(1, c, 9, 9)
+        local_mean = lambda t: F.conv2d(F.pad(t, (4, 4, 4, 4), mode="reflect"), window)  # noqa: E731
+        centred = x - local_mean(x)
+        sd = local_mean(centred**2).sqrt()
+        expected = centred / torch.maximum(sd, sd.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-4)
+        assert torch.allclose(Normalize(9, (h, w))(x), expected, atol=1e-5)
+        assert torch.allclose(Normalize(9, (32, 32))(x), expected, atol=1e-5)
