@@ -1,7 +1,7 @@
 """The pose preset on small-NORB-format files, as a user with their own small-NORB-style data runs it.
 
 One synthetic toy is written as a small-NORB training file (three .mat files, camera 1 a copy of camera 0,
-elevation and azimuth as small-NORB's indices) and the real CLI runs `pose --set dataset.kind=smallnorb`:
+elevation and azimuth as small-NORB's indices, 32 px to keep it quick) and the real CLI runs `pose --set dataset.kind=smallnorb`:
 the run must finish with the pose readings of held-out lightings, azimuth well under a random guess's 90
 degrees, and a pose.parquet whose coordinates are the spectral view (one object in the test split).
 """
@@ -36,14 +36,14 @@ def write_toy_as_smallnorb(root, category: int, instance: int, size: int) -> int
 
 
 def test_pose_preset_runs_on_smallnorb_format_files(tmp_path):
-    rows = write_toy_as_smallnorb(tmp_path / "norb", 2, 8, size=48)
+    rows = write_toy_as_smallnorb(tmp_path / "norb", 2, 8, size=32)
     assert rows == 18 * 3 * 6
-    sets = ["dataset.kind=smallnorb", f"dataset.path={tmp_path / 'norb'}", "train.epochs=4", "train.batch_size=32",
+    sets = ["dataset.kind=smallnorb", f"dataset.path={tmp_path / 'norb'}", "train.epochs=3", "train.batch_size=32",
             "schedule.poll_seconds=0.1", "schedule.settle_epochs=1", "export.model=false"]
     isostack("run", "pose", *_sets(sets), "--store", str(tmp_path / "store"), "--run-id", "p")
     summary = json.loads((tmp_path / "store" / "p" / "summary.json").read_text())
     assert summary["status"] == "finished"
-    assert 0.0 <= summary["pose"]["azimuth_mae_deg"] < 45.0
+    assert 0.0 <= summary["pose"]["azimuth_mae_deg"] < 20.0  # 3.3 at 3 epochs here; a uniform guess averages 90
     assert 0.5 < summary["pose"]["trustworthiness"] <= 1.0
     table = pq.read_table(summary["exports"]["pose"])
     assert table.num_rows == rows // 2  # lightings 1, 3, 5 are the test split
