@@ -28,15 +28,16 @@ SPECTRAL_NEIGHBOURS = 10
 
 
 def pose_views(emb3, azimuth, elevation, path: str, *, max_points: int = 6000, seed: int = 0,
-               projection: str = "spectral", projected: tuple[np.ndarray, str] | None = None) -> str:
+               projected: tuple[np.ndarray, str] | None = None) -> str:
     """A 2x3 figure: oblique, top and side views of the 3-D embedding; row 1 coloured by azimuth
     (cyclic 'twilight' map, so 0 and 340 degrees look alike as they should), row 2 by elevation.
 
     emb3: (N, D), azimuth and elevation (N,) in degrees. At most ``max_points`` points (a fixed random
-    subset) are drawn, so dense test sets stay readable. ``projection``: how more than 3 columns are drawn
-    (``project_3d``), computed on all N points; ``projected``: that ``project_3d`` result, where the caller has it.
+    subset) are drawn, so dense test sets stay readable. ``projected``: how more than 3 columns are drawn, a
+    ``project_3d`` result of all N rows (the evaluator's, under ``evaluate.pose_projection``); by default their
+    spectral view.
     """
-    (xyz, how), keep = _to_3d(projected or project_3d(emb3, projection, seed), max_points, seed)
+    (xyz, how), keep = _to_3d(projected or project_3d(emb3, "spectral", seed), max_points, seed)
     az, el = np.asarray(azimuth, dtype=float)[keep], np.asarray(elevation, dtype=float)[keep]
     fig = plt.figure(figsize=(14, 9))
     fig.subplots_adjust(left=0.02, right=0.88, top=0.93, bottom=0.03, wspace=0.15, hspace=0.12)
