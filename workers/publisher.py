@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from pipeline.errors import StoreError
-from pipeline.feed.heap import release_free_memory
+from pipeline.feed.heap import free_heap_bytes, release_free_memory, release_free_memory_over
 from pipeline.feed import Source
 from pipeline.planning.memory import publish_shard_rows
 from pipeline.planning.plan import ModulePlan
@@ -34,6 +34,7 @@ from workers.epochs import reader_may_use
 from workers.runtime import NO_TURNS, CoreTurns
 
 # Codecs whose stored values are a plain float dtype: the cast happens on the device (int8 calibrates on float32).
+HEAP_SLACK = 64 << 20  # free heap bytes a publish may always keep between chunks
 MIN_BATCHES = 4  # an intermediate version holds at least this many batches of rows (or every train row)
 STORED_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -80,20 +81,35 @@ def intermediate_rows(src: Source, fraction: float, seed: int, least: int = 1) -
 def infer_chunks(src: Source, module: torch.nn.Module, device: torch.device, rows: np.ndarray | None, chunk: int,
                  dtype: torch.dtype | None, turns: CoreTurns = NO_TURNS) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """``(rows, outputs on the host)`` of at most ``chunk`` rows at a time, in stored order; outputs are cast
-    to ``dtype`` on the device first (half the copy and the host bytes for float16). Each chunk is one of
-    ``turns`` (the actors sharing the node's cores compute one at a time)."""
+    to ``dtype`` (on the device first: half the copy for float16). Each chunk is one of ``turns`` (the actors
+    sharing the node's cores compute one at a time).
+
+    The outputs are views of two host buffers used in turn: a chunk's is overwritten two chunks later, so the
+    consumer is done with it by then (``write_rows`` writes one chunk while the next is computed). Every chunk
+    then allocates and frees the same blocks, and the C heap reuses them instead of growing around outputs held
+    by the writer (stl10-gim m1: +0.8 GB over 200 rows without a trim; trimming each chunk instead cost a
+    third of its CPU in the kernel's page faults)."""
+    buffers: list[torch.Tensor] = []
     for idx, x in src.scan(rows):
         for lo in range(0, len(idx), chunk):
             with turns.turn():
                 z = module(src.features(x[lo:lo + chunk], device))  # (<=chunk, *out_shape) float32
+                want = dtype or z.dtype
                 if dtype is not None and z.dtype != dtype:
-                    z = _cast(z, dtype)
-                z = z.cpu()
-            yield idx[lo:lo + chunk], z
+                    _check_range(z, dtype)
+                    if z.device.type != "cpu":
+                        z = z.to(dtype)
+                if not buffers:
+                    buffers = [torch.empty((chunk, *z.shape[1:]), dtype=want) for _ in range(2)]
+                out = buffers[0][:len(z)]
+                out.copy_(z)  # the cast happens in the copy on the host
+                del z
+                buffers.reverse()
+            yield idx[lo:lo + chunk], out
 
 
-def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``z`` as ``dtype``, refusing finite values the dtype cannot hold (float16 tops out at 65504)."""
+def _check_range(z: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse finite values of ``z`` that ``dtype`` cannot hold (float16 tops out at 65504)."""
     if dtype == torch.float16 and z.numel():
         lo, hi = torch.aminmax(z)  # one pass, no temporaries; inf/NaN land here too and get the exact look
         if max(-lo.item(), hi.item()) > 65504 or hi.isnan():
@@ -101,6 +117,11 @@ def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             if finite > 65504:
                 raise StoreError(f"activations up to {finite:.4g} exceed the float16 range (65504)",
                                  "set store.codec: float32, or normalise the module's output")
+
+
+def _cast(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``z`` as ``dtype``, refusing finite values the dtype cannot hold (float16 tops out at 65504)."""
+    _check_range(z, dtype)
     return z.to(dtype)
 
 
@@ -117,18 +138,16 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
                 turns.series():
             try:
                 release_free_memory()  # what the training steps left free: a chunk's blocks would not fit its holes
+                limit = None
                 for idx, z in infer_chunks(src, module, device, rows, chunk, dtype, turns):
                     if pending is not None:
                         pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued
-                        # Its memory goes back to the OS now: glibc kept every freed chunk output in the heap
-                        # (stl10-gim m1 over 800 rows on huge pages: +4.5-4.8 GiB, all free; trimmed +0.44; over
-                        # 400 rows on glibc's defaults with the feed's heap settings: +2.5 GiB; trimmed +0.36).
-                        # A kept heap too: left untrimmed (one arena, no mmap), m1's publish of 800 rows grew its
-                        # process to 5.25 GiB (3.6 GB training) in the N=640 recipe, 1.70x the loop's memory; the
-                        # trim costs faults (m1: 100-150 thousand a second, a third of its CPU in the kernel).
-                        release_free_memory()
+                        # What a chunk leaves free in the heap is what the next one reuses: handed back only when
+                        # it grows past twice what the first chunk left (a user's own malloc policy may let it).
+                        limit = limit or 2 * max(free_heap_bytes() or 0, HEAP_SLACK)
+                        release_free_memory_over(limit)
                     pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
-                    del z  # the thread holds it now; the next chunk is the only other one alive
+                    del z  # a view of one of infer_chunks' two buffers: the writer copies what it keeps
                 if pending is not None:
                     pending.result()
             except BaseException:

@@ -28,6 +28,31 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes free inside the C heap's arenas (glibc's ``mallinfo2().fordblks``), or None where it cannot say."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+def release_free_memory_over(limit: int) -> bool:
+    """``release_free_memory`` when more than ``limit`` bytes lie free in the heap (always where that cannot be
+    read); whether it trimmed. Between repeated same-sized pieces of work the freed blocks are what the next
+    piece reuses: handing them back each time costs the kernel's faults and zeroing when they are taken again."""
+    free = free_heap_bytes()
+    if free is not None and free <= limit:
+        return False
+    release_free_memory()
+    return True
+
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 # free memory at the heap's top kept up to 1 GiB (2 GiB: a higher step peak, 5.2 vs 4.7 GB): the CPU actors' policy

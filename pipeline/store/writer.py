@@ -287,8 +287,10 @@ def _owned(table: pa.Table) -> pa.Table:
     """``table`` with its tensor column copied out of whatever memory it shares."""
     col = table.column(TENSOR_COLUMN).combine_chunks()
     width = col.type.byte_width
-    data = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * width, offset=col.offset * width).copy()
-    x = pa.FixedSizeBinaryArray.from_buffers(col.type, len(col), [None, pa.py_buffer(data)])
+    data = pa.allocate_buffer(len(col) * width)  # from Arrow's pool, not the C heap the caller's next chunk reuses
+    np.frombuffer(data, dtype=np.uint8)[:] = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=len(col) * width,
+                                                          offset=col.offset * width)
+    x = pa.FixedSizeBinaryArray.from_buffers(col.type, len(col), [None, data])
     return table.set_column(table.schema.get_field_index(TENSOR_COLUMN), table.schema.field(TENSOR_COLUMN), x)
 
 

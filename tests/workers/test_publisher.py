@@ -230,3 +230,24 @@ def test_every_reader_keeps_each_row_with_its_own_sample_id(tmp_path):
     ids = meta.column("sample_id").to_numpy()
     assert np.array_equal(ids, np.arange(n))  # in sample_id order, whatever the stored order
     check(ids, torch.from_numpy(emb), meta.column("label").to_numpy())
+
+
+def test_chunk_outputs_reuse_two_host_buffers_in_turn(tmp_path):
+    """Each chunk's output lands in one of two buffers, so the heap sees the same blocks every chunk; a chunk's
+    values stay intact while the next one is computed (the writer's window), and the last short chunk fits."""
+    from workers.publisher import infer_chunks
+
+    store, src = _upstream(tmp_path, 23, 0)
+    module = Counting()
+    seen = []
+    for idx, z in infer_chunks(src, module, torch.device("cpu"), None, 5, torch.float16):
+        if seen:
+            prev_idx, prev_z, prev_copy = seen[-1]
+            assert torch.equal(prev_z, prev_copy)  # not overwritten by the chunk after it
+        seen.append((idx, z, z.clone()))
+    ptrs = [z.untyped_storage().data_ptr() for _, z, _ in seen]
+    assert len(seen) == 5 and len(set(ptrs)) == 2 and ptrs[0] == ptrs[2] == ptrs[4] != ptrs[1] == ptrs[3]
+    assert seen[-1][1].shape == (3, D_OUT) and seen[-1][1].dtype == torch.float16
+    got = torch.cat([c for _, _, c in seen])
+    torch.testing.assert_close(got.float(), module.lin(src.fetch(np.concatenate([i for i, _, _ in seen]))).detach(),
+                               atol=2e-3, rtol=2e-3)

@@ -50,3 +50,42 @@ def test_retained_heap_reuses_freed_step_memory_and_trim_hands_it_back(monkeypat
     assert after_trim > pages // 2, after_trim  # after the trim they were given back and fault in again
     _, default, _ = _run(retain=False)
     assert all(f > pages // 2 for f in default), default  # glibc's default: every allocation faults in anew
+
+
+def _trims_over_a_limit(out) -> None:
+    import resource
+
+    import torch
+
+    from pipeline.feed.heap import free_heap_bytes, release_free_memory_over, retain_freed_memory
+
+    retain_freed_memory()
+    x = torch.ones(64 * 2**20 // 4)
+    del x
+    free = free_heap_bytes()
+    kept = release_free_memory_over(2**31)  # 64 MiB free is under 2 GiB: kept for the next allocation
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(64 * 2**20 // 4)
+    reused = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del x
+    trimmed = release_free_memory_over(2**20)  # over 1 MiB: handed back
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(64 * 2**20 // 4)
+    out.put((free, kept, reused, trimmed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
+    del x
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallinfo2 and malloc_trim are glibc's")
+def test_free_heap_is_handed_back_only_over_the_limit(monkeypatch):
+    for var in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_trims_over_a_limit, args=(out,))
+    p.start()
+    free, kept, reused, trimmed, refaulted = out.get(timeout=120)
+    p.join(30)
+    pages = 64 * 2**20 // 4096
+    assert free >= 64 * 2**20, free  # the freed tensor is counted free in the heap
+    assert kept is False and reused < pages // 10, (kept, reused)
+    assert trimmed is True and refaulted > pages // 2, (trimmed, refaulted)
