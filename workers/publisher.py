@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from pipeline.errors import StoreError
-from pipeline.feed.heap import free_heap_bytes, release_free_memory, release_free_memory_over
+from pipeline.feed.heap import FreeHeapBound, release_free_memory
 from pipeline.feed import Source
 from pipeline.planning.memory import publish_shard_rows
 from pipeline.planning.plan import ModulePlan
@@ -138,14 +138,13 @@ def write_rows(writer: VersionWriter, src: Source, module: torch.nn.Module, devi
                 turns.series():
             try:
                 release_free_memory()  # what the training steps left free: a chunk's blocks would not fit its holes
-                limit = None
+                # What a chunk leaves free in the heap is what the next one reuses: handed back only when it has
+                # grown by more than the first chunk left (fragments add up; a user's malloc policy may differ).
+                bound = FreeHeapBound(least=HEAP_SLACK)
                 for idx, z in infer_chunks(src, module, device, rows, chunk, dtype, turns):
                     if pending is not None:
                         pending.result()  # chunk i written (its error raised here) before chunk i+1 is queued
-                        # What a chunk leaves free in the heap is what the next one reuses: handed back only when
-                        # it grows past twice what the first chunk left (a user's own malloc policy may let it).
-                        limit = limit or 2 * max(free_heap_bytes() or 0, HEAP_SLACK)
-                        release_free_memory_over(limit)
+                        bound.check()
                     pending = pool.submit(writer.write, src.meta.take(pa.array(idx)), z)
                     del z  # a view of one of infer_chunks' two buffers: the writer copies what it keeps
                 if pending is not None:

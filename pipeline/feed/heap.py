@@ -42,15 +42,32 @@ def free_heap_bytes() -> int | None:
     return int(libc.mallinfo2().fordblks)
 
 
-def release_free_memory_over(limit: int) -> bool:
-    """``release_free_memory`` when more than ``limit`` bytes lie free in the heap (always where that cannot be
-    read); whether it trimmed. Between repeated same-sized pieces of work the freed blocks are what the next
-    piece reuses: handing them back each time costs the kernel's faults and zeroing when they are taken again."""
-    free = free_heap_bytes()
-    if free is not None and free <= limit:
-        return False
-    release_free_memory()
-    return True
+class FreeHeapBound:
+    """Hands the C heap's free pages back only when its free bytes have grown by more than a step since the last
+    time (the first call sets the step: what one piece of work left free, at least ``least`` bytes).
+
+    Between repeated same-sized pieces of work (a publish's chunks) the freed blocks are what the next piece
+    reuses; handing them back after each piece costs the kernel's faults and zeroing when they are taken
+    again. Where the heap cannot be read (not glibc) every call trims."""
+
+    def __init__(self, least: int) -> None:
+        self.least, self.step, self.limit = least, None, None
+
+    def check(self) -> bool:
+        """Trim if the free heap is past the bound; whether it trimmed."""
+        free = free_heap_bytes()
+        if free is None:
+            release_free_memory()
+            return True
+        if self.step is None:
+            self.step = max(free, self.least)
+            self.limit = free + self.step
+            return False
+        if free <= self.limit:
+            return False
+        release_free_memory()  # the top goes back; holes below it stay counted free, their pages returned
+        self.limit = (free_heap_bytes() or free) + self.step
+        return True
 
 
 # glibc's mallopt parameters (malloc.h).

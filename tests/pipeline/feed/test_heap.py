@@ -52,40 +52,45 @@ def test_retained_heap_reuses_freed_step_memory_and_trim_hands_it_back(monkeypat
     assert all(f > pages // 2 for f in default), default  # glibc's default: every allocation faults in anew
 
 
-def _trims_over_a_limit(out) -> None:
+def _trims_past_a_bound(out) -> None:
     import resource
 
     import torch
 
-    from pipeline.feed.heap import free_heap_bytes, release_free_memory_over, retain_freed_memory
+    from pipeline.feed.heap import FreeHeapBound, free_heap_bytes, retain_freed_memory
+
+    def faults_of(mib: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.ones(mib * 2**20 // 4)
+        del x
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
     retain_freed_memory()
-    x = torch.ones(64 * 2**20 // 4)
-    del x
+    bound = FreeHeapBound(least=2**20)
+    faults_of(64)  # one piece of work: 64 MiB left free
     free = free_heap_bytes()
-    kept = release_free_memory_over(2**31)  # 64 MiB free is under 2 GiB: kept for the next allocation
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(64 * 2**20 // 4)
-    reused = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del x
-    trimmed = release_free_memory_over(2**20)  # over 1 MiB: handed back
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(64 * 2**20 // 4)
-    out.put((free, kept, reused, trimmed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
-    del x
+    first = bound.check()  # sets the step (64 MiB) and keeps what is free
+    again = bound.check()  # nothing grew: kept
+    reused = faults_of(64)
+    held = torch.ones(64 * 2**20 // 4)  # takes the free block; the next 160 MiB extend the heap
+    faults_of(160)
+    grown = bound.check()  # 160 MiB free > 64 + 64: handed back
+    refaulted = faults_of(160)
+    out.put((free, first, again, reused, grown, refaulted))
+    del held
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallinfo2 and malloc_trim are glibc's")
-def test_free_heap_is_handed_back_only_over_the_limit(monkeypatch):
+def test_free_heap_is_handed_back_only_when_it_grew_past_the_first_pieces(monkeypatch):
     for var in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_"):
         monkeypatch.delenv(var, raising=False)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    p = ctx.Process(target=_trims_over_a_limit, args=(out,))
+    p = ctx.Process(target=_trims_past_a_bound, args=(out,))
     p.start()
-    free, kept, reused, trimmed, refaulted = out.get(timeout=120)
+    free, first, again, reused, grown, refaulted = out.get(timeout=120)
     p.join(30)
-    pages = 64 * 2**20 // 4096
+    pages = 2**20 // 4096
     assert free >= 64 * 2**20, free  # the freed tensor is counted free in the heap
-    assert kept is False and reused < pages // 10, (kept, reused)
-    assert trimmed is True and refaulted > pages // 2, (trimmed, refaulted)
+    assert (first, again) == (False, False) and reused < 6 * pages, reused  # kept and reused, not faulted in
+    assert grown is True and refaulted > 80 * pages, refaulted  # past the bound: given back, so faulted in again
