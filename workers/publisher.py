@@ -34,9 +34,9 @@ from workers.epochs import reader_may_use
 from workers.runtime import NO_TURNS, CoreTurns
 
 # Codecs whose stored values are a plain float dtype: the cast happens on the device (int8 calibrates on float32).
-HEAP_SLACK = 64 << 20  # free heap bytes a publish may always keep between chunks
 MIN_BATCHES = 4  # an intermediate version holds at least this many batches of rows (or every train row)
 STORED_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HEAP_SLACK = 64 << 20  # free heap bytes a publish may always keep between chunks
 
 
 def publish_version(store: Store, cfg: RunConfig, plan: ModulePlan, src: Source, module: torch.nn.Module,
@@ -102,7 +102,7 @@ def infer_chunks(src: Source, module: torch.nn.Module, device: torch.device, row
                 if not buffers:
                     buffers = [torch.empty((chunk, *z.shape[1:]), dtype=want) for _ in range(2)]
                 out = buffers[0][:len(z)]
-                out.copy_(z)  # the cast happens in the copy on the host
+                out.copy_(z)  # on CPU the cast happens in this copy
                 del z
                 buffers.reverse()
             yield idx[lo:lo + chunk], out
