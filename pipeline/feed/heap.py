@@ -33,13 +33,19 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
                                                 "uordblks", "fordblks", "keepcost")]
 
 
-def free_heap_bytes() -> int | None:
-    """Bytes free inside the C heap's arenas (glibc's ``mallinfo2().fordblks``), or None where it cannot say."""
+@functools.cache
+def _mallinfo2():
     libc = _libc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().fordblks)
+    return libc.mallinfo2
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes free inside the C heap's arenas (glibc's ``mallinfo2().fordblks``), or None where it cannot say."""
+    info = _mallinfo2()
+    return None if info is None else int(info().fordblks)
 
 
 class FreeHeapBound:
