@@ -10,6 +10,12 @@ already and keeps its graph through the loss, so it is not run again: a step cos
 but one micro-batch, and holds one micro-batch's activations instead of the whole batch's; the outputs and
 their gradient are the only batch-sized tensors left. The gradients are the ones of the whole batch (up to
 float summation order).
+
+An objective whose loss is a mean over samples, each scored against negatives drawn at random from the batch
+(``per_sample_negatives``: GIM's grid loss), is instead taken micro-batch by micro-batch, each micro-batch
+drawing its negatives within itself and weighted by its share of the batch: one forward per sample, no second
+pass. That is the loss the official GIM code computes on several GPUs, where ``nn.DataParallel`` runs each
+replica's loss on its own shard of the batch (Löwe et al.'s ``InfoNCE_Loss`` inside the model's forward).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
     if not micro_batched(objective, x, x_pos, micro_batch):
         loss, _ = local_loss(objective, module, prepare(x), prepare(x_pos) if x_pos is not None else None, labels, groups)
         return loss, loss.backward
+    if getattr(objective, "per_sample_negatives", False) and x_pos is None:
+        return _by_parts(objective, module, x, labels, groups, micro_batch, prepare)
     parts = (torch.cat([x, x_pos]) if x_pos is not None else x).split(micro_batch)  # the plain step copies nothing
     with torch.no_grad():
         head = [module(prepare(p)) for p in parts[:-1]]  # no graph: run again in ``backward``
@@ -74,3 +82,32 @@ def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
             module(prepare(part)).backward(g)  # this micro-batch's activations live only through this line
 
     return loss.detach(), backward
+
+
+def _by_parts(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+              groups: torch.Tensor | None, micro_batch: int, prepare: Callable[[torch.Tensor], torch.Tensor],
+              ) -> tuple[torch.Tensor, Callable[[], None]]:
+    """The step of a ``per_sample_negatives`` objective: each micro-batch's loss (negatives drawn within it) and
+    its gradient, weighted by the micro-batch's share of the batch. The gradients are summed aside and handed to
+    the parameters by ``backward``, so that the caller's ``zero_grad`` between the two keeps its meaning."""
+    params = [p for p in (*objective.parameters(), *module.parameters()) if p.requires_grad]
+    summed: list[torch.Tensor | None] = [None] * len(params)
+    total = None
+    n = len(x)
+    for start in range(0, n, micro_batch):
+        part = slice(start, start + micro_batch)
+        share = len(x[part]) / n
+        loss, _ = local_loss(objective, module, prepare(x[part]), None,
+                             labels[part] if labels is not None else None, groups[part] if groups is not None else None)
+        grads = torch.autograd.grad(loss * share, params, allow_unused=True)  # this micro-batch's graph freed here
+        summed = [g if s is None else (s if g is None else s.add_(g)) for s, g in zip(summed, grads)]
+        total = loss.detach().float() * share if total is None else total + loss.detach().float() * share
+        del loss, grads
+
+    def backward() -> None:
+        for p, g in zip(params, summed):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        summed.clear()
+
+    return total, backward

@@ -50,6 +50,10 @@ class LocalObjective(Protocol):
       for losses that reconstruct the input (autoencoder), transform it (aet) or encode it with another
       encoder (moco's key encoder).
     - ``after_step(module)``: called after every ``optimizer.step()`` (moco's momentum update).
+    - ``per_sample_negatives = True``: the loss is a mean over the batch's samples whose negatives are drawn at
+      random from the batch (GIM's grid loss), so a micro-batched step may take it micro-batch by micro-batch,
+      each drawing its negatives within itself, as the official GIM code's replicas do under ``DataParallel``
+      (``pipeline.nn.step``); losses that contrast every pair of the batch (infonce_pair) do not set it.
     """
 
     needs_pairs: bool  # the trainer must pass z_pos (the partner rows through the same module)

@@ -129,6 +129,7 @@ class InfoNCEGridObjective(nn.Module):
 
     needs_pairs = False
     needs_labels = False
+    per_sample_negatives = True  # a mean over context positions, each scored against random rows of the batch
 
     def __init__(self, channels: int, rows: int, *, steps: int, negatives: int, sequence: bool = False) -> None:
         super().__init__()
