@@ -42,7 +42,8 @@ def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
 
     x: (B, *in_shape), x_pos: (B, *in_shape) or None. ``micro_batch`` None, or not smaller than the module's
     forward batch (2B with pairs), or an objective that runs the module itself (``needs_input``: autoencoder,
-    aet, moco): the plain step, ``loss.backward``. Otherwise the module runs ``micro_batch`` samples at a time.
+    aet, moco): the plain step, ``loss.backward``. Otherwise the module runs ``micro_batch`` samples at a time:
+    by parts for a ``per_sample_negatives`` objective without pairs (``_by_parts``), else through the gradient cache.
     ``prepare``: what makes stored inputs (``x``, ``x_pos`` as stored) the module's float32 inputs, applied to each
     micro-batch as it runs, so that the batch is held as stored (float16: half the bytes) through the step.
     """

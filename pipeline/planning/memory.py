@@ -93,7 +93,8 @@ def micro_batch(cfg: RunConfig, name: str, *, samples: int, in_values: int, out_
     actor's budget (at least 1), or the whole step where it fits both.
 
     On CPU the step's activations are most of an actor's memory, and the modules that share a node hold
-    theirs side by side; one more forward a step is the price (pipeline/nn/step.py), which a kept heap
+    theirs side by side; one more forward a step is the price for losses over every pair of the batch (a grid
+    loss is taken by parts and pays none; pipeline/nn/step.py), which a kept heap
     (``pipeline.malloc.actor_environment``) pays back on wide modules: stl10-gim's m1 stepped in 5.3 s with
     micro-batches of 8 at a 3.0 GB peak, 5.3 s whole at 6.5 GB. On a GPU the activations are in device
     memory and the whole batch runs at once unless the user sets the key."""
