@@ -28,54 +28,6 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
-    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                                "uordblks", "fordblks", "keepcost")]
-
-
-@functools.cache
-def _mallinfo2():
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2
-
-
-def free_heap_bytes() -> int | None:
-    """Bytes free inside the C heap's arenas (glibc's ``mallinfo2().fordblks``), or None where it cannot say."""
-    info = _mallinfo2()
-    return None if info is None else int(info().fordblks)
-
-
-class FreeHeapBound:
-    """Hands the C heap's free pages back only when its free bytes have grown by more than a step since the last
-    time (the first call sets the step: what one piece of work left free, at least ``least`` bytes).
-
-    Between repeated same-sized pieces of work (a publish's chunks) the freed blocks are what the next piece
-    reuses; handing them back after each piece costs the kernel's faults and zeroing when they are taken
-    again. Where the heap cannot be read (not glibc) every call trims."""
-
-    def __init__(self, least: int) -> None:
-        self.least, self.step, self.limit = least, None, None
-
-    def check(self) -> bool:
-        """Trim if the free heap is past the bound; whether it trimmed."""
-        free = free_heap_bytes()
-        if free is None:
-            release_free_memory()
-            return True
-        if self.step is None:
-            self.step = max(free, self.least)
-            self.limit = free + self.step
-            return False
-        if free <= self.limit:
-            return False
-        release_free_memory()  # the top goes back; holes below it stay counted free, their pages returned
-        self.limit = (free_heap_bytes() or free) + self.step
-        return True
-
-
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 # free memory at the heap's top kept up to 1 GiB (2 GiB: a higher step peak, 5.2 vs 4.7 GB): the CPU actors' policy

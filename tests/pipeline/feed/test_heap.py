@@ -50,32 +50,3 @@ def test_retained_heap_reuses_freed_step_memory_and_trim_hands_it_back(monkeypat
     assert after_trim > pages // 2, after_trim  # after the trim they were given back and fault in again
     _, default, _ = _run(retain=False)
     assert all(f > pages // 2 for f in default), default  # glibc's default: every allocation faults in anew
-
-
-def test_free_heap_is_handed_back_only_when_it_grew_by_more_than_the_first_piece_left(monkeypatch):
-    from pipeline.feed import heap
-
-    free, trims = [100], []
-
-    def trim():
-        trims.append(free[0])
-        free[0] -= 30  # the top goes back; holes below stay counted free
-
-    monkeypatch.setattr(heap, "free_heap_bytes", lambda: free[0])
-    monkeypatch.setattr(heap, "release_free_memory", trim)
-    bound = heap.FreeHeapBound(least=10)
-    got = []
-    for now in (100, 150, 200, 201, 240, 300, 330):  # the free bytes after each piece of work
-        free[0] = now
-        got.append(bound.check())
-    # the step is the first piece's 100: kept up to 200, trimmed at 201 (-> 171, so up to 271), then at 300
-    assert got == [False, False, False, True, False, True, False] and trims == [201, 300]
-    monkeypatch.setattr(heap, "free_heap_bytes", lambda: None)  # not glibc: every call trims
-    assert heap.FreeHeapBound(least=10).check() is True
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallinfo2 is glibc's")
-def test_free_heap_bytes_reads_glibc():
-    from pipeline.feed.heap import free_heap_bytes
-
-    assert isinstance(free_heap_bytes(), int)
