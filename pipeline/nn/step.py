@@ -73,9 +73,7 @@ def step_loss(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
         # whole: a patch-pooling objective's is a broadcast view (``blocks.PatchMean``), no map-sized tensor.
         params = [p for p in (*objective.parameters(), *module.parameters()) if p.requires_grad]
         grads = torch.autograd.grad(graph.pop(), [held.pop(), *params], allow_unused=True)
-        for p, g in zip(params, grads[1:]):  # the objective's own parameters (any other the loss reaches)
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        _accumulate(params, grads[1:])  # the objective's own parameters (any other the loss reaches)
         out_grads = grads[0].split(micro_batch)
         del grads
         kept.pop().backward(out_grads[-1])  # the last micro-batch's graph from the first pass, freed by this
@@ -106,9 +104,14 @@ def _by_parts(objective: torch.nn.Module, module: torch.nn.Module, x: torch.Tens
         del loss, grads
 
     def backward() -> None:
-        for p, g in zip(params, summed):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad.add_(g)
+        _accumulate(params, summed)
         summed.clear()
 
     return total, backward
+
+
+def _accumulate(params: list[torch.Tensor], grads) -> None:
+    """Add each gradient into its parameter's ``.grad`` (None: the loss does not reach that parameter)."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
