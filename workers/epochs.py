@@ -81,12 +81,18 @@ def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: 
         and publish != "stream" and epoch > 0 and not upstream_final and 0 < wait_seconds and park_seconds <= wait_seconds
 
 
-def upstream_wait(status: dict | None, *, final_only: bool) -> float | None:
-    """Seconds until the upstream publishes what a waiting module needs, from the upstream's last status (its
-    epochs' mean duration): its final version after its remaining epochs (``final_only``; none left: it is
-    publishing it, 0), else its next version after one more epoch. None while it has no finished epoch to go by."""
+def upstream_wait(status: dict | None, *, final_only: bool, train_rows: int | None = None) -> float | None:
+    """Seconds until the upstream publishes what a waiting module needs, from the upstream's last status: its final
+    version after its remaining epochs (``final_only``; none left: it is publishing it, 0), else its next version after
+    one more epoch. An epoch lasts its epochs' mean duration, or ``train_rows`` (the dataset's train split) at its last
+    epoch's rate where that is longer: an upstream's first epochs may train on a thin sample of the version below it
+    (stl10-gim at N=320: m2's first epoch, 128 rows in 56 s, had m3 expect 56 s where m2's full epoch and final publish
+    took 123). None while it has no finished epoch to go by."""
     if not status or not status.get("epoch") or not status.get("train_seconds"):
         return None
     per_epoch = status["train_seconds"] / status["epoch"]
+    rate = status.get("samples_per_second")
+    if train_rows and rate:
+        per_epoch = max(per_epoch, train_rows / rate)
     remaining = max(0, (status.get("target_epochs") or status["epoch"]) - status["epoch"]) if final_only else 1
     return remaining * per_epoch

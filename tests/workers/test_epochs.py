@@ -132,3 +132,16 @@ def test_the_expected_wait_for_an_upstream_follows_its_epoch_times_to_the_versio
     # its epochs done, it is publishing its final version: a module re-created for it must not park again
     assert upstream_wait({**up, "epoch": 6, "train_seconds": 300.0}, final_only=True) == 0.0
     assert upstream_wait(None, final_only=True) is None and upstream_wait({**up, "epoch": 0}, final_only=False) is None
+
+
+def test_an_upstream_epoch_on_a_thin_sample_does_not_shorten_the_expected_wait_for_a_full_one():
+    from workers.epochs import upstream_wait
+
+    # its one epoch so far trained 128 rows in 56 s (2.3 rows/s); the next covers the 320 train rows
+    thin = {"epoch": 1, "target_epochs": 2, "train_seconds": 56.0, "samples_per_second": 128 / 56.0}
+    assert upstream_wait(thin, final_only=True) == 56.0  # no row count: the mean epoch, as before
+    assert upstream_wait(thin, final_only=True, train_rows=320) == 140.0
+    # an upstream whose epochs took longer than its rate says (publishing, waiting between steps) keeps its mean
+    slow = {**thin, "train_seconds": 200.0}
+    assert upstream_wait(slow, final_only=True, train_rows=320) == 200.0
+    assert upstream_wait({**thin, "samples_per_second": None}, final_only=True, train_rows=320) == 56.0
