@@ -81,6 +81,15 @@ def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: 
         and publish != "stream" and epoch > 0 and not upstream_final and 0 < wait_seconds and park_seconds <= wait_seconds
 
 
+def epoch_rows(data, train) -> int | None:
+    """Rows a full epoch of a module trains on: the train split of ``data`` (the input's final manifest), or fewer
+    under its ``train.max_steps_per_epoch`` cap (``train``: the module's train settings); None without the input."""
+    rows = data.splits.get("train") if data is not None else None
+    if rows and train.max_steps_per_epoch:
+        rows = min(rows, train.max_steps_per_epoch * train.batch_size)
+    return rows
+
+
 def upstream_wait(status: dict | None, *, final_only: bool, train_rows: int | None = None) -> float | None:
     """Seconds until the upstream publishes what a waiting module needs, from the upstream's last status: its final
     version after its remaining epochs (``final_only``; none left: it is publishing it, 0), else its next version after

@@ -34,7 +34,7 @@ from pipeline.store.stream import StreamRing
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
-from workers.epochs import Boundary, Step, next_step, parks, publishes_after, reader_may_use, upstream_wait
+from workers.epochs import Boundary, Step, epoch_rows, next_step, parks, publishes_after, reader_may_use, upstream_wait
 from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version, wanted_above
@@ -166,14 +166,9 @@ class ModuleTrainer:
 
     def _parks(self) -> bool:
         """Whether this actor ends as it waits (``workers.epochs.parks``): its status stays waiting, not done."""
-        sch, up = self.cfg.schedule, self._upstream
-        data, below = self.store.final("input"), self.cfg.module_train(self.plan.upstream)
-        rows = data.splits.get("train") if data is not None else None  # an upstream epoch covers them, or its cap
-        if rows and below.max_steps_per_epoch:
-            rows = min(rows, below.max_steps_per_epoch * below.batch_size)
-        wait = upstream_wait(self.store.read_json(f"status/{self.plan.upstream}.json"),
-                             final_only=not reader_may_use(self.epoch, self.train_cfg.epochs, sch.settle_epochs),
-                             train_rows=rows)
+        sch, up, below = self.cfg.schedule, self._upstream, self.plan.upstream
+        wait = upstream_wait(self.store.read_json(f"status/{below}.json"), final_only=not reader_may_use(
+            self.epoch, self.train_cfg.epochs, sch.settle_epochs), train_rows=epoch_rows(self.store.final("input"), self.cfg.module_train(below)))
         if not parks(shared=self.turns.shared, mode=sch.mode, publish=sch.publish, epoch=self.epoch, wait_seconds=wait,
                      upstream_final=up is not None and up.manifest.final, park_seconds=sch.park_seconds):
             return False
