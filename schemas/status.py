@@ -36,6 +36,8 @@ class ModuleStatus(BaseModel):
     final_version: int | None = Field(None, description="The module's final version, once committed.")
     samples_per_second: float | None = Field(None, description="Training throughput of the last epoch.")
     train_seconds: float = Field(0.0, description="Seconds spent in training steps.")
+    publish_rows: int | None = Field(None, description="Rows of the last version this module committed.")
+    publish_seconds: float | None = Field(None, description="Seconds its publish took (inference, writes, commit).")
     peak_memory_bytes: int | None = Field(None, description="Peak process RSS (CPU) or CUDA max allocated (GPU).")
     started_at: str | None = Field(None, description="When training began (ISO 8601).")
     finished_at: str | None = Field(None, description="When the final version was committed (ISO 8601).")

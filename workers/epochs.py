@@ -81,22 +81,29 @@ def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: 
         and publish != "stream" and epoch > 0 and not upstream_final and 0 < wait_seconds and park_seconds <= wait_seconds
 
 
-def epoch_rows(data, train) -> int | None:
-    """Rows a full epoch of a module trains on: the train split of ``data`` (the input's final manifest), or fewer
-    under its ``train.max_steps_per_epoch`` cap (``train``: the module's train settings); None without the input."""
-    rows = data.splits.get("train") if data is not None else None
+def epoch_rows(data, train) -> tuple[int | None, int | None]:
+    """Rows a full epoch of a module trains on and rows its final version covers, from the input's final manifest
+    ``data``: its train split (fewer under the module's ``train.max_steps_per_epoch`` cap; ``train``: its train
+    settings) and all its splits; (None, None) without the input."""
+    if data is None:
+        return None, None
+    rows = data.splits.get("train")
     if rows and train.max_steps_per_epoch:
         rows = min(rows, train.max_steps_per_epoch * train.batch_size)
-    return rows
+    return rows, data.rows
 
 
-def upstream_wait(status: dict | None, *, final_only: bool, train_rows: int | None = None) -> float | None:
-    """Seconds until the upstream publishes what a waiting module needs, from the upstream's last status: its final
-    version after its remaining epochs (``final_only``; none left: it is publishing it, 0), else its next version after
-    one more epoch. An epoch lasts its epochs' mean duration, or ``train_rows`` (the dataset's train split) at its last
-    epoch's rate where that is longer: an upstream's first epochs may train on a thin sample of the version below it
-    (stl10-gim at N=320: m2's first epoch, 128 rows in 56 s, had m3 expect 56 s where m2's full epoch and final publish
-    took 123). None while it has no finished epoch to go by."""
+def upstream_wait(status: dict | None, *, final_only: bool, train_rows: int | None = None,
+                  final_rows: int | None = None) -> float | None:
+    """Seconds until the upstream commits what a waiting module needs, from the upstream's last status: its final
+    version after its remaining epochs and its final publish (``final_only``; no epochs left: it is publishing it, 0),
+    else its next version after one more epoch and a publish like its last. An epoch lasts its epochs' mean duration,
+    or ``train_rows`` (the dataset's train split) at its last epoch's rate where that is longer: an upstream's first
+    epochs may train on a thin sample of the version below it (stl10-gim at N=320: m2's first epoch, 128 rows in 56 s,
+    had m3 expect 56 s where m2's full epoch and final publish took 123). A publish lasts its last one's seconds,
+    scaled to ``final_rows`` (every split) for the final version: on a faster machine (2-core EPYC, 12-05) m2's 33 s
+    epoch alone was under ``schedule.park_seconds`` while the epoch and the 400-row final publish were not, and m3
+    sat idle at 1.2 GB beside m2's step. None while it has no finished epoch to go by."""
     if not status or not status.get("epoch") or not status.get("train_seconds"):
         return None
     per_epoch = status["train_seconds"] / status["epoch"]
@@ -104,4 +111,9 @@ def upstream_wait(status: dict | None, *, final_only: bool, train_rows: int | No
     if train_rows and rate:
         per_epoch = max(per_epoch, train_rows / rate)
     remaining = max(0, (status.get("target_epochs") or status["epoch"]) - status["epoch"]) if final_only else 1
-    return remaining * per_epoch
+    if not remaining:
+        return 0.0
+    publish, rows = status.get("publish_seconds"), status.get("publish_rows")
+    if publish and final_only and final_rows and rows:
+        publish *= final_rows / rows
+    return remaining * per_epoch + (publish or 0.0)

@@ -75,7 +75,9 @@ def test_trainer_run_loop_builds_every_final_on_the_upstream_final(tmp_path, set
         "train.epochs=1", "stack.m1.train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=3",
         "schedule.poll_seconds=0.02", f"schedule.settle_epochs={settle}", f"schedule.track_upstream={str(track).lower()}",
         f"schedule.publish_every={every}", f"schedule.publish={publish}", "store.window_samples=96",
-        "store.rows_per_shard=24"], str(tmp_path / "store"))
+        "store.rows_per_shard=24",
+        # no driver here to create a parked actor again: a slow machine's epoch times must not park one
+        "schedule.park_seconds=null"], str(tmp_path / "store"))
     store, _, _ = prepare_run(cfg, "r")
     config = cfg.model_dump(mode="json")
     trainers = [ModuleTrainer(store.uri, "r", name, config) for name in cfg.stack]
@@ -145,3 +147,27 @@ def test_an_upstream_epoch_on_a_thin_sample_does_not_shorten_the_expected_wait_f
     slow = {**thin, "train_seconds": 200.0}
     assert upstream_wait(slow, final_only=True, train_rows=320) == 200.0
     assert upstream_wait({**thin, "samples_per_second": None}, final_only=True, train_rows=320) == 56.0
+
+
+def test_the_expected_wait_counts_the_upstream_publish_that_commits_the_version():
+    from workers.epochs import upstream_wait
+
+    # m2 on the faster 2-core machine: one 33 s epoch left, its last publish 128 rows in 16 s; the final covers 400 rows
+    up = {"epoch": 1, "target_epochs": 2, "train_seconds": 33.0, "publish_rows": 128, "publish_seconds": 16.0}
+    assert upstream_wait(up, final_only=True, final_rows=400) == 33.0 + 50.0  # the final publish, scaled to its rows
+    assert upstream_wait(up, final_only=False, final_rows=400) == 33.0 + 16.0  # the next version: one like the last
+    assert upstream_wait(up, final_only=True) == 33.0 + 16.0  # no row count: the last publish as it was
+    assert upstream_wait({"epoch": 1, "target_epochs": 2, "train_seconds": 33.0}, final_only=True, final_rows=400) == 33.0
+    # its epochs done, it is publishing its final version: still 0, so a module re-created for it does not park again
+    assert upstream_wait({**up, "epoch": 2, "train_seconds": 66.0}, final_only=True, final_rows=400) == 0.0
+
+
+def test_epoch_rows_are_the_train_split_under_the_step_cap_and_the_final_rows_every_split():
+    from types import SimpleNamespace
+
+    from workers.epochs import epoch_rows
+
+    data = SimpleNamespace(splits={"train": 320, "test": 80}, rows=400)
+    assert epoch_rows(data, SimpleNamespace(max_steps_per_epoch=None, batch_size=32)) == (320, 400)
+    assert epoch_rows(data, SimpleNamespace(max_steps_per_epoch=4, batch_size=32)) == (128, 400)
+    assert epoch_rows(None, SimpleNamespace(max_steps_per_epoch=None, batch_size=32)) == (None, None)
