@@ -81,7 +81,7 @@ def parks(*, shared: bool, mode: str, publish: str, epoch: int, upstream_final: 
         and publish != "stream" and epoch > 0 and not upstream_final and 0 < wait_seconds and park_seconds <= wait_seconds
 
 
-def epoch_rows(data, train) -> tuple[int | None, int | None]:
+def upstream_rows(data, train) -> tuple[int | None, int | None]:
     """Rows a full epoch of a module trains on and rows its final version covers, from the input's final manifest
     ``data``: its train split (fewer under the module's ``train.max_steps_per_epoch`` cap; ``train``: its train
     settings) and all its splits; (None, None) without the input."""
@@ -98,12 +98,10 @@ def upstream_wait(status: dict | None, *, final_only: bool, train_rows: int | No
     """Seconds until the upstream commits what a waiting module needs, from the upstream's last status: its final
     version after its remaining epochs and its final publish (``final_only``; no epochs left: it is publishing it, 0),
     else its next version after one more epoch and a publish like its last. An epoch lasts its epochs' mean duration,
-    or ``train_rows`` (the dataset's train split) at its last epoch's rate where that is longer: an upstream's first
-    epochs may train on a thin sample of the version below it (stl10-gim at N=320: m2's first epoch, 128 rows in 56 s,
-    had m3 expect 56 s where m2's full epoch and final publish took 123). A publish lasts its last one's seconds,
-    scaled to ``final_rows`` (every split) for the final version: on a faster machine (2-core EPYC, 12-05) m2's 33 s
-    epoch alone was under ``schedule.park_seconds`` while the epoch and the 400-row final publish were not, and m3
-    sat idle at 1.2 GB beside m2's step. None while it has no finished epoch to go by."""
+    or ``train_rows`` at its last epoch's rate where that is longer (an upstream's first epochs may train on a thin
+    sample of the version below it); a publish lasts its last one's seconds, scaled to ``final_rows`` (every split)
+    for the final version (``upstream_rows``). Measured cases: README Performance, "The expected wait before
+    parking". None while it has no finished epoch to go by."""
     if not status or not status.get("epoch") or not status.get("train_seconds"):
         return None
     per_epoch = status["train_seconds"] / status["epoch"]

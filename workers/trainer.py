@@ -34,7 +34,7 @@ from pipeline.store.stream import StreamRing
 from schemas.config import RunConfig
 from schemas.manifest import Manifest
 from schemas.status import ModuleState, ModuleStatus
-from workers.epochs import Boundary, Step, epoch_rows, next_step, parks, publishes_after, reader_may_use, upstream_wait
+from workers.epochs import Boundary, Step, upstream_rows, next_step, parks, publishes_after, reader_may_use, upstream_wait
 from workers.heldout import heldout_loss
 from workers.metric_log import MetricLog
 from workers.publisher import ChunkProducer, publish_version, wanted_above
@@ -172,7 +172,7 @@ class ModuleTrainer:
     def _parks(self) -> bool:
         """Whether this actor ends as it waits (``workers.epochs.parks``): its status stays waiting, not done."""
         sch, up, below = self.cfg.schedule, self._upstream, self.plan.upstream
-        train_rows, final_rows = epoch_rows(self.store.final("input"), self.cfg.module_train(below))
+        train_rows, final_rows = upstream_rows(self.store.final("input"), self.cfg.module_train(below))
         wait = upstream_wait(self.store.read_json(f"status/{below}.json"), final_only=not reader_may_use(
             self.epoch, self.train_cfg.epochs, sch.settle_epochs), train_rows=train_rows, final_rows=final_rows)
         if not parks(shared=self.turns.shared, mode=sch.mode, publish=sch.publish, epoch=self.epoch, wait_seconds=wait,

@@ -162,12 +162,12 @@ def test_the_expected_wait_counts_the_upstream_publish_that_commits_the_version(
     assert upstream_wait({**up, "epoch": 2, "train_seconds": 66.0}, final_only=True, final_rows=400) == 0.0
 
 
-def test_epoch_rows_are_the_train_split_under_the_step_cap_and_the_final_rows_every_split():
+def test_upstream_rows_are_the_train_split_under_the_step_cap_and_the_final_rows_every_split():
     from types import SimpleNamespace
 
-    from workers.epochs import epoch_rows
+    from workers.epochs import upstream_rows
 
     data = SimpleNamespace(splits={"train": 320, "test": 80}, rows=400)
-    assert epoch_rows(data, SimpleNamespace(max_steps_per_epoch=None, batch_size=32)) == (320, 400)
-    assert epoch_rows(data, SimpleNamespace(max_steps_per_epoch=4, batch_size=32)) == (128, 400)
-    assert epoch_rows(None, SimpleNamespace(max_steps_per_epoch=None, batch_size=32)) == (None, None)
+    assert upstream_rows(data, SimpleNamespace(max_steps_per_epoch=None, batch_size=32)) == (320, 400)
+    assert upstream_rows(data, SimpleNamespace(max_steps_per_epoch=4, batch_size=32)) == (128, 400)
+    assert upstream_rows(None, SimpleNamespace(max_steps_per_epoch=None, batch_size=32)) == (None, None)
