@@ -116,7 +116,8 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
         n_batches = max(1, len(order) // tc.batch_size)
         for b in range(min(n_batches, max_steps or tc.max_steps_per_epoch or n_batches)):
             idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
-            _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen)
+            _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen,
+                  cfg.stack[names[0]].objective.augment)
     return [m.eval() for m in modules]
 
 
@@ -213,7 +214,7 @@ def _train_one(cfg: RunConfig, name: str, index: int, module, objective, inputs:
             x = h[idx]
             x_pos = h[plan.partner[b * tc.batch_size:(b + 1) * tc.batch_size]] if plan.partner is not None else None
             if pairing == "augment":
-                x, x_pos = augment_views(x, gen)
+                x, x_pos = augment_views(x, gen, cfg.stack[name].objective.augment)
             loss, _ = local_loss(objective, module, x, x_pos, labels[idx], groups[idx] if groups is not None else None)
             _optimize(loss, opt, objective, module)
         if after_epoch is not None:
@@ -256,14 +257,14 @@ def _below(modules, i: int, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen) -> None:
+def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen, views) -> None:
     h = x_all[idx]
     h_pos, pos_kind = None, None
     labels = labels_all[idx]
     for i, (m, o, opt, pairing) in enumerate(zip(modules, objectives, optimizers, pairings)):
         groups = groups_all[idx] if pairing == "same_instance" else None
         if pairing == "augment":
-            a, a_pos = augment_views(h, gen)
+            a, a_pos = augment_views(h, gen, views)  # the first module only (the config refuses it above)
         elif pairing in METADATA_PAIRINGS:
             a = h
             a_pos = h_pos if pos_kind == pairing else _below(modules, i, x_all[partners[pairing][idx]])

@@ -55,6 +55,7 @@ def train_reference(cfg: RunConfig, store: Store, *, threads: int, score: bool =
         raise NotImplementedError("the reference loop feeds one metadata pairing to every module")
     tc = cfg.module_train(names[0])
     gen = torch.Generator().manual_seed(tc.seed)
+    views = cfg.stack[names[0]].objective.augment  # augment pairs only the first module
     steps = 0
     for epoch in range(tc.epochs):
         rng = np.random.default_rng([tc.seed, 0, 0, epoch])
@@ -62,7 +63,7 @@ def train_reference(cfg: RunConfig, store: Store, *, threads: int, score: bool =
                                    max_steps=tc.max_steps_per_epoch):
             x, x_pos = batch.x, batch.x_pos
             for m, o, opt, pairing in zip(modules, objectives, optimizers, pairings):
-                a, a_pos = (augment_views(x, gen) if pairing == "augment" else (x, x_pos))
+                a, a_pos = (augment_views(x, gen, views) if pairing == "augment" else (x, x_pos))
                 if a_pos is not None:  # as the trainer: a pair whenever the feed gives one
                     z, z_pos = m(torch.cat([a, a_pos])).chunk(2)
                 else:

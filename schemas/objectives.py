@@ -14,8 +14,20 @@ class Strict(BaseModel):
 PairingKind = Literal["same_instance", "neighbor_pose", "patch_grid", "augment", "temporal"]
 
 
+class AugmentViews(Strict):
+    """The two random views of each image under pairing ``augment`` (``pipeline.nn.pairing.augment_views``)."""
+
+    flip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip in each view (0 where a mirror "
+                        "image is another thing, as for digits and letters).")
+    min_scale: float = Field(0.5, gt=0, le=1, description="Smallest side of the random resized crop, as a fraction of "
+                             "the image's side.")
+    jitter: float = Field(0.3, ge=0, lt=1, description="Contrast jitter +-jitter (brightness +-jitter/2).")
+
+
 class _ObjectiveBase(Strict):
     pairing: PairingKind = Field("same_instance", description="Where the positive x+ of each sample comes from.")
+    augment: AugmentViews = Field(default_factory=AugmentViews, description="The views of pairing 'augment' (unused "
+                                  "by the other pairings).")
     projection_dim: int | None = Field(
         None, ge=1, description="Width of a projection head used only by the loss (discarded after training); null = none."
     )

@@ -278,7 +278,7 @@ class ModuleTrainer:
             lazy = pairing != "augment" and micro_batched(self.objective, batch.x, batch.x_pos, micro)
             prepare = self._upstream.step_input(self.device) if lazy else None
             batch = batch if prepare else features(batch)  # else the whole batch now, the stored copy dropped
-            x, x_pos = augment_views(batch.x, gen) if pairing == "augment" else (batch.x, batch.x_pos)
+            x, x_pos = augment_views(batch.x, gen, self.mcfg.objective.augment) if pairing == "augment" else (batch.x, batch.x_pos)
             loss, backward = step_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups,
                                        micro_batch=micro, prepare=prepare)
             del batch, x, x_pos  # a micro-batched step holds its inputs through `backward` only
@@ -312,7 +312,7 @@ class ModuleTrainer:
         # GiB, not ~0.6), the steps' heap returned first: a whole batch's blocks do not fit its holes (m2 4.6 GB).
         with self.turns.turn():
             release_free_memory()
-            heldout = heldout_loss(up, self.module, self.objective,
+            heldout = heldout_loss(up, self.module, self.objective, views=self.mcfg.objective.augment,
                                    pairing=getattr(self.mcfg.objective, "pairing", None),
                                    batch_size=self.train_cfg.batch_size, buffer=self.plan.buffer_samples,
                                    device=self.device, seed=[self.train_cfg.seed, self.plan.index, self.epoch, 1])

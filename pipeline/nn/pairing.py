@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pipeline.data.base import object_ids
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.nn.modules import grid_features, pool_to_vector
+from schemas.objectives import AugmentViews
 
 __all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "paired_vectors", "partner_index", "sequence_pairs"]
 
@@ -226,25 +227,25 @@ def paired_vectors(z: torch.Tensor, z_pos: torch.Tensor | None, max_pairs: int |
 def augment_views(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
-    *,
-    min_scale: float = 0.5,
-    jitter: float = 0.3,
+    views: AugmentViews | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random views of each image, batched (one grid_sample per view, no per-sample loop).
 
     x: (B, C, H, W) float in [0, 1] -> (x1, x2), same shape and range.
-    Each view: random resized crop (side scale in [min_scale, 1], aspect ratio
-    in [3/4, 4/3], anywhere inside the image), horizontal flip with p = 0.5,
-    brightness and contrast jitter of +-``jitter`` (SimCLR's recipe without
+    Each view (``views``: an objective's ``augment`` section; None = its
+    defaults): random resized crop (side scale in [min_scale, 1], aspect ratio
+    in [3/4, 4/3], anywhere inside the image), horizontal flip with p = flip,
+    brightness and contrast jitter of +-jitter (SimCLR's recipe without
     colour, which grayscale data lacks).
     """
+    v = views or AugmentViews()
     if x.ndim != 4:
         raise TrainingError(f"augment_views needs images (B, C, H, W), got {tuple(x.shape)}",
                             "use pairing 'augment' on the first module only")
-    return _view(x, generator, min_scale, jitter), _view(x, generator, min_scale, jitter)
+    return _view(x, generator, v.min_scale, v.jitter, v.flip), _view(x, generator, v.min_scale, v.jitter, v.flip)
 
 
-def _view(x: torch.Tensor, generator, min_scale: float, jitter: float) -> torch.Tensor:
+def _view(x: torch.Tensor, generator, min_scale: float, jitter: float, flip_p: float) -> torch.Tensor:
     b = x.shape[0]
     gen_device = generator.device if generator is not None else torch.device("cpu")
     r = torch.rand(b, 7, generator=generator, device=gen_device).to(x.device, x.dtype)  # (B, 7) uniforms
@@ -254,7 +255,7 @@ def _view(x: torch.Tensor, generator, min_scale: float, jitter: float) -> torch.
     sy = (scale * (-log_ratio).div(2).exp()).clamp(max=1.0)
     tx = (r[:, 2] * 2 - 1) * (1 - sx)  # centre anywhere that keeps the crop inside the image
     ty = (r[:, 3] * 2 - 1) * (1 - sy)
-    flip = torch.where(r[:, 4] < 0.5, -1.0, 1.0).to(x.dtype)
+    flip = torch.where(r[:, 4] < flip_p, -1.0, 1.0).to(x.dtype)
     theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2] = sx * flip, tx
     theta[:, 1, 1], theta[:, 1, 2] = sy, ty

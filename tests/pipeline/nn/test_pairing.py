@@ -6,6 +6,7 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.nn.pairing import PAIRING_NEEDS, augment_views, grid_pairs, partner_index
+from schemas.objectives import AugmentViews
 
 
 def norb_like(categories=3, instances=4, seed=0):
@@ -121,3 +122,12 @@ def test_augment_views_shapes_and_differences():
     assert (x1 - x2).flatten(1).abs().amax(1).gt(0).all()  # every sample's views differ
     again = augment_views(x, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], x1)  # reproducible from the generator
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_augment_views_flip_probability(flip):
+    # A left-dark, right-bright ramp: a crop and a positive contrast factor keep its direction, only a flip turns it.
+    ramp = torch.linspace(0.1, 0.9, 16).expand(64, 1, 16, 16).contiguous()
+    for view in augment_views(ramp, torch.Generator().manual_seed(3), AugmentViews(flip=flip)):
+        left, right = view[..., :8].mean(dim=(1, 2, 3)), view[..., 8:].mean(dim=(1, 2, 3))
+        assert bool((left > right).all()) if flip == 1.0 else bool((left < right).all())
