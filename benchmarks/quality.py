@@ -67,12 +67,14 @@ def score(cfg, emb: np.ndarray, cols: dict) -> dict:
         if cfg.evaluate.standardize:
             xtr, xte = standardize(xtr, xte)
         c = classify(xtr, cols["label"][tr], xte, cols["label"][te], knn_k=cfg.evaluate.knn_k,
+                     knn_metric=cfg.evaluate.knn_metric,
                      probe_iters=cfg.evaluate.linear_probe_epochs, seed=cfg.train.seed)
         out.update(nc=c["nearest_centroid"]["test_accuracy"], probe=c["linear_probe"]["test_accuracy"],
                    knn=c["knn"]["test_accuracy"])
     if np.isfinite(cols["azimuth"]).all():
         p = pose_metrics(emb[tr], cols["azimuth"][tr], cols["elevation"][tr], emb[te], cols["azimuth"][te],
-                         cols["elevation"][te], cols["instance"][te], k=cfg.evaluate.knn_k, label_test=cols["label"][te])
+                         cols["elevation"][te], cols["instance"][te], k=cfg.evaluate.knn_k, label_test=cols["label"][te],
+                         metric=cfg.evaluate.knn_metric)
         out.update(az_mae=p["azimuth_mae_deg"], ridge_r2=p["ridge_r2"], ring=ring_score(emb[te], cols["azimuth"][te]))
     return out
 

@@ -235,6 +235,10 @@ class ResourcesConfig(Strict):
 class EvaluateConfig(Strict):
     per_module: bool = Field(False, description="Also evaluate every module's final activations (accuracy by depth).")
     knn_k: int = Field(5, ge=1, description="Neighbours for the kNN classifier and kNN pose regression.")
+    knn_metric: Literal["euclidean", "cosine"] = Field(
+        "euclidean", description="How the kNN classifier and kNN pose regression find neighbours: 'euclidean', or "
+        "'cosine' (every row scaled to unit length first), the geometry a cosine-scored contrastive loss "
+        "(infonce_pair) trains, where a row's length is whatever training left it.")
     pose_projection: Literal["auto", "spectral", "pca"] = Field(
         "auto", description="How plots/pose.png and pose.parquet's x, y, z show an embedding wider than 3: 'spectral' "
         "(Laplacian eigenmaps of the test points' 10-nearest-neighbour graph, no labels used: one object's pose ring "

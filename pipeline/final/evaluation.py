@@ -54,6 +54,18 @@ def standardize(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np
     return (train_x - mean) / std, (test_x - mean) / std
 
 
+def knn_space(x: np.ndarray, metric: str) -> np.ndarray:
+    """The rows as a kNN compares them under ``evaluate.knn_metric``: as they are ("euclidean"), or each scaled to
+    unit length ("cosine": Euclidean neighbours of unit rows are the cosine-nearest; an all-zero row stays zero)."""
+    from sklearn.preprocessing import normalize
+
+    if metric == "euclidean":
+        return x
+    if metric == "cosine":
+        return normalize(x)
+    raise ValueError(f"unknown kNN metric {metric!r}; known: 'euclidean', 'cosine'")
+
+
 def classify(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -61,6 +73,7 @@ def classify(
     test_y: np.ndarray,
     *,
     knn_k: int = 5,
+    knn_metric: str = "euclidean",
     probe_iters: int = 100,
     seed: int = 0,
     fit_rows: int | None = None,
@@ -106,7 +119,7 @@ def classify(
     if "linear_probe" in readings:
         result["linear_probe"] = _linear_probe(fx, fy, test_x, test_y, probe_iters, seed)
     if "knn" in readings:
-        result["knn"] = _knn(fx, fy, test_x, test_y, knn_k)
+        result["knn"] = _knn(knn_space(fx, knn_metric), fy, knn_space(test_x, knn_metric), test_y, knn_k)
     if "clusters" in readings:
         result.update(_clusterings(test_x[fit_te], test_y[fit_te], seed))
     if len(fit_tr) < len(train_x) or len(fit_te) < len(test_x):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import DataError, UndefinedMetricError
+from pipeline.final.evaluation import knn_space
 
 __all__ = [
     "circular_error_deg",
@@ -39,24 +40,30 @@ def circular_error_deg(a, b) -> np.ndarray:
     return np.minimum(d, 360.0 - d)
 
 
-def knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k: int = 5) -> dict:
+def knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k: int = 5,
+                    metric: str = "euclidean") -> dict:
     """Mean absolute azimuth (circular) and elevation error, in degrees, of kNN pose regression.
 
     train_emb: (N, D), test_emb: (M, D); angles (N,) / (M,) in degrees. Returns
-    ``{"azimuth_mae_deg": float, "elevation_mae_deg": float}``.
+    ``{"azimuth_mae_deg": float, "elevation_mae_deg": float}``. ``metric`` as ``knn_pose_predict``'s.
     """
-    az_pred, el_pred = knn_pose_predict(train_emb, train_az, train_el, test_emb, k=k)
+    az_pred, el_pred = knn_pose_predict(train_emb, train_az, train_el, test_emb, k=k, metric=metric)
     return {
         "azimuth_mae_deg": float(circular_error_deg(az_pred, test_az).mean()),
         "elevation_mae_deg": float(np.abs(el_pred - np.asarray(test_el, dtype=np.float64)).mean()),
     }
 
 
-def knn_pose_predict(train_emb, train_az, train_el, test_emb, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """kNN pose regression: predicted azimuth (circular mean, [0, 360)) and elevation, degrees, (M,) each."""
+def knn_pose_predict(train_emb, train_az, train_el, test_emb, k: int = 5,
+                     metric: str = "euclidean") -> tuple[np.ndarray, np.ndarray]:
+    """kNN pose regression: predicted azimuth (circular mean, [0, 360)) and elevation, degrees, (M,) each.
+
+    ``metric``: "euclidean", or "cosine" (rows scaled to unit length, then Euclidean: the same neighbours).
+    """
     from sklearn.neighbors import NearestNeighbors
 
     train_emb, test_emb = _check_emb(train_emb, "train"), _check_emb(test_emb, "test")
+    train_emb, test_emb = knn_space(train_emb, metric), knn_space(test_emb, metric)
     k = int(min(k, len(train_emb)))
     idx = NearestNeighbors(n_neighbors=k).fit(train_emb).kneighbors(test_emb, return_distance=False)  # (M, k)
     az = np.radians(np.asarray(train_az, dtype=np.float64))[idx]
@@ -165,16 +172,17 @@ def trustworthiness_from_distances(d_orig: np.ndarray, emb: np.ndarray, k: int) 
 
 
 def pose_metrics(train_emb, train_az, train_el, test_emb, test_az, test_el, instance_test, k: int = 5,
-                 *, label_test=None) -> dict:
+                 *, label_test=None, metric: str = "euclidean") -> dict:
     """The summary's ``pose`` section: kNN errors (degrees), ridge R² and trustworthiness on the test split.
 
     Returns ``{"azimuth_mae_deg", "elevation_mae_deg", "ridge_r2", "trustworthiness"}`` as floats; a
     metric the data cannot give is ``None`` and its reason is under ``"undefined"`` (present only then).
     ``label_test`` (optional) makes objects (label, instance) for trustworthiness; see ``pose_trustworthiness``.
+    ``metric`` is the kNN regression's (``knn_pose_predict``); ridge and trustworthiness read the rows as they are.
     """
     readings = {
         ("azimuth_mae_deg", "elevation_mae_deg"):
-            lambda: knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k=k),
+            lambda: knn_pose_errors(train_emb, train_az, train_el, test_emb, test_az, test_el, k=k, metric=metric),
         ("ridge_r2",): lambda: {"ridge_r2": ridge_pose_r2(train_emb, train_az, train_el, test_emb, test_az, test_el)},
         ("trustworthiness",): lambda: {"trustworthiness": pose_trustworthiness(
             test_emb, test_az, test_el, instance_test, k=k, label=label_test)},

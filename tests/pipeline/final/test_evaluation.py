@@ -219,3 +219,17 @@ def test_scoring_threads_print_no_expected_warning():
 
     assert len(_leaked_when_a_thread_leaves_first(contextlib.nullcontext())) == 1  # the failure it guards against
     assert _leaked_when_a_thread_leaves_first(expected_warnings_ignored()) == []
+
+
+def test_knn_metric_cosine_classifies_by_direction():
+    # Two classes told apart by direction only; every row's length is noise that swamps Euclidean distances.
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1], 200)
+    angle = np.where(y == 0, 0.0, 0.3) + rng.normal(0, 0.02, len(y))
+    x = np.column_stack([np.cos(angle), np.sin(angle)]) * np.exp(rng.uniform(-3, 3, (len(y), 1)))
+    tr = np.arange(len(y)) % 20 == 0  # 10 train rows a class: few enough that no same-class row is near by length
+    te = ~tr
+    acc = {m: classify(x[tr], y[tr], x[te], y[te], knn_metric=m, readings=("knn",))["knn"]["test_accuracy"]
+           for m in ("euclidean", "cosine")}
+    assert acc["cosine"] == 1.0
+    assert acc["euclidean"] < 0.8

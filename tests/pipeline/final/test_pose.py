@@ -45,6 +45,21 @@ def test_knn_recovers_a_ring():
     assert err["elevation_mae_deg"] < 2.0
 
 
+def test_cosine_knn_reads_directions_whatever_the_rows_lengths():
+    # The azimuth lives in each row's direction; the lengths are noise, as a cosine-trained loss leaves them.
+    rng = np.random.default_rng(0)
+    az = np.repeat(np.arange(0, 360, 5.0), 8)
+    el = np.full_like(az, 50.0)
+    emb = np.column_stack([np.cos(np.radians(az)), np.sin(np.radians(az))]) * rng.uniform(0.05, 5.0, (len(az), 1))
+    train, test = np.arange(len(az)) % 2 == 0, np.arange(len(az)) % 2 == 1
+    errs = {m: knn_pose_errors(emb[train], az[train], el[train], emb[test], az[test], el[test], k=5, metric=m)
+            for m in ("euclidean", "cosine")}
+    assert errs["cosine"]["azimuth_mae_deg"] < 3.0
+    assert errs["euclidean"]["azimuth_mae_deg"] > 3 * errs["cosine"]["azimuth_mae_deg"]
+    with pytest.raises(ValueError, match="unknown kNN metric 'manhattan'"):
+        knn_pose_errors(emb, az, el, emb, az, el, metric="manhattan")
+
+
 def test_knn_on_shuffled_angles_is_chance():
     emb, az, el = ring()
     rng = np.random.default_rng(0)
