@@ -140,8 +140,8 @@ class Evaluator:
         # default's raw pixels in one job took 8.6 s of the 9 s (the evaluation with its pose metrics: 13.1-13.5 s
         # -> 11.4-12.0 s, the same numbers).
         jobs = {(name, part): lambda name=name, part=part: classify(
-                    *splits[name], knn_k=ev.knn_k, knn_metric=ev.knn_metric, probe_iters=ev.linear_probe_epochs, seed=self.cfg.train.seed,
-                    fit_rows=ev.fit_rows, readings=part)
+                    *splits[name], knn_k=ev.knn_k, knn_metric=ev.knn_metric, probe_iters=ev.linear_probe_epochs,
+                    seed=self.cfg.train.seed, fit_rows=ev.fit_rows, readings=part)
                 for name in sorted(splits, key=lambda n: -splits[n][0].shape[1]) for part in _READING_JOBS}
         with expected_warnings_ignored():  # filters shared by the threads: see its docstring
             done = _scores(jobs)
@@ -163,8 +163,7 @@ class Evaluator:
         tr, te = split == "train", split == "test"
         return pose_metrics(emb[tr], cols["azimuth"][tr], cols["elevation"][tr], emb[te], cols["azimuth"][te],
                             cols["elevation"][te], instance_test=cols["instance"][te], k=self.cfg.evaluate.knn_k,
-                            metric=self.cfg.evaluate.knn_metric,
-                            label_test=cols["label"][te])
+                            label_test=cols["label"][te], metric=self.cfg.evaluate.knn_metric)
 
     def _export(self, meta: pa.Table, emb: np.ndarray, results: dict) -> dict:
         exports = {}

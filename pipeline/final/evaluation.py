@@ -54,18 +54,6 @@ def standardize(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np
     return (train_x - mean) / std, (test_x - mean) / std
 
 
-def knn_space(x: np.ndarray, metric: str) -> np.ndarray:
-    """The rows as a kNN compares them under ``evaluate.knn_metric``: as they are ("euclidean"), or each scaled to
-    unit length ("cosine": Euclidean neighbours of unit rows are the cosine-nearest; an all-zero row stays zero)."""
-    from sklearn.preprocessing import normalize
-
-    if metric == "euclidean":
-        return x
-    if metric == "cosine":
-        return normalize(x)
-    raise ValueError(f"unknown kNN metric {metric!r}; known: 'euclidean', 'cosine'")
-
-
 def classify(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -119,7 +107,7 @@ def classify(
     if "linear_probe" in readings:
         result["linear_probe"] = _linear_probe(fx, fy, test_x, test_y, probe_iters, seed)
     if "knn" in readings:
-        result["knn"] = _knn(knn_space(fx, knn_metric), fy, knn_space(test_x, knn_metric), test_y, knn_k)
+        result["knn"] = _knn(fx, fy, test_x, test_y, knn_k, knn_metric)
     if "clusters" in readings:
         result.update(_clusterings(test_x[fit_te], test_y[fit_te], seed))
     if len(fit_tr) < len(train_x) or len(fit_te) < len(test_x):
@@ -154,12 +142,12 @@ def _nearest_centroid(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     }
 
 
-def _knn(train_x, train_y, test_x, test_y, k: int) -> dict:
-    """Test accuracy of ``KNeighborsClassifier(k)`` (k capped at the train rows)."""
+def _knn(train_x, train_y, test_x, test_y, k: int, metric: str) -> dict:
+    """Test accuracy of ``KNeighborsClassifier(k, metric=metric)`` (k capped at the train rows)."""
     from sklearn.neighbors import KNeighborsClassifier
 
     k = int(min(k, len(train_x)))
-    knn = KNeighborsClassifier(n_neighbors=k).fit(train_x, train_y)
+    knn = KNeighborsClassifier(n_neighbors=k, metric=metric).fit(train_x, train_y)
     return {"test_accuracy": _accuracy(knn.predict(test_x), test_y), "k": k}
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import DataError, UndefinedMetricError
-from pipeline.final.evaluation import knn_space
 
 __all__ = [
     "circular_error_deg",
@@ -58,14 +57,13 @@ def knn_pose_predict(train_emb, train_az, train_el, test_emb, k: int = 5,
                      metric: str = "euclidean") -> tuple[np.ndarray, np.ndarray]:
     """kNN pose regression: predicted azimuth (circular mean, [0, 360)) and elevation, degrees, (M,) each.
 
-    ``metric``: "euclidean", or "cosine" (rows scaled to unit length, then Euclidean: the same neighbours).
+    ``metric``: scikit-learn's name of the distance the neighbours are found by ("euclidean", "cosine", ...).
     """
     from sklearn.neighbors import NearestNeighbors
 
     train_emb, test_emb = _check_emb(train_emb, "train"), _check_emb(test_emb, "test")
-    train_emb, test_emb = knn_space(train_emb, metric), knn_space(test_emb, metric)
     k = int(min(k, len(train_emb)))
-    idx = NearestNeighbors(n_neighbors=k).fit(train_emb).kneighbors(test_emb, return_distance=False)  # (M, k)
+    idx = NearestNeighbors(n_neighbors=k, metric=metric).fit(train_emb).kneighbors(test_emb, return_distance=False)  # (M, k)
     az = np.radians(np.asarray(train_az, dtype=np.float64))[idx]
     # Circular mean: the direction of the mean unit vector (a plain mean of 350 and 10 would say 180).
     az_pred = np.degrees(np.arctan2(np.sin(az).mean(axis=1), np.cos(az).mean(axis=1))) % 360.0
