@@ -37,6 +37,13 @@ class InfoNCEPair(_ObjectiveBase):
     kind: Literal["infonce_pair"] = "infonce_pair"
     temperature: float = Field(0.1, gt=0, description="Softmax temperature of the scores.")
     bilinear: bool = Field(False, description="Score pairs with a learned bilinear W (z^T W z+) instead of cosine similarity.")
+    pool: Literal["mean", "flatten"] = Field(
+        "mean", description="How a feature map becomes the vector a pair of samples is scored on: 'mean' averages "
+        "over positions (the loss sees which features, not where), 'flatten' keeps every position (C*H*W values "
+        "into the projection head). Pairings within a sample (patch_grid, temporal) score positions and take 'mean'.")
+    projection_hidden: int | None = Field(
+        None, ge=1, description="Width of the projection head's hidden layer; null = the width of its input "
+        "(SimCLR's). A flattened map is wide (C*H*W): a narrower hidden layer keeps the head cheap.")
 
 
 class InfoNCEGrid(_ObjectiveBase):

@@ -82,11 +82,13 @@ def grid_step_loss(context: torch.Tensor, predicted: torch.Tensor, offset: int, 
     return loss, accuracy
 
 
-def projection_head(d_in: int, d_out: int | None) -> nn.Module:
-    """SimCLR-style 2-layer MLP used only by the loss, or identity when d_out is None."""
+def projection_head(d_in: int, d_out: int | None, hidden: int | None = None) -> nn.Module:
+    """SimCLR-style 2-layer MLP used only by the loss (its hidden layer ``hidden`` wide, default d_in), or
+    identity when d_out is None."""
     if d_out is None:
         return nn.Identity()
-    return nn.Sequential(nn.Linear(d_in, d_in), nn.ReLU(), nn.Linear(d_in, d_out))
+    hidden = hidden or d_in
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
 
 
 # ---------------------------------------------------------------- learned parts
@@ -97,10 +99,12 @@ class InfoNCEPairObjective(nn.Module):
 
     needs_labels = False
 
-    def __init__(self, width: int, *, temperature: float, bilinear: bool, projection_dim: int | None, pairing: str) -> None:
+    def __init__(self, width: int, *, temperature: float, bilinear: bool, projection_dim: int | None, pairing: str,
+                 flatten: bool = False, projection_hidden: int | None = None) -> None:
         super().__init__()
         self.temperature = temperature
-        self.head = projection_head(width, projection_dim)
+        self.flatten = flatten  # score a pair of samples on their whole maps (C*H*W = width), not the mean over positions
+        self.head = projection_head(width, projection_dim, projection_hidden)
         d = projection_dim or width
         # Bilinear scores a^T W b as in CPC/GIM (W initialised like nn.Linear), instead of cosine.
         self.w = nn.Linear(d, d, bias=False) if bilinear else None
@@ -108,7 +112,10 @@ class InfoNCEPairObjective(nn.Module):
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):
-        a, b = paired_vectors(z, z_pos, GRID_PAIRS_MAX)  # (N, D) each
+        if self.flatten and z_pos is not None:
+            a, b = z.flatten(1), z_pos.flatten(1)
+        else:
+            a, b = paired_vectors(z, z_pos, GRID_PAIRS_MAX)  # (N, D) each
         a, b = self.head(a), self.head(b)
         if self.w is not None:
             scores = a @ self.w(b).T / self.temperature
@@ -171,12 +178,22 @@ class InfoNCEGridObjective(nn.Module):
 
 
 def pair_problems(cfg, facts: ModuleFacts) -> Problems:
+    if cfg.pool == "flatten" and cfg.pairing in WITHIN_SAMPLE:
+        return [("objective.pool", f"'flatten' scores pairs of samples on their whole maps, but pairing "
+                                   f"{cfg.pairing!r} pairs positions within one sample; use pool 'mean' (the default) "
+                                   "or a pairing of samples (same_instance, neighbor_pose, augment)")]
+    if cfg.projection_hidden is not None and cfg.projection_dim is None:
+        return [("objective.projection_hidden", f"is {cfg.projection_hidden}, but projection_dim is null: there is no "
+                                                "projection head to widen; set projection_dim or drop projection_hidden")]
     return pairing_problems(cfg, facts)
 
 
 def build_pair(cfg, facts: ModuleFacts) -> nn.Module:
-    return InfoNCEPairObjective(facts.width, temperature=cfg.temperature, bilinear=cfg.bilinear,
-                                projection_dim=cfg.projection_dim, pairing=cfg.pairing)
+    flatten = cfg.pool == "flatten" and cfg.pairing not in WITHIN_SAMPLE
+    width = math.prod(facts.out_shape) if flatten else facts.width
+    return InfoNCEPairObjective(width, temperature=cfg.temperature, bilinear=cfg.bilinear,
+                                projection_dim=cfg.projection_dim, pairing=cfg.pairing, flatten=flatten,
+                                projection_hidden=cfg.projection_hidden)
 
 
 def grid_problems(cfg, facts: ModuleFacts) -> Problems:

@@ -54,6 +54,28 @@ def test_infonce_pair_bilinear_loss_falls():
     assert falls(losses)
 
 
+def test_infonce_pair_pool_flatten_scores_where_features_are():
+    # Each sample a map with one hot position per channel, a different one per sample: every map has the same
+    # mean over positions, so the mean-pooled pair loss cannot tell the samples apart and the flattened one can.
+    n, c, h, w = 8, 2, 3, 3
+    z = torch.zeros(n, c, h * w)
+    for i in range(n):
+        z[i, 0, i], z[i, 1, (2 * i) % (h * w)] = 1.0, 1.0
+    z = z.reshape(n, c, h, w)
+    mean = build_objective(objective_cfg(kind="infonce_pair", temperature=0.1), (c, h, w), None)
+    flat = build_objective(objective_cfg(kind="infonce_pair", temperature=0.1, pool="flatten"), (c, h, w), None)
+    chance = torch.log(torch.tensor(float(n)))
+    assert mean(z, z.clone(), None)[0].item() == pytest.approx(chance.item(), abs=1e-3)
+    assert flat(z, z.clone(), None)[0].item() < 0.5 * chance.item()
+    head = build_objective(objective_cfg(kind="infonce_pair", pool="flatten", projection_dim=4, projection_hidden=5),
+                           (c, h, w), None).head
+    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (c * h * w, 5, 4)
+    with pytest.raises(ConfigError, match="objective.projection_hidden"):
+        build_objective(objective_cfg(kind="infonce_pair", projection_hidden=5), (c, h, w), None)
+    with pytest.raises(ConfigError, match="objective.pool"):
+        build_objective(objective_cfg(kind="infonce_pair", pairing="patch_grid", pool="flatten"), (c, h, w), None)
+
+
 def stripes(n=16, size=16, seed=0):
     """Images of vertical stripes with an image-specific pattern: the rows below are predictable from a row."""
     g = torch.Generator().manual_seed(seed)
