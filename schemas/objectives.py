@@ -40,7 +40,7 @@ class InfoNCEPair(_ObjectiveBase):
     pool: Literal["mean", "flatten"] = Field(
         "mean", description="How a feature map becomes the vector a pair of samples is scored on: 'mean' averages "
         "over positions (the loss sees which features, not where), 'flatten' keeps every position (C*H*W values "
-        "into the projection head). Pairings within a sample (patch_grid, temporal) score positions and take 'mean'.")
+        "into the projection head). Pairings within a sample (patch_grid, temporal) score positions: 'flatten' is an error there.")
     projection_hidden: int | None = Field(
         None, ge=1, description="Width of the projection head's hidden layer; null = the width of its input "
         "(SimCLR's). A flattened map is wide (C*H*W): a narrower hidden layer keeps the head cheap.")

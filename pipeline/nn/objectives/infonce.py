@@ -112,7 +112,7 @@ class InfoNCEPairObjective(nn.Module):
 
     def forward(self, z: torch.Tensor, z_pos: torch.Tensor | None, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None):
-        if self.flatten and z_pos is not None:
+        if self.flatten:  # pair_problems allows it only for pairings of samples, so z_pos is given
             a, b = z.flatten(1), z_pos.flatten(1)
         else:
             a, b = paired_vectors(z, z_pos, GRID_PAIRS_MAX)  # (N, D) each
@@ -189,7 +189,7 @@ def pair_problems(cfg, facts: ModuleFacts) -> Problems:
 
 
 def build_pair(cfg, facts: ModuleFacts) -> nn.Module:
-    flatten = cfg.pool == "flatten" and cfg.pairing not in WITHIN_SAMPLE
+    flatten = cfg.pool == "flatten"
     width = math.prod(facts.out_shape) if flatten else facts.width
     return InfoNCEPairObjective(width, temperature=cfg.temperature, bilinear=cfg.bilinear,
                                 projection_dim=cfg.projection_dim, pairing=cfg.pairing, flatten=flatten,
