@@ -73,8 +73,8 @@ class Evaluator:
             else:
                 try:
                     out["evaluation"] = self._evaluate(meta, emb)
-                except UndefinedMetricError as e:  # e.g. one class in the train split: a trained run is kept
-                    out["evaluation"] = {"skipped": e.cause}
+                except UndefinedMetricError as e:  # one class in the train split, a collapsed top: a trained run is kept
+                    out["evaluation"] = {"skipped": f"{e.cause} (fix: {e.fix})" if e.fix else e.cause}
             if self.caps.has_pose:
                 out["pose"] = self._pose(meta, emb)
         if export:

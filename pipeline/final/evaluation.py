@@ -21,7 +21,8 @@ says so under ``"subsample"``.
 
 A reading the data cannot give raises or records ``UndefinedMetricError``'s reason instead of failing the
 final stage: an empty split or a train split with one class makes the whole classification undefined
-(raised, the evaluator reports it); a test split with no more samples than classes leaves k-means and
+(raised, the evaluator reports it), and so does an embedding that is one vector for every train row (a
+collapsed module); a test split with no more samples than classes leaves k-means and
 the mixture out (each sample could be its own cluster) and names them under ``"undefined"``.
 """
 
@@ -93,6 +94,11 @@ def classify(
     if len(classes) < 2:
         raise UndefinedMetricError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
                                    "select at least two categories (dataset.categories)")
+    if np.all(np.ptp(train_x, axis=0) == 0):  # scikit-learn's nearest centroid stops on it with "division by zero"
+        raise UndefinedMetricError(
+            f"every train embedding is the same vector ({train_x.shape[1]} features, none varying): the module's "
+            "output collapsed to one point, so no classifier can tell the classes apart",
+            "re-train that module with a lower lr or another objective (`isostack retrain RUN --module NAME`)")
     fit_tr = fit_subsample(len(train_x), fit_rows, seed)
     fit_te = fit_subsample(len(test_x), fit_rows, seed + 1)
     fx, fy = train_x[fit_tr], train_y[fit_tr]
