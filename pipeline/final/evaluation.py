@@ -94,11 +94,6 @@ def classify(
     if len(classes) < 2:
         raise UndefinedMetricError(f"the train split has {len(classes)} class(es); a classifier needs at least 2",
                                    "select at least two categories (dataset.categories)")
-    if np.all(np.ptp(train_x, axis=0) == 0):  # scikit-learn's nearest centroid stops on it with "division by zero"
-        raise UndefinedMetricError(
-            f"every train embedding is the same vector ({train_x.shape[1]} features, none varying): the module's "
-            "output collapsed to one point, so no classifier can tell the classes apart",
-            "re-train that module with a lower lr or another objective (`isostack retrain RUN --module NAME`)")
     fit_tr = fit_subsample(len(train_x), fit_rows, seed)
     fit_te = fit_subsample(len(test_x), fit_rows, seed + 1)
     fx, fy = train_x[fit_tr], train_y[fit_tr]
@@ -266,6 +261,11 @@ def _check_xy(x, y, split: str) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(x)):
         raise DataError(f"{split} embeddings contain NaN or inf",
                         "a module diverged: lower its lr or re-train it (`isostack retrain RUN --module NAME`)")
+    if split == "train" and np.all(np.ptp(x, axis=0) == 0):  # scikit-learn's nearest centroid: "division by zero"
+        raise UndefinedMetricError(
+            f"every train embedding is the same vector ({x.shape[1]} features, none varying): the module's output "
+            "collapsed to one point, so no classifier can tell the classes apart",
+            "re-train that module with a lower lr or another objective (`isostack retrain RUN --module NAME`)")
     return x, y
 
 
