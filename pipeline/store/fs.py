@@ -26,6 +26,8 @@ from pipeline.errors import StoreError
 from schemas.config import uri_credentials_problem
 
 
+# How many times a listing that raced a directory's creation is taken before it is an error (RunFS.listdir).
+LIST_RETRIES = 4
 _OVERLAP_BYTES = 1 << 20
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -274,9 +276,17 @@ class RunFS:
             return self.fs.get_file_info([self.path(r) for r in rels])
 
     def listdir(self, rel: str, recursive: bool = False) -> list[pafs.FileInfo]:
-        """Entries under ``rel`` (empty when it does not exist)."""
+        """Entries under ``rel`` (empty when it does not exist).
+
+        A directory created while it is listed (a stage's first version, written by another process) can make
+        pyarrow's local listing fail with "not found" although the directory exists when pyarrow looks again:
+        the listing is taken again, a few times, before that is an error."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=recursive)
+        for _ in range(LIST_RETRIES):
+            with contextlib.suppress(FileNotFoundError):
+                return self.fs.get_file_info(selector)
         with self.errors("list", rel):
-            return self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=recursive))
+            return self.fs.get_file_info(selector)
 
     def makedirs(self, rel: str) -> None:
         with self.errors("create", rel):

@@ -468,3 +468,25 @@ def test_final_and_newest_skip_a_version_removed_after_listing(store, monkeypatc
     assert store.final("m1").version == listed[0]
     calls["n"] = 0
     assert store.newest("m1").version == listed[-1]
+
+
+def test_listing_a_stage_while_its_directory_is_created_is_never_an_error(tmp_path):
+    """pyarrow's local listing can fail with "not found" for a directory made while it lists (it looks again
+    and finds it); a reader polling a stage whose first version another process is writing must get a list."""
+    import threading
+
+    from pipeline.store.fs import RunFS
+
+    failures = []
+    for trial in range(300):
+        fs = RunFS(str(tmp_path / str(trial)), "r")
+        made = threading.Thread(target=os.makedirs, args=(fs.path("store/m1/v000001"),))
+        made.start()
+        for _ in range(20):
+            try:
+                fs.listdir("store/m1")
+            except Exception as exc:  # noqa: BLE001 - counted, and the test fails on any
+                failures.append(repr(exc))
+        made.join()
+    assert not failures, failures[:3]
+    assert [i.base_name for i in fs.listdir("store/m1")] == ["v000001"]
