@@ -74,7 +74,7 @@ class Evaluator:
                 try:
                     out["evaluation"] = self._evaluate(meta, emb)
                 except UndefinedMetricError as e:  # one class in the train split, a collapsed top: a trained run is kept
-                    out["evaluation"] = {"skipped": f"{e.cause} (fix: {e.fix})" if e.fix else e.cause}
+                    out["evaluation"] = {"skipped": e.message}  # the cause, and its fix where it has one
             if self.caps.has_pose:
                 out["pose"] = self._pose(meta, emb)
         if export:

@@ -26,8 +26,8 @@ from pipeline.errors import StoreError
 from schemas.config import uri_credentials_problem
 
 
-# How many times a listing that raced a directory's creation is taken before it is an error (RunFS.listdir).
-LIST_RETRIES = 4
+# How many times a listing that raced a directory's creation is taken again before it is an error (RunFS.listdir).
+_LIST_RETRIES = 4
 _OVERLAP_BYTES = 1 << 20
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -282,7 +282,7 @@ class RunFS:
         pyarrow's local listing fail with "not found" although the directory exists when pyarrow looks again:
         the listing is taken again, a few times, before that is an error."""
         selector = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=recursive)
-        for _ in range(LIST_RETRIES):
+        for _ in range(_LIST_RETRIES):
             with contextlib.suppress(FileNotFoundError):
                 return self.fs.get_file_info(selector)
         with self.errors("list", rel):

@@ -138,7 +138,6 @@ def test_one_class_in_train_is_undefined():
         classify(TRAIN_X, np.zeros(len(TRAIN_Y)), TEST_X, TEST_Y)
 
 
-
 def test_a_collapsed_embedding_is_undefined_with_the_module_to_retrain():
     """One vector for every train row (a module whose output collapsed) is named as such, not scikit-learn's
     "division by zero"; one varying feature is enough to classify."""
@@ -151,6 +150,7 @@ def test_a_collapsed_embedding_is_undefined_with_the_module_to_retrain():
     flat[:, 0] = TRAIN_Y
     r = classify(flat, TRAIN_Y, np.column_stack([TEST_Y, np.full((len(TEST_Y), flat.shape[1] - 1), 0.25)]), TEST_Y)
     assert r["nearest_centroid"]["test_accuracy"] == 1.0
+
 
 def _blobs(n: int, seed: int):
     """n rows of two well separated blobs in 3 dimensions, labels 0/1 alternating."""
