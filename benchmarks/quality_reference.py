@@ -37,7 +37,7 @@ from pipeline.data.base import object_ids
 from pipeline.feed import plan_epoch
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective, local_loss
-from pipeline.nn.pairing import augment_views, partner_index
+from pipeline.nn.pairing import loss_inputs, partner_index
 from pipeline.planning.plan import build_plan
 from pipeline.store.codec import get_codec
 from schemas.config import RunConfig
@@ -117,7 +117,7 @@ def train_reference(cfg: RunConfig, ds: Dataset, *, epochs: int | None = None, m
         for b in range(min(n_batches, max_steps or tc.max_steps_per_epoch or n_batches)):
             idx = order[b * tc.batch_size:(b + 1) * tc.batch_size]
             _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen,
-                  cfg.stack[names[0]].objective.augment)
+                  [cfg.stack[n].objective for n in names])
     return [m.eval() for m in modules]
 
 
@@ -213,8 +213,7 @@ def _train_one(cfg: RunConfig, name: str, index: int, module, objective, inputs:
             idx = plan.order[b * tc.batch_size:(b + 1) * tc.batch_size]
             x = h[idx]
             x_pos = h[plan.partner[b * tc.batch_size:(b + 1) * tc.batch_size]] if plan.partner is not None else None
-            if pairing == "augment":
-                x, x_pos = augment_views(x, gen, cfg.stack[name].objective.augment)
+            x, x_pos = loss_inputs(x, x_pos, gen, pairing, cfg.stack[name].objective)
             loss, _ = local_loss(objective, module, x, x_pos, labels[idx], groups[idx] if groups is not None else None)
             _optimize(loss, opt, objective, module)
         if after_epoch is not None:
@@ -257,20 +256,18 @@ def _below(modules, i: int, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen, views) -> None:
+def _step(modules, objectives, optimizers, pairings, x_all, idx, partners, labels_all, groups_all, gen, specs) -> None:
     h = x_all[idx]
     h_pos, pos_kind = None, None
     labels = labels_all[idx]
-    for i, (m, o, opt, pairing) in enumerate(zip(modules, objectives, optimizers, pairings)):
+    for i, (m, o, opt, pairing, spec) in enumerate(zip(modules, objectives, optimizers, pairings, specs)):
         groups = groups_all[idx] if pairing == "same_instance" else None
-        if pairing == "augment":
-            a, a_pos = augment_views(h, gen, views)  # the first module only (the config refuses it above)
-        elif pairing in METADATA_PAIRINGS:
-            a = h
+        a_pos = None
+        if pairing in METADATA_PAIRINGS:
             a_pos = h_pos if pos_kind == pairing else _below(modules, i, x_all[partners[pairing][idx]])
-        else:
-            a, a_pos = h, None
-        loss, _ = local_loss(o, m, a, a_pos, labels, groups)
+        # views (augment, pair_views) only at the first module, as the config allows; the module above reads
+        # this one's output of the rows as they are
+        loss, _ = local_loss(o, m, *loss_inputs(h, a_pos, gen, pairing, spec), labels, groups)
         _optimize(loss, opt, o, m)
         with torch.no_grad():  # the GIM boundary: the next module sees values, not a graph
             if pairing == "augment" or pairing not in METADATA_PAIRINGS:

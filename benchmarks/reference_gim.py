@@ -24,7 +24,7 @@ from pipeline.feed import PairedBatches, load_upstream, to_float
 from pipeline.feed.heap import retain_freed_memory
 from pipeline.nn.modules import build_module, pool_to_vector
 from pipeline.nn.objectives import build_objective
-from pipeline.nn.pairing import augment_views
+from pipeline.nn.pairing import loss_inputs
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store
 from schemas.config import RunConfig
@@ -55,15 +55,15 @@ def train_reference(cfg: RunConfig, store: Store, *, threads: int, score: bool =
         raise NotImplementedError("the reference loop feeds one metadata pairing to every module")
     tc = cfg.module_train(names[0])
     gen = torch.Generator().manual_seed(tc.seed)
-    views = cfg.stack[names[0]].objective.augment  # augment pairs only the first module
+    specs = [cfg.stack[n].objective for n in names]  # views (augment, pair_views) at the first module only
     steps = 0
     for epoch in range(tc.epochs):
         rng = np.random.default_rng([tc.seed, 0, 0, epoch])
         for batch in PairedBatches(up, batch_size=tc.batch_size, pairing=data_pairing, rng=rng, device=device,
                                    max_steps=tc.max_steps_per_epoch):
             x, x_pos = batch.x, batch.x_pos
-            for m, o, opt, pairing in zip(modules, objectives, optimizers, pairings):
-                a, a_pos = (augment_views(x, gen, views) if pairing == "augment" else (x, x_pos))
+            for m, o, opt, pairing, spec in zip(modules, objectives, optimizers, pairings, specs):
+                a, a_pos = loss_inputs(x, x_pos, gen, pairing, spec)
                 if a_pos is not None:  # as the trainer: a pair whenever the feed gives one
                     z, z_pos = m(torch.cat([a, a_pos])).chunk(2)
                 else:

@@ -15,19 +15,25 @@ PairingKind = Literal["same_instance", "neighbor_pose", "patch_grid", "augment",
 
 
 class AugmentViews(Strict):
-    """The two random views of each image under pairing ``augment`` (``pipeline.nn.pairing.augment_views``)."""
+    """The random views of images under pairing ``augment`` (two of each image) or ``pair_views`` (one of each
+    row and one of its partner): ``pipeline.nn.pairing.loss_inputs``."""
 
     flip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip in each view (0 where a mirror "
                         "image is another thing, as for digits and letters).")
     min_scale: float = Field(0.5, gt=0, le=1, description="Smallest side of the random resized crop, as a fraction of "
-                             "the image's side.")
+                             "the image's side; 1 = no crop (the whole image).")
     jitter: float = Field(0.3, ge=0, lt=1, description="Contrast jitter +-jitter (brightness +-jitter/2).")
 
 
 class _ObjectiveBase(Strict):
     pairing: PairingKind = Field("same_instance", description="Where the positive x+ of each sample comes from.")
-    augment: AugmentViews = Field(default_factory=AugmentViews, description="The views of pairing 'augment' (unused "
-                                  "by the other pairings).")
+    augment: AugmentViews = Field(default_factory=AugmentViews, description="The views of pairing 'augment', and "
+                                  "of pair_views (unused otherwise).")
+    pair_views: bool = Field(False, description="Under a pairing of samples (same_instance, neighbor_pose), each row "
+                             "and its partner each pass through one random view of `augment` before the loss, so the "
+                             "pair also says that those changes (a mirror image, a crop) keep the object. First module "
+                             "only (it reads images); off where a view changes what the pair means (a mirror image "
+                             "turns azimuth the other way, so not with neighbor_pose for pose).")
     projection_dim: int | None = Field(
         None, ge=1, description="Width of a projection head used only by the loss (discarded after training); null = none."
     )

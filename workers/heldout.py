@@ -15,19 +15,19 @@ import torch
 
 from pipeline.feed import Source, StreamingBatches, plan_epoch
 from pipeline.nn.objectives import local_loss
-from pipeline.nn.pairing import augment_views
-from schemas.objectives import AugmentViews
+from pipeline.nn.pairing import loss_inputs
+from schemas.objectives import Objective
 
 HELDOUT_BATCHES = 1
 
 
 def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Module, *, pairing: str | None,
                  batch_size: int, buffer: int, device: torch.device, seed: list[int],
-                 views: AugmentViews | None = None) -> float | None:
+                 spec: Objective | None = None) -> float | None:
     """Mean loss over ``HELDOUT_BATCHES`` batches of ``src``'s test rows, or None when it has fewer than two
     (an intermediate version) or the loss is not finite. ``seed`` fixes the rows and partners drawn; it is
     separate from the training order's generator, and torch's global one is left as it was, so training is the
-    same with or without this. ``views``: the objective's ``augment`` section (pairing ``augment``)."""
+    same with or without this. ``spec``: the module's objective section (its views: ``loss_inputs``)."""
     rows = np.flatnonzero(src.split == "test")
     if len(rows) < 2:
         return None
@@ -44,7 +44,7 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for batch in StreamingBatches(src, plan, device=device, pairing=pairing, readahead=0):
-                losses.append(float(batch_loss(objective, module, batch, pairing, gen, views)))
+                losses.append(float(batch_loss(objective, module, batch, pairing, gen, spec)))
     finally:
         module.train(modes[0]), objective.train(modes[1])
     mean = float(np.mean(losses)) if losses else float("nan")
@@ -52,9 +52,7 @@ def heldout_loss(src: Source, module: torch.nn.Module, objective: torch.nn.Modul
 
 
 def batch_loss(objective: torch.nn.Module, module: torch.nn.Module, batch, pairing: str | None,
-               gen: torch.Generator, views: AugmentViews | None = None) -> torch.Tensor:
-    """The objective on one batch of float32 features (two augmented views first, under ``augment``)."""
-    x, x_pos = batch.x, batch.x_pos
-    if pairing == "augment":
-        x, x_pos = augment_views(x, gen, views)
+               gen: torch.Generator, spec: Objective | None = None) -> torch.Tensor:
+    """The objective on one batch of float32 features (viewed first where ``spec`` says: ``loss_inputs``)."""
+    x, x_pos = loss_inputs(batch.x, batch.x_pos, gen, pairing, spec)
     return local_loss(objective, module, x, x_pos, batch.labels, batch.groups)[0]

@@ -25,7 +25,7 @@ from pipeline.feed.window import ChunkWindow
 from pipeline.nn.footprint import remember_planned
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
-from pipeline.nn.pairing import augment_views
+from pipeline.nn.pairing import loss_inputs
 from pipeline.nn.step import micro_batched, step_loss
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store, checkpoint
@@ -273,12 +273,12 @@ class ModuleTrainer:
     def _step(self, held: list, pairing: str | None, gen: torch.Generator, step: int, features) -> torch.Tensor:
         """One optimizer step on the batch in ``held`` (as stored; ``features`` makes it float32); the loss."""
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
-            batch, micro = held.pop(), self.plan.micro_batch or None
-            # float32 only in the turn: per micro-batch where micro-batched (held as stored: float16, half the bytes)
-            lazy = pairing != "augment" and micro_batched(self.objective, batch.x, batch.x_pos, micro)
+            batch, micro, spec = held.pop(), self.plan.micro_batch or None, self.mcfg.objective
+            # float32 only in the turn, per micro-batch where micro-batched and not viewed (views need the whole batch)
+            lazy = pairing != "augment" and not spec.pair_views and micro_batched(self.objective, batch.x, batch.x_pos, micro)
             prepare = self._upstream.step_input(self.device) if lazy else None
             batch = batch if prepare else features(batch)  # else the whole batch now, the stored copy dropped
-            x, x_pos = augment_views(batch.x, gen, self.mcfg.objective.augment) if pairing == "augment" else (batch.x, batch.x_pos)
+            x, x_pos = loss_inputs(batch.x, batch.x_pos, gen, pairing, spec)
             loss, backward = step_loss(self.objective, self.module, x, x_pos, batch.labels, batch.groups,
                                        micro_batch=micro, prepare=prepare)
             del batch, x, x_pos  # a micro-batched step holds its inputs through `backward` only
@@ -312,8 +312,8 @@ class ModuleTrainer:
         # GiB, not ~0.6), the steps' heap returned first: a whole batch's blocks do not fit its holes (m2 4.6 GB).
         with self.turns.turn():
             release_free_memory()
-            heldout = heldout_loss(up, self.module, self.objective, views=self.mcfg.objective.augment,
-                                   pairing=getattr(self.mcfg.objective, "pairing", None),
+            spec = self.mcfg.objective
+            heldout = heldout_loss(up, self.module, self.objective, spec=spec, pairing=spec.pairing,
                                    batch_size=self.train_cfg.batch_size, buffer=self.plan.buffer_samples,
                                    device=self.device, seed=[self.train_cfg.seed, self.plan.index, self.epoch, 1])
         for name, value in (("loss/train", mean_loss), ("loss/heldout", heldout), ("samples_per_s", rate),

@@ -8,6 +8,7 @@ module produced them:
 - ``neighbor_pose``: the same object one azimuth or elevation step away, any lighting;
 - ``patch_grid``:   no partner row; the objective pairs neighbouring positions of one image (``grid_pairs``);
 - ``augment``:      no partner row; two random views of the same image (``augment_views``, first module only);
+  a pairing of samples can view its rows too (``objective.pair_views``: ``loss_inputs``, first module only);
 - ``temporal``:     no partner row; the objective pairs neighbouring time steps of one sequence (``sequence_pairs``).
 """
 
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from pipeline.data.base import object_ids
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.nn.modules import grid_features, pool_to_vector
-from schemas.objectives import AugmentViews
+from schemas.objectives import AugmentViews, Objective
 
-__all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "paired_vectors", "partner_index", "sequence_pairs"]
+__all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "loss_inputs", "paired_vectors", "partner_index", "sequence_pairs"]
 
 # Pairings whose positives are positions of one sample (grid neighbours, time steps): no partner row goes
 # through the module, the objective pairs inside z.
@@ -238,19 +239,34 @@ def augment_views(
     brightness and contrast jitter of +-jitter (SimCLR's recipe without
     colour, which grayscale data lacks).
     """
+    return _view(x, generator, views), _view(x, generator, views)
+
+
+def loss_inputs(x: torch.Tensor, x_pos: torch.Tensor | None, generator: torch.Generator | None,
+                pairing: str | None, spec: Objective | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (x, x+) a module's loss scores, from a batch's rows and partner rows as fed: two views of each image
+    under pairing ``augment``; one view of each row and one of its partner, drawn independently, under a pairing
+    of samples with ``spec.pair_views`` (``spec``: the module's objective section, whose ``augment`` says the
+    views); else the rows as given. The trainer, its held-out loss and the references all pair through this."""
+    views = getattr(spec, "augment", None)
+    if pairing == "augment":
+        return augment_views(x, generator, views)
+    if getattr(spec, "pair_views", False) and x_pos is not None:
+        return _view(x, generator, views), _view(x_pos, generator, views)
+    return x, x_pos
+
+
+def _view(x: torch.Tensor, generator, views: AugmentViews | None) -> torch.Tensor:
     v = views or AugmentViews()
     if x.ndim != 4:
-        raise TrainingError(f"augment_views needs images (B, C, H, W), got {tuple(x.shape)}",
-                            "use pairing 'augment' on the first module only")
-    return _view(x, generator, v.min_scale, v.jitter, v.flip), _view(x, generator, v.min_scale, v.jitter, v.flip)
-
-
-def _view(x: torch.Tensor, generator, min_scale: float, jitter: float, flip_p: float) -> torch.Tensor:
+        raise TrainingError(f"augmented views need images (B, C, H, W), got {tuple(x.shape)}",
+                            "use pairing 'augment' or objective.pair_views on the first module only")
+    min_scale, jitter, flip_p = v.min_scale, v.jitter, v.flip
     b = x.shape[0]
     gen_device = generator.device if generator is not None else torch.device("cpu")
     r = torch.rand(b, 7, generator=generator, device=gen_device).to(x.device, x.dtype)  # (B, 7) uniforms
     scale = min_scale + (1 - min_scale) * r[:, 0]
-    log_ratio = (r[:, 1] * 2 - 1) * math.log(4 / 3)
+    log_ratio = (r[:, 1] * 2 - 1) * math.log(4 / 3) * (min_scale < 1)  # min_scale 1: the whole image, no crop
     sx = (scale * log_ratio.div(2).exp()).clamp(max=1.0)  # half-widths in [-1, 1] coordinates
     sy = (scale * (-log_ratio).div(2).exp()).clamp(max=1.0)
     tx = (r[:, 2] * 2 - 1) * (1 - sx)  # centre anywhere that keeps the crop inside the image

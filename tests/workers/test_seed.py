@@ -22,11 +22,11 @@ from tests.conftest import TINY_NORB
 from workers.trainer import ModuleTrainer
 
 
-def _sequential_run(root, seed: int) -> dict[str, str]:
+def _sequential_run(root, seed: int, extra: tuple[str, ...] = ()) -> dict:
     """m1 to final, then m2 (schedule.mode=sequential's order), in process; sha256 of each final's weights and data."""
     cfg = load_config(None, TINY_NORB + [
         "train.epochs=2", "train.batch_size=16", "train.max_steps_per_epoch=4", "schedule.poll_seconds=0.02",
-        "schedule.mode=sequential", "schedule.publish_fraction=0.5", f"train.seed={seed}"], str(root))
+        "schedule.mode=sequential", "schedule.publish_fraction=0.5", f"train.seed={seed}", *extra], str(root))
     cfg = cfg.model_copy(update={"stack": {k: cfg.stack[k] for k in ("m1", "m2")}})
     store, _, _ = prepare_run(cfg, "r")
     out = {}
@@ -37,6 +37,7 @@ def _sequential_run(root, seed: int) -> dict[str, str]:
         weights = store.read_bytes(f"{final.producer['checkpoint']}")
         out[name] = hashlib.sha256(weights).hexdigest()
         out[f"{name}/activations"] = "".join(s.sha256 for s in final.shards)
+        out[f"{name}/steps"] = checkpoint.latest(store, checkpoint.checkpoint_dir(name))["step"]
     return out
 
 
@@ -44,6 +45,17 @@ def test_a_sequential_run_twice_is_bit_identical(tmp_path):
     first = _sequential_run(tmp_path / "a", seed=3)
     assert first == _sequential_run(tmp_path / "b", seed=3)
     assert first["m1"] != _sequential_run(tmp_path / "c", seed=4)["m1"]  # the seed is what decides
+
+
+def test_pair_views_change_what_the_first_module_learns_and_stay_reproducible(tmp_path):
+    # Mirrored same-instance pairs at m1 (objective.pair_views), micro-batched: the views are drawn from the run's
+    # seed, so twice is bit-identical, and they change m1's steps (weights unlike the unviewed run's).
+    views = ("stack.m1.objective.pair_views=true", "stack.m1.objective.augment.min_scale=1",
+             "stack.m1.objective.augment.jitter=0", "train.micro_batch=8")
+    viewed = _sequential_run(tmp_path / "a", seed=3, extra=views)
+    assert viewed == _sequential_run(tmp_path / "b", seed=3, extra=views)
+    assert viewed["m1"] != _sequential_run(tmp_path / "c", seed=3, extra=views[-1:])["m1"]
+    assert viewed["m1/steps"] == 8  # every step of the budget ran: 2 epochs of 4
 
 
 def test_an_async_run_records_the_upstream_version_of_every_epoch(tmp_path):

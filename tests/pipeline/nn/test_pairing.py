@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.nn.pairing import PAIRING_NEEDS, augment_views, grid_pairs, partner_index
+from pipeline.nn.pairing import PAIRING_NEEDS, augment_views, grid_pairs, loss_inputs, partner_index
+from pipeline.planning.config import DEFAULT_PRESET, load_config
 from schemas.objectives import AugmentViews
 
 
@@ -131,3 +132,25 @@ def test_augment_views_flip_probability(flip):
     for view in augment_views(ramp, torch.Generator().manual_seed(3), AugmentViews(flip=flip)):
         left, right = view[..., :8].mean(dim=(1, 2, 3)), view[..., 8:].mean(dim=(1, 2, 3))
         assert bool((left > right).all()) if flip == 1.0 else bool((left < right).all())
+
+
+def test_pair_views_mirror_each_row_and_its_partner_independently():
+    # min_scale 1 and no jitter: a view is the image itself or its mirror image, nothing else.
+    spec = load_config(DEFAULT_PRESET, ["stack.m1.objective.pair_views=true", "stack.m1.objective.augment.min_scale=1",
+                                        "stack.m1.objective.augment.jitter=0"]).stack["m1"].objective
+    x = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_pos = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    a, a_pos = loss_inputs(x, x_pos, torch.Generator().manual_seed(2), "same_instance", spec)
+    mirrored = []
+    for view, rows in ((a, x), (a_pos, x_pos)):
+        same = (view - rows).flatten(1).abs().amax(1) < 1e-5
+        flipped = (view - rows.flip(-1)).flatten(1).abs().amax(1) < 1e-5
+        assert bool((same ^ flipped).all())  # every row one or the other
+        mirrored.append(flipped)
+    assert 0.35 < float(mirrored[0].float().mean()) < 0.65
+    assert bool((mirrored[0] != mirrored[1]).any()) and bool((mirrored[0] == mirrored[1]).any())  # independent
+    # Off (the default), the rows are scored as fed; pairing augment still makes its own two views of x.
+    plain = spec.model_copy(update={"pair_views": False})
+    assert loss_inputs(x, x_pos, None, "same_instance", plain) == (x, x_pos)
+    v1, v2 = loss_inputs(x, None, torch.Generator().manual_seed(2), "augment", plain)
+    assert v1.shape == v2.shape == x.shape and not torch.equal(v1, v2)
