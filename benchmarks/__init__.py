@@ -68,10 +68,12 @@ def python() -> str:
 
 def regrouped_stack(raw: dict, cuts) -> dict:
     """The ``stack`` of the raw config ``raw`` with the layers of all its modules, in order, cut into modules
-    m1, m2, ... at the layer indices ``cuts``; every module gets the first module's objective. norb-synthetic
-    cut at (2, 4, 6) is the four-module stack (conv-pool, conv-pool, conv-pool, flatten-linear) it had before it
-    became two modules."""
+    m1, m2, ... at the layer indices ``cuts``; every module gets the first module's objective (less its
+    ``pair_views`` above the first: views are of images). norb-synthetic cut at (2, 4, 6) is the four-module stack
+    (conv-pool, conv-pool, conv-pool, flatten-linear) it had before it became two modules."""
     layers = [layer for module in raw["stack"].values() for layer in module["layers"]]
     objective = next(iter(raw["stack"].values()))["objective"]
+    above = {k: v for k, v in objective.items() if k != "pair_views"}
     bounds = [0, *cuts, len(layers)]
-    return {f"m{i + 1}": {"layers": layers[a:b], "objective": objective} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))}
+    return {f"m{i + 1}": {"layers": layers[a:b], "objective": objective if i == 0 else above}
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))}

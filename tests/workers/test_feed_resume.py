@@ -110,7 +110,8 @@ def test_a_micro_batched_step_holds_its_batch_as_stored(tmp_path):
     """Micro-batched, a step holds the batch as stored and makes each micro-batch float32 as it runs: the whole
     batch is never made float32 (the feed's features() is not called), and the module sees float32 micro-batches."""
     torch.set_num_threads(1)
-    store, config = _run(tmp_path, extra=["train.micro_batch=3"])
+    # without views: the default's m1 views each pair (pair_views), and views need the whole batch's floats
+    store, config = _run(tmp_path, extra=["train.micro_batch=3", "stack.m1.objective.pair_views=false"])
     trainer = ModuleTrainer(store.uri, "r", "m1", config)
     trainer.setup()
     assert trainer.plan.micro_batch == 3
