@@ -23,8 +23,9 @@ throughout). Two loops:
   on a moving input from the first step (closer to ``schedule.mode: async``, but in lock step).
 
 What each module sees mirrors the trainer: a metadata pairing (same_instance, neighbor_pose): the batch
-rows and their partner rows, both through the modules below; augment (first module only): two random views
-of the batch; the module above reads the clean images' activations; patch_grid / temporal: the batch alone.
+rows and their partner rows, both through the modules below (at the first module with ``pair_views``: one
+random view of each, ``pipeline.nn.pairing.loss_inputs``); augment (first module only): two random views of
+the batch; the module above reads the plain images' activations; patch_grid / temporal: the batch alone.
 """
 
 from __future__ import annotations

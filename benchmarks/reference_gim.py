@@ -32,7 +32,9 @@ from schemas.config import RunConfig
 
 def train_reference(cfg: RunConfig, store: Store, *, threads: int, score: bool = True) -> dict:
     """Train the stack in one loop; returns wall seconds (load + training), the parameters per module and
-    (``score``) the nearest-centroid accuracy."""
+    (``score``) the nearest-centroid accuracy. As in GIM's loop, the module above reads the outputs of what the
+    module below trained on, views included (augment, pair_views), not of the plain rows as isostack's modules do:
+    one forward a module and step, which is what this reference times."""
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     plan = build_plan(cfg, check_paths=False, local_cluster=False)

@@ -102,8 +102,8 @@ def build_plan(cfg: RunConfig, *, check_paths: bool = True, local_cluster: bool 
                     problems.append((where, f"{msg} (input to {name} is {shape_text(shape)})"))
         pairing = getattr(obj, "pairing", None)
         if obj.kind != "supervised_local" and pairing is not None:
-            problems += _pairing_problems(key, name, index, pairing, ds.kind, caps) + _view_problems(key, name, index,
-                                                                                                    obj, shape)
+            problems += _pairing_problems(key, name, index, pairing, ds.kind, caps)
+        problems += _view_problems(key, name, index, obj, shape)
         if out_shape is not None:
             facts = ModuleFacts(tuple(out_shape), tuple(shape), index=index, batch_size=train.batch_size,
                                 num_classes=caps.num_classes)
@@ -189,19 +189,23 @@ def _pairing_problems(key, name, index, pairing, kind, caps) -> list[tuple[str, 
 def _view_problems(key: str, name: str, index: int, obj, shape) -> list[tuple[str, str]]:
     """Views (pairing augment, objective.pair_views) are of images: the first module's input; pair_views also
     needs a partner row (a pairing of samples)."""
-    pairing, where = obj.pairing, f"{key}.objective.pair_views"
-    if pairing == "augment" and shape is not None and len(shape) == 2:
+    pairing, where = obj.pairing if obj.kind != "supervised_local" else None, f"{key}.objective.pair_views"
+    sequence = shape is not None and len(shape) == 2
+    if pairing == "augment" and sequence:
         return [(f"{key}.objective.pairing", f"'augment' makes two views of an image, but {name} reads a sequence "
                                              f"{shape_text(shape)}; use 'temporal' (neighbouring time steps) or "
                                              "'same_instance'")]
-    if not obj.pair_views:
+    if not obj.pair_views or pairing == "augment":  # augment views every row anyway
         return []
     if pairing not in ("same_instance", "neighbor_pose"):
-        return [(where, f"views each row of a pair of samples and its partner, but {name}'s pairing is {pairing!r} "
-                        "(no partner row); set pair_views: false, or pairing 'augment' for two views of one image")]
-    if index > 0 or (shape is not None and len(shape) != 3):
-        return [(where, f"views images, so only the first module can use it ({name} is module {index + 1} and reads "
-                        f"{shape_text(shape) if shape is not None else 'another module'}); set pair_views: false")]
+        return [(where, f"views each row of a pair of samples and its partner, but {name} has no partner rows "
+                        f"({obj.kind}, pairing {pairing!r}); set pair_views: false"
+                        + ("" if sequence else ", or pairing 'augment' for two views of one image"))]
+    if index > 0:
+        return [(where, f"views images, so only the first module can use it ({name} is module {index + 1}); "
+                        "set pair_views: false")]
+    if shape is not None and len(shape) != 3:
+        return [(where, f"views images (C, H, W), but {name} reads {shape_text(shape)}; set pair_views: false")]
     return []
 
 

@@ -127,8 +127,7 @@ def test_new_objectives_are_configurable_and_plan(kind, extra):
     (["stack.m2.objective.kind=moco", "stack.m2.objective.pairing=augment"], "stack.m2.objective.pairing",
      "only the first module"),
     (["stack.m2.objective.pair_views=true"], "stack.m2.objective.pair_views", "only the first module"),
-    (["stack.m1.objective.pair_views=true", "stack.m1.objective.pairing=augment"], "stack.m1.objective.pair_views",
-     "no partner row"),
+    (["stack.m1.objective.kind=supervised_local"], "stack.m1.objective.pair_views", "no partner rows"),
     (["stack.m1.objective.kind=autoencoder", "stack.m1.layers.3.type=global_pool", "dataset.image_size=64",
       "stack.m1.objective.hidden=20000"], "stack.m1.objective.hidden", "lower objective.hidden"),
 ])
