@@ -25,7 +25,7 @@ from pipeline.feed.window import ChunkWindow
 from pipeline.nn.footprint import remember_planned
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
-from pipeline.nn.pairing import loss_inputs
+from pipeline.nn.pairing import loss_inputs, views_generator
 from pipeline.nn.step import micro_batched, step_loss
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store, checkpoint
@@ -240,9 +240,9 @@ class ModuleTrainer:
         pairing = getattr(self.mcfg.objective, "pairing", None)
         rng = np.random.default_rng([tc.seed, self.plan.index, self.generation, self.epoch])
         batches = self._epoch_batches(pairing, rng)
-        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
-        if self.lineage["started_at"] is None:
-            self.lineage["started_at"] = now_iso()
+        gen = views_generator(int(rng.integers(2**31)), pairing, self.mcfg.objective, skip_steps=batches.start_step,
+                              batch_size=batches.plan.batch_size)  # resumed mid-epoch: past the views taken
+        self.lineage["started_at"] = self.lineage["started_at"] or now_iso()
         self._update(state=ModuleState.training, started_at=self.lineage["started_at"])
         losses, samples, t0 = [], 0, time.perf_counter()
         step = batches.start_step - 1

@@ -25,7 +25,8 @@ from pipeline.errors import ConfigError, TrainingError
 from pipeline.nn.modules import grid_features, pool_to_vector
 from schemas.objectives import AugmentViews, Objective
 
-__all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "loss_inputs", "paired_vectors", "partner_index", "sequence_pairs"]
+__all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "loss_inputs", "paired_vectors", "partner_index", "sequence_pairs",
+           "views_generator"]
 
 # Pairings whose positives are positions of one sample (grid neighbours, time steps): no partner row goes
 # through the module, the objective pairs inside z.
@@ -254,6 +255,18 @@ def loss_inputs(x: torch.Tensor, x_pos: torch.Tensor | None, generator: torch.Ge
     if getattr(spec, "pair_views", False) and x_pos is not None:
         return _view(x, generator, views), _view(x_pos, generator, views)
     return x, x_pos
+
+
+def views_generator(seed: int, pairing: str | None, spec: Objective | None, *, skip_steps: int = 0,
+                    batch_size: int = 0) -> torch.Generator:
+    """An epoch's generator of ``loss_inputs``' views, seeded with ``seed`` and moved past the views of its first
+    ``skip_steps`` steps (full batches of ``batch_size`` rows: two draws a step), so that an epoch resumed mid-way
+    draws the views an uninterrupted one would."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if pairing == "augment" or (getattr(spec, "pair_views", False) and pairing not in (None, *WITHIN_SAMPLE)):
+        for _ in range(2 * skip_steps):
+            torch.rand(batch_size, 7, generator=generator)
+    return generator
 
 
 def _view(x: torch.Tensor, generator, views: AugmentViews | None) -> torch.Tensor:

@@ -17,15 +17,18 @@ STACK = TINY_NORB + ["train.epochs=1", "train.batch_size=8", "schedule.poll_seco
 
 
 class Recording(ModuleTrainer):
-    """Records the rows of every batch (each row's pixel sum identifies it); stops after ``stop_after`` steps."""
+    """Records the rows of every batch (each row's pixel sum identifies it) and the state of the views' generator
+    at each step; stops after ``stop_after`` steps."""
 
     def __init__(self, *args, stop_after: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seen: list[np.ndarray] = []
+        self.views: list[torch.Tensor] = []
         self.stop_after = stop_after
 
     def _step(self, held, pairing, gen, step, features):
         self.seen.append(features(held[0]).x.flatten(1).sum(1).numpy().round(3))
+        self.views.append(gen.get_state())
         if self.stop_after is not None and len(self.seen) >= self.stop_after:
             self._stop.set()  # a kill after this step: nothing after the last mid-epoch checkpoint is kept
         return super()._step(held, pairing, gen, step, features)
@@ -59,6 +62,10 @@ def test_a_module_killed_mid_epoch_resumes_the_order(tmp_path):
     assert len(resumed) == len(whole.seen)
     for a, b in zip(whole.seen, resumed):
         np.testing.assert_array_equal(a, b)
+    # The default's m1 views each pair (pair_views): the resumed steps draw the views the whole epoch drew there.
+    assert config["stack"]["m1"]["objective"]["pair_views"]
+    for a, b in zip(whole.views, first.views[:4] + again.views):
+        assert torch.equal(a, b)
     names = {r["name"] for r in again.metrics.rows}
     assert "m1/feed/rows_held" in names and "m1/feed/partner_fetch_rate" in names
 
