@@ -25,7 +25,7 @@ from pipeline.feed.window import ChunkWindow
 from pipeline.nn.footprint import remember_planned
 from pipeline.nn.modules import build_module
 from pipeline.nn.objectives import build_objective
-from pipeline.nn.pairing import loss_inputs, views_generator
+from pipeline.nn.pairing import loss_inputs, viewed, views_generator
 from pipeline.nn.step import micro_batched, step_loss
 from pipeline.planning.plan import build_plan
 from pipeline.store import Store, checkpoint
@@ -275,7 +275,7 @@ class ModuleTrainer:
         with self.turns.turn():  # modules sharing this node's cores step one at a time (workers.runtime.CoreTurns)
             batch, micro, spec = held.pop(), self.plan.micro_batch or None, self.mcfg.objective
             # float32 only in the turn, per micro-batch where micro-batched and not viewed (views need the whole batch)
-            lazy = pairing != "augment" and not spec.pair_views and micro_batched(self.objective, batch.x, batch.x_pos, micro)
+            lazy = not viewed(pairing, spec) and micro_batched(self.objective, batch.x, batch.x_pos, micro)
             prepare = self._upstream.step_input(self.device) if lazy else None
             batch = batch if prepare else features(batch)  # else the whole batch now, the stored copy dropped
             x, x_pos = loss_inputs(batch.x, batch.x_pos, gen, pairing, spec)

@@ -26,7 +26,7 @@ from pipeline.nn.modules import grid_features, pool_to_vector
 from schemas.objectives import AugmentViews, Objective
 
 __all__ = ["PAIRING_NEEDS", "WITHIN_SAMPLE", "augment_views", "grid_pairs", "loss_inputs", "paired_vectors", "partner_index", "sequence_pairs",
-           "views_generator"]
+           "viewed", "views_generator"]
 
 # Pairings whose positives are positions of one sample (grid neighbours, time steps): no partner row goes
 # through the module, the objective pairs inside z.
@@ -252,9 +252,14 @@ def loss_inputs(x: torch.Tensor, x_pos: torch.Tensor | None, generator: torch.Ge
     views = getattr(spec, "augment", None)
     if pairing == "augment":
         return augment_views(x, generator, views)
-    if getattr(spec, "pair_views", False) and x_pos is not None:
+    if viewed(pairing, spec):
         return _view(x, generator, views), _view(x_pos, generator, views)
     return x, x_pos
+
+
+def viewed(pairing: str | None, spec: Objective | None) -> bool:
+    """Whether ``loss_inputs`` draws views for this pairing and objective section (two draws a step)."""
+    return pairing == "augment" or (getattr(spec, "pair_views", False) and pairing in ("same_instance", "neighbor_pose"))
 
 
 def views_generator(seed: int, pairing: str | None, spec: Objective | None, *, skip_steps: int = 0,
@@ -263,7 +268,7 @@ def views_generator(seed: int, pairing: str | None, spec: Objective | None, *, s
     ``skip_steps`` steps (full batches of ``batch_size`` rows: two draws a step), so that an epoch resumed mid-way
     draws the views an uninterrupted one would."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    if pairing == "augment" or (getattr(spec, "pair_views", False) and pairing not in (None, *WITHIN_SAMPLE)):
+    if viewed(pairing, spec):
         for _ in range(2 * skip_steps):
             torch.rand(batch_size, 7, generator=generator)
     return generator
