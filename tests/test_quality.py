@@ -19,11 +19,13 @@ from tests.conftest import TINY_NORB
 
 
 def test_reference_beats_untrained_on_digits():
-    # The preset's own 16 epochs (~30 s): after one or a few epochs the 128-wide m2's kNN is still at the
-    # untrained stack's (94.1-95.7 vs 94.2), which says nothing about the harness.
+    # The preset's own 16 epochs (~30 s). Nearest centroid and the probe beat the untrained stack at each of seeds
+    # 0-4 (quality_trials.md, round 26); kNN only on their mean (at seed 0, the seed here, one test digit below it:
+    # the untrained stack with the preset's input normalisation is already a strong kNN reading), so kNN is the
+    # five-seed table's claim, not this test's.
     rows = evaluate_preset("digits", [], rows=("untrained", "reference"))
     untrained, reference = rows["untrained"], rows["reference"]
-    for scorer in ("nc", "knn"):
+    for scorer in ("nc", "probe"):
         assert reference[scorer] > untrained[scorer], (scorer, rows)
     assert "| digits | reference |" in table({"digits": rows})
 
