@@ -270,8 +270,15 @@ def views_generator(seed: int, pairing: str | None, spec: Objective | None, *, s
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if viewed(pairing, spec):
         for _ in range(2 * skip_steps):
-            torch.rand(batch_size, 7, generator=generator)
+            _view_uniforms(batch_size, generator)
     return generator
+
+
+def _view_uniforms(rows: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The (rows, 7) uniforms one call of ``_view`` draws (crop scale and ratio, centre, flip, contrast, brightness);
+    ``views_generator`` draws the same to move a generator past views already taken."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(rows, 7, generator=generator, device=device)
 
 
 def _view(x: torch.Tensor, generator, views: AugmentViews | None) -> torch.Tensor:
@@ -281,8 +288,7 @@ def _view(x: torch.Tensor, generator, views: AugmentViews | None) -> torch.Tenso
                             "use pairing 'augment' or objective.pair_views on the first module only")
     min_scale, jitter, flip_p = v.min_scale, v.jitter, v.flip
     b = x.shape[0]
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    r = torch.rand(b, 7, generator=generator, device=gen_device).to(x.device, x.dtype)  # (B, 7) uniforms
+    r = _view_uniforms(b, generator).to(x.device, x.dtype)  # (B, 7)
     scale = min_scale + (1 - min_scale) * r[:, 0]
     log_ratio = (r[:, 1] * 2 - 1) * math.log(4 / 3) * (min_scale < 1)  # min_scale 1: the whole image, no crop
     sx = (scale * log_ratio.div(2).exp()).clamp(max=1.0)  # half-widths in [-1, 1] coordinates

@@ -56,15 +56,16 @@ def test_a_module_killed_mid_epoch_resumes_the_order(tmp_path):
     assert first.epoch == 0  # stopped inside epoch 1; its last mid-epoch checkpoint is at step 4
     again = Recording(store.uri, "r", "m1", config)
     again.setup()
-    assert again.lineage["step"] == 4
+    done = again.lineage["step"]
+    assert done == 4
     again.train_until(1)
-    resumed = first.seen[:4] + again.seen
+    resumed = first.seen[:done] + again.seen
     assert len(resumed) == len(whole.seen)
     for a, b in zip(whole.seen, resumed):
         np.testing.assert_array_equal(a, b)
     # The default's m1 views each pair (pair_views): the resumed steps draw the views the whole epoch drew there.
     assert config["stack"]["m1"]["objective"]["pair_views"]
-    for a, b in zip(whole.views, first.views[:4] + again.views):
+    for a, b in zip(whole.views, first.views[:done] + again.views):
         assert torch.equal(a, b)
     names = {r["name"] for r in again.metrics.rows}
     assert "m1/feed/rows_held" in names and "m1/feed/partner_fetch_rate" in names
