@@ -155,7 +155,20 @@ class NormalizeConfig(Strict):
         "of the window around each pixel (over all channels) and divide by the window's standard deviation, floored at "
         "its mean over the image (local contrast normalisation, Jarrett et al. 2009, for NORB); needs images or maps. "
         "image: subtract each input's mean and divide by its standard deviation; any input.")
-    kernel: int = Field(9, ge=3, description="local: the window's side in pixels, odd; the Gaussian's sigma is (kernel - 1) / 4.")
+    kernel: int | float = Field(
+        9, description="local: the window's side: pixels (an odd whole number, at least 3), or a number between 0 and 1, "
+        "that fraction of the input's shorter side, rounded to the nearest odd pixel count (so the window scales with "
+        "dataset.image_size); the Gaussian's sigma is (pixels - 1) / 4.")
+
+    @field_validator("kernel")
+    @classmethod
+    def _window(cls, kernel: int | float) -> int | float:
+        if isinstance(kernel, int) and kernel < 3:
+            raise ValueError("too small a window: give at least 3 pixels, or a fraction of the image's side such as 0.7")
+        if isinstance(kernel, float) and not 0 < kernel < 1:
+            raise ValueError("not a window: give whole pixels (an odd integer such as 9) or a fraction of the image's "
+                             "side between 0 and 1 (such as 0.7)")
+        return kernel
 
 
 class StageStoreConfig(Strict):

@@ -234,3 +234,16 @@ def test_local_normalize_matmuls_equal_the_reflect_padded_gaussian_conv():
         expected = centred / torch.maximum(sd, sd.mean(dim=(2, 3), keepdim=True)).clamp_min(1e-4)
         assert torch.allclose(Normalize(9, (h, w))(x), expected, atol=1e-5)
         assert torch.allclose(Normalize(9, (32, 32))(x), expected, atol=1e-5)
+
+
+def test_a_fractional_window_scales_with_the_image():
+    """normalize.kernel 0.72 is 11, 23 and 35 px at 16, 32 and 48 px (the odd count nearest the fraction of the
+    side, at least 3), and normalises exactly as the window given in pixels; a map too small for 3 is refused."""
+    torch.manual_seed(0)
+    for side, pixels in ((16, 11), (32, 23), (48, 35), (5, 3)):
+        x = torch.rand(2, 1, side, side)
+        frac = build_module(module({"type": "flatten"}, normalize={"kernel": 0.72}), (1, side, side))
+        fixed = build_module(module({"type": "flatten"}, normalize={"kernel": pixels}), (1, side, side))
+        assert torch.equal(frac(x), fixed(x))
+    with pytest.raises(ShapeError, match=r"1x1 input, found 0.5 \(3 px\)"):
+        build_module(module({"type": "flatten"}, normalize={"kernel": 0.5}), (1, 1, 1))

@@ -52,6 +52,8 @@ def test_overrides_address_design_keys(item, check):
     (["dataset.kind=mnist"], "dataset.kind", "synthetic_norb"),
     (["stack.m1.layers.9.channels=3"], "stack.m1.layers.9.channels", "not an index"),
     (["trainepochs"], "trainepochs", "key.path=value"),
+    (["stack.m1.normalize.kernel=23.0"], "stack.m1.normalize.kernel", "a fraction of the image's side between 0 and 1"),
+    (["stack.m1.normalize.kernel=1"], "stack.m1.normalize.kernel", "at least 3 pixels"),
 ])
 def test_bad_overrides_name_the_key(items, path, words):
     with pytest.raises(ConfigError) as err:
