@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck", "PatchMean", "blur_matrix", "nhwc_in", "nhwc_out", "normalize_problem",
-           "window_pixels"]
+__all__ = ["GRU", "ContiguousOut", "Flatten", "GlobalPool", "Linear", "Normalize", "PreActBlock", "PreActBottleneck",
+           "PatchMean", "blur_matrix", "nhwc_in", "nhwc_out", "normalize_problem", "window_pixels"]
 
 
 class GlobalPool(nn.Module):
