@@ -40,8 +40,8 @@ class Normalize(nn.Module):
         """``size``: the (H, W) the blur matrices are made for (local mode; another size gets its own per call, with
         the window of ``size`` in pixels). ``kernel``: pixels, or a fraction of ``size``'s shorter side."""
         super().__init__()
-        self.kernel = kernel if kernel is None else window_pixels(kernel, size)
-        if kernel is not None:
+        self.kernel = None if kernel is None else window_pixels(kernel, size)
+        if self.kernel is not None:
             self.register_buffer("blur_h", blur_matrix(size[0], self.kernel), persistent=False)
             self.register_buffer("blur_w", blur_matrix(size[1], self.kernel), persistent=False)
 
@@ -85,8 +85,10 @@ def normalize_problem(mode: str, kernel: int | float, in_shape: tuple[int, ...])
     """Why ``Normalize`` cannot take per-sample inputs of ``in_shape`` (None when it can)."""
     if mode == "local" and len(in_shape) not in (3, 4):
         return f"normalize mode local needs images or maps (C, H, W), the input is {in_shape}; use mode image"
-    pixels = window_pixels(kernel, in_shape[-2:]) if mode == "local" else None
-    if pixels is not None and (pixels % 2 == 0 or pixels // 2 >= min(in_shape[-2:])):
+    if mode != "local":
+        return None
+    pixels = window_pixels(kernel, in_shape[-2:])
+    if pixels % 2 == 0 or pixels // 2 >= min(in_shape[-2:]):
         found = f"{kernel}" if pixels == kernel else f"{kernel} ({pixels} px)"
         return f"normalize.kernel must be odd and its half smaller than the {in_shape[-2]}x{in_shape[-1]} input, found {found}"
     return None
